@@ -1,0 +1,35 @@
+"""adaptive_heads: drop-in adaptive pixel classifiers for semantic segmentation.
+
+Swap the final ``nn.Conv2d(C, n, 1)`` of a segmentation model for
+
+- :class:`ContextAwareClassifier` (CAC, Tian et al., AAAI 2023) + :class:`ContextAwareLoss`,
+
+and train it with :func:`supervise` (labels side channel) or by calling the head directly.
+"""
+
+from . import functional
+from .base import AdaptiveHead, HeadLoss, HeadOutput
+from .cac import CACOutput, ContextAwareClassifier
+from .cac_loss import ContextAwareLoss, context_aware_distillation, context_aware_loss
+from .replace import find_classifier, replace_classifier
+from .supervise import Supervision, supervise
+from .validation import set_debug
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveHead",
+    "CACOutput",
+    "ContextAwareClassifier",
+    "ContextAwareLoss",
+    "HeadLoss",
+    "HeadOutput",
+    "Supervision",
+    "context_aware_distillation",
+    "context_aware_loss",
+    "find_classifier",
+    "functional",
+    "replace_classifier",
+    "set_debug",
+    "supervise",
+]

@@ -1,0 +1,148 @@
+"""Base classes shared by the three heads and their losses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from .validation import check_features, check_target
+
+__all__ = ["AdaptiveHead", "HeadLoss", "HeadOutput"]
+
+
+@dataclass
+class HeadOutput:
+    """Training output of a head. ``logits`` ``[B, n, h, w]`` is what the head predicts at inference."""
+
+    logits: Tensor
+
+
+class AdaptiveHead(nn.Module):
+    """A drop-in replacement for the final ``nn.Conv2d(in_channels, num_classes, 1)`` of a segmenter.
+
+    Call conventions shared by every head:
+
+    - ``head(feat)`` → logits ``[B, n, h, w]`` (label-free; what eval and export use).
+    - ``head(feat, target)`` → a :class:`HeadOutput` subclass with everything the head's loss needs.
+    - inside :func:`adaptive_heads.supervise`, a training-mode ``head(feat)`` picks its target from the
+      context, records the structured output for the loss and returns the logits, so models that pass only
+      features to their classifier need no change.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if ignore_index is not None and not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self._supervisor: Any = None
+
+    @property
+    def out_channels(self) -> int:
+        """Alias of ``num_classes``, so code that inspects ``classifier.out_channels`` keeps working."""
+        return self.num_classes
+
+    def forward(self, feat: Tensor, target: Tensor | None = None) -> Tensor | HeadOutput:
+        check_features(feat, self.in_channels)
+        supervisor = self._supervisor
+        if target is None and supervisor is not None and self.training:
+            out = self.forward_train(feat, self._check_target(supervisor.target, feat))
+            supervisor.record(self, out)
+            return out.logits
+        if target is None:
+            return self.forward_logits(feat)
+        return self.forward_train(feat, self._check_target(target, feat))
+
+    def _check_target(self, target: Tensor, feat: Tensor) -> Tensor:
+        return check_target(
+            target,
+            batch_size=feat.shape[0],
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            device=feat.device,
+        )
+
+    def forward_logits(self, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward_train(self, feat: Tensor, target: Tensor) -> HeadOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def default_loss(self) -> HeadLoss:  # pragma: no cover - abstract
+        """A loss module with the official defaults for this head."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_supervisor"] = None
+        return state
+
+
+class HeadLoss(nn.Module):
+    """Base of the loss modules: named terms, per-term weights and their weighted total.
+
+    ``loss_fn(out, target)`` returns ``{term: value, ..., "loss": Σ weight·term}``. Subclasses implement
+    :meth:`terms` and set ``main_term``, the CE on the logits the head returns (what a model that computes
+    its own CE on the head output already covers).
+    """
+
+    main_term: str = "ce"
+
+    def __init__(self, weights: Mapping[str, float], reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.weights = dict(weights)
+        self.reduction = reduction
+
+    def terms(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = ()) -> Tensor:
+        """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude``."""
+        skip = set(exclude)
+        total: Tensor | None = None
+        for name, value in terms.items():
+            weight = self.weights.get(name, 0.0)
+            if name in skip or weight == 0:
+                continue
+            total = weight * value if total is None else total + weight * value
+        if total is None:
+            anchor = next(iter(terms.values()))
+            total = anchor.new_zeros(())
+        return total
+
+    def forward(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:
+        if not isinstance(out, HeadOutput):
+            raise TypeError(
+                f"out must be the structured output of head(feat, target), got {type(out).__name__}; "
+                "call the head with the target in training"
+            )
+        terms = self.terms(out, target)
+        terms["loss"] = self.combine(terms)
+        return terms
+
+    def extra_repr(self) -> str:
+        return f"weights={self.weights}, reduction={self.reduction!r}"
+
+
+def _as_long_target(target: Tensor, logits: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
+    """Validate a loss target against the logits ``[B, n, h, w]``; returns ``[B, H, W]`` long."""
+    return check_target(
+        target,
+        batch_size=logits.shape[0],
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        device=logits.device,
+    )

@@ -1,0 +1,180 @@
+"""Context-aware classifier (CAC) — Tian et al., "Learning Context-aware Classifier for Semantic
+Segmentation", AAAI 2023.
+
+The static classifier ``W`` of a 1×1 conv is turned into one classifier per image: class prototypes are
+soft-pooled from the features with the coarse prediction ``softmax(p)``, concatenated with ``W`` and
+projected by a small MLP; the image is then classified by cosine similarity ×``tau``. During training an
+oracle classifier is built the same way from the ground-truth masks and distilled into the estimated one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdaptiveHead, HeadOutput
+from .checkpoint import load_prefixed_state_dict
+from .functional import (
+    cosine_logits,
+    float32_math,
+    hard_class_pool,
+    prototype_mlp,
+    resize_labels_nearest,
+    soft_class_pool,
+    upcast_half,
+)
+
+__all__ = ["CACOutput", "ContextAwareClassifier"]
+
+
+@dataclass
+class CACOutput(HeadOutput):
+    """Training output of :class:`ContextAwareClassifier`.
+
+    Attributes:
+        logits: ``p_p`` ``[B, n, h, w]``, the context-aware prediction (also the inference output).
+        coarse: ``p`` ``[B, n, h, w]``, the plain 1×1-conv logits (with dropout, with bias).
+        oracle: ``p_y`` ``[B, n, h, w]``, the oracle classifier's logits built from the labels.
+        feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+    """
+
+    coarse: Tensor
+    oracle: Tensor
+    feature_target: Tensor
+
+
+class ContextAwareClassifier(AdaptiveHead):
+    """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing CAC.
+
+    ``head(feat)`` with ``feat [B, C, h, w]`` returns the context-aware logits ``p_p [B, n, h, w]``
+    (bounded by ±``tau``). ``head(feat, target)`` with ``target [B, H, W]`` (any H×W) returns a
+    :class:`CACOutput` for :class:`~adaptive_heads.ContextAwareLoss`.
+
+    Defaults reproduce the official code (``tianzhuotao/CAC``):
+
+    - estimated prototypes are per image, pooled with the **un-detached** ``softmax(p)`` of the dropout-
+      perturbed, biased logits over all pixels (ignored/padded ones too), from **un-normalised** features;
+    - projector input is ``[prototypes, W]`` (in that order), ``W`` = ``conv_seg.weight`` with gradient;
+      the projector is ``Linear(2C→C/2, no bias) → ReLU → Linear(C/2→C)``;
+    - dropout (``Dropout2d``) applies only to the coarse logits ``p``; both branches use the raw features;
+    - oracle prototypes are pooled over the **whole batch** from nearest-downsampled labels (legacy
+      ``nearest``: top-left sample of each block); classes absent from the batch use the **detached**
+      classifier row; one oracle classifier serves the whole batch;
+    - cosine logits ×``tau`` with ``+eps`` on the norms (the official ASPP/OCR variants have no eps and
+      give NaN on all-zero pixels; here an all-zero pixel gets logits 0).
+
+    Paper variants: ``oracle_pooling="image"`` pools the oracle prototypes per image (the paper's Eq. 1).
+
+    Args:
+        in_channels: C, channels of the decoder feature map.
+        num_classes: n.
+        tau: cosine scale (official 15).
+        dropout: ``Dropout2d`` probability before ``conv_seg`` (official 0.1; 0 disables).
+        ignore_index: label ignored by the oracle pooling (and default of the loss).
+        oracle_pooling: ``"batch"`` (official) or ``"image"`` (paper).
+        eps: added to norms and soft areas (official 1e-12).
+        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        tau: float = 15.0,
+        dropout: float = 0.1,
+        ignore_index: int | None = 255,
+        oracle_pooling: str = "batch",
+        eps: float = 1e-12,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__(in_channels, num_classes, ignore_index)
+        if oracle_pooling not in ("batch", "image"):
+            raise ValueError(f"oracle_pooling must be 'batch' or 'image', got {oracle_pooling!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self.oracle_pooling = oracle_pooling
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        self.proj = prototype_mlp(in_channels)
+        self.apd_proj = prototype_mlp(in_channels)
+        nn.init.normal_(self.conv_seg.weight, std=init_std)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    @property
+    def classifier_weight(self) -> Tensor:
+        """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
+        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
+
+    def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
+        """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
+        with float32_math(feat.device):
+            probs = torch.softmax(upcast_half(coarse), dim=1)
+        prototypes = soft_class_pool(probs, feat, eps=self.eps)  # [B, n, C]
+        weight = self.classifier_weight.to(prototypes.dtype).expand(feat.shape[0], -1, -1)
+        classifier = self.proj(torch.cat([prototypes, weight], dim=-1))  # [B, n, C]
+        return cosine_logits(feat, classifier, self.tau, eps=self.eps)
+
+    def forward_logits(self, feat: Tensor) -> Tensor:
+        coarse = self.conv_seg(self.dropout(feat))
+        return self._context_logits(feat, coarse)
+
+    def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
+        """Oracle classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch pooling) or ``[B, n, C]``."""
+        per_image = self.oracle_pooling == "image"
+        sums, counts = hard_class_pool(
+            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
+        )
+        weight = self.classifier_weight.to(sums.dtype)
+        fallback = weight.detach().expand_as(sums)
+        prototypes = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), fallback)
+        return self.apd_proj(torch.cat([prototypes, weight.expand_as(sums)], dim=-1))
+
+    def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:
+        coarse = self.conv_seg(self.dropout(feat))
+        logits = self._context_logits(feat, coarse)
+        feature_target = resize_labels_nearest(target, feat.shape[-2:])
+        oracle = cosine_logits(feat, self.oracle_classifier(feat, feature_target), self.tau, eps=self.eps)
+        return CACOutput(logits=logits, coarse=coarse, oracle=oracle, feature_target=feature_target)
+
+    def default_loss(self):
+        from .cac_loss import ContextAwareLoss
+
+        return ContextAwareLoss(num_classes=self.num_classes, ignore_index=self.ignore_index)
+
+    def strip_oracle(self) -> ContextAwareClassifier:
+        """Drop the training-only oracle projector ``apd_proj`` (inference output is unchanged)."""
+        self.apd_proj = None  # type: ignore[assignment]
+        return self
+
+    def load_official_state_dict(
+        self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
+    ):
+        """Load the head weights from an official CAC (mmseg 0.x) checkpoint.
+
+        Args:
+            state_dict: the checkpoint's ``state_dict`` (or the whole checkpoint dict with a
+                ``"state_dict"`` entry). Keys such as ``decode_head.conv_seg.weight``,
+                ``decode_head.proj.0.weight``, ``decode_head.apd_proj.2.bias``.
+            prefix: the head's prefix; ``None`` tries ``decode_head.``, ``decode_head.1.`` (OCRNet cascade),
+                with or without a leading ``module.``, and no prefix.
+            strict: raise if a head key is missing.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)`` like :meth:`torch.nn.Module.load_state_dict`;
+            ``unexpected_keys`` lists the keys under the prefix that this head does not have.
+        """
+        return load_prefixed_state_dict(
+            self,
+            state_dict,
+            prefix=prefix,
+            candidates=("decode_head.", "decode_head.1.", ""),
+            strict=strict,
+        )

@@ -1,0 +1,213 @@
+"""Losses of the context-aware classifier (CAC)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .base import HeadLoss
+from .cac import CACOutput
+from .functional import (
+    classwise_weighted_mean,
+    float32_math,
+    resize_labels_nearest,
+    upcast_half,
+    upsampled_cross_entropy,
+)
+from .validation import check_target
+
+__all__ = ["ContextAwareLoss", "context_aware_distillation", "context_aware_loss"]
+
+DEFAULT_WEIGHTS = {"ce": 1.0, "ce_context": 1.0, "ce_oracle": 1.0, "distill": 1.0}
+
+
+def context_aware_distillation(
+    student: Tensor,
+    teacher: Tensor,
+    feature_target: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = 255,
+    mix: float = 0.5,
+    mode: str = "mixed",
+    class_average: str = "present",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Entropy-weighted, class-balanced distillation of ``teacher`` into ``student`` (feature resolution).
+
+    Per pixel (teacher ``q = softmax(teacher)``, detached):
+
+    - ``mode="mixed"`` (official code): ``ℓ = -Σ_j s_j log softmax(student)_j`` with
+      ``s = mix·q + (1-mix)·onehot(t)`` — a soft cross-entropy, not a KL;
+    - ``mode="kl"`` (paper Eq. 10): ``ℓ = KL(q ‖ softmax(student))``.
+
+    Each pixel is weighted by the teacher entropy ``H(q)`` (zero on ignored pixels) and the result is
+    averaged per class, then over the classes present in ``feature_target`` (``class_average="present"``,
+    official) or over all n (``"all"``, paper Eq. 11). See
+    :func:`~adaptive_heads.functional.classwise_weighted_mean`.
+
+    Args:
+        student: ``[B, n, h, w]`` logits (receive gradient).
+        teacher: ``[B, n, h, w]`` logits (detached here).
+        feature_target: ``[B, h, w]`` labels at the logits' resolution.
+
+    Returns:
+        A scalar; 0 when no pixel is valid.
+    """
+    if mode not in ("mixed", "kl"):
+        raise ValueError(f"mode must be 'mixed' or 'kl', got {mode!r}")
+    with float32_math(student.device):
+        log_p = torch.log_softmax(upcast_half(student), dim=1)
+        log_q = torch.log_softmax(upcast_half(teacher.detach()), dim=1).to(log_p.dtype)
+        q = log_q.exp()
+        valid = (
+            feature_target != ignore_index
+            if ignore_index is not None
+            else torch.ones_like(feature_target, dtype=torch.bool)
+        )
+        entropy = -(q * log_q).sum(dim=1) * valid
+        if mode == "mixed":
+            safe = torch.where(valid, feature_target, torch.zeros_like(feature_target))
+            hard = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
+            per_pixel = -(mix * (q * log_p).sum(dim=1) + (1.0 - mix) * hard)
+        else:
+            per_pixel = (q * (log_q - log_p)).sum(dim=1)
+        return classwise_weighted_mean(
+            per_pixel,
+            entropy,
+            feature_target,
+            num_classes,
+            ignore_index=ignore_index,
+            average=class_average,
+            eps=eps,
+        )
+
+
+def context_aware_loss(
+    out: CACOutput,
+    target: Tensor,
+    *,
+    ignore_index: int | None = 255,
+    weights: Mapping[str, float] | None = None,
+    reduction: str = "mean",
+    main_average: str = "valid",
+    distill_mode: str = "mixed",
+    distill_mix: float = 0.5,
+    class_average: str = "present",
+) -> dict[str, Tensor]:
+    """Functional form of :class:`ContextAwareLoss`; returns the named terms and ``"loss"``."""
+    return ContextAwareLoss(
+        ignore_index=ignore_index,
+        weights=weights,
+        reduction=reduction,
+        main_average=main_average,
+        distill_mode=distill_mode,
+        distill_mix=distill_mix,
+        class_average=class_average,
+    )(out, target)
+
+
+class ContextAwareLoss(HeadLoss):
+    """All CAC training terms, as the official code computes them.
+
+    ``loss_fn(out, target)`` with ``out`` the :class:`~adaptive_heads.cac.CACOutput` of
+    ``head(feat, target)`` and ``target [B, H, W]`` returns:
+
+    - ``ce``: CE of the plain logits ``p`` (bilinear upsampling with ``align_corners=True``, mean over valid
+      pixels) — official ``PreSelfLoss``;
+    - ``ce_context``: CE of the context-aware logits ``p_p`` (``align_corners=False``) — official main loss;
+    - ``ce_oracle``: CE of the oracle logits ``p_y`` (``align_corners=True``) — official ``PreLoss``;
+    - ``distill``: :func:`context_aware_distillation` of ``p_y`` (detached) into ``p_p`` at feature resolution;
+    - ``loss``: ``Σ weights[k]·term_k`` (all weights 1, as hard-coded officially).
+
+    CE terms are means over non-ignored pixels. The official main term (mmseg 0.x) divided by *all*
+    pixels; ``main_average="all"`` reproduces that. An all-ignored batch gives a finite 0.
+
+    Args:
+        num_classes: only needed when the output does not carry it (kept for symmetry; optional).
+        ignore_index: ignored label (default 255).
+        weights: per-term weights, merged into the defaults.
+        reduction: ``"mean"`` or ``"sum"`` for the CE terms (the distillation is class-balanced).
+        main_average: ``"valid"`` or ``"all"`` denominator of ``ce_context``.
+        distill_mode: ``"mixed"`` (official 0.5 label-mixed soft CE) or ``"kl"`` (paper).
+        distill_mix: teacher share of the mixed target (official 0.5).
+        class_average: ``"present"`` (official) or ``"all"`` (paper Eq. 11).
+    """
+
+    main_term = "ce_context"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: str = "mean",
+        main_average: str = "valid",
+        distill_mode: str = "mixed",
+        distill_mix: float = 0.5,
+        class_average: str = "present",
+    ) -> None:
+        merged = dict(DEFAULT_WEIGHTS)
+        if weights:
+            unknown = set(weights) - set(DEFAULT_WEIGHTS)
+            if unknown:
+                raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(DEFAULT_WEIGHTS)}")
+            merged.update(weights)
+        super().__init__(merged, reduction)
+        if main_average not in ("valid", "all"):
+            raise ValueError(f"main_average must be 'valid' or 'all', got {main_average!r}")
+        if distill_mode not in ("mixed", "kl"):
+            raise ValueError(f"distill_mode must be 'mixed' or 'kl', got {distill_mode!r}")
+        if class_average not in ("present", "all"):
+            raise ValueError(f"class_average must be 'present' or 'all', got {class_average!r}")
+        if not 0.0 <= distill_mix <= 1.0:
+            raise ValueError(f"distill_mix must be in [0, 1], got {distill_mix}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.main_average = main_average
+        self.distill_mode = distill_mode
+        self.distill_mix = distill_mix
+        self.class_average = class_average
+
+    def terms(self, out: CACOutput, target: Tensor) -> dict[str, Tensor]:
+        if not isinstance(out, CACOutput):
+            raise TypeError(f"out must be a CACOutput (from ContextAwareClassifier), got {type(out).__name__}")
+        n = out.logits.shape[1]
+        target = check_target(
+            target,
+            batch_size=out.logits.shape[0],
+            num_classes=n,
+            ignore_index=self.ignore_index,
+            device=out.logits.device,
+        )
+        ce_kwargs = {"ignore_index": self.ignore_index, "reduction": self.reduction}
+        feature_target = out.feature_target
+        if feature_target is None or feature_target.shape[-2:] != out.logits.shape[-2:]:
+            feature_target = resize_labels_nearest(target, out.logits.shape[-2:])
+        return {
+            "ce": upsampled_cross_entropy(out.coarse, target, align_corners=True, **ce_kwargs),
+            "ce_context": upsampled_cross_entropy(
+                out.logits, target, align_corners=False, average=self.main_average, **ce_kwargs
+            ),
+            "ce_oracle": upsampled_cross_entropy(out.oracle, target, align_corners=True, **ce_kwargs),
+            "distill": context_aware_distillation(
+                out.logits,
+                out.oracle,
+                feature_target,
+                n,
+                ignore_index=self.ignore_index,
+                mix=self.distill_mix,
+                mode=self.distill_mode,
+                class_average=self.class_average,
+            ),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, ignore_index={self.ignore_index}, main_average={self.main_average!r}, "
+            f"distill_mode={self.distill_mode!r}, distill_mix={self.distill_mix}, "
+            f"class_average={self.class_average!r}"
+        )

@@ -1,0 +1,269 @@
+"""Shared math of every adaptive head: pooling, cosine logits, label resizing, class-wise reductions.
+
+Notation used in all docstrings: ``B`` images, ``C`` feature channels, ``n`` classes, ``h×w`` feature
+resolution (``N = h·w`` pixels), ``H×W`` label resolution.
+
+Everything here is loop-free over classes and images and free of host synchronisation, so it runs
+unchanged on CPU and CUDA, under ``torch.compile`` and ``torch.export``. Reductions over pixels
+(pooling, the cosine normaliser, soft-maxes feeding a pooling) are done in float32 even under
+autocast: a sum over 400k pixels overflows float16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+__all__ = [
+    "classwise_weighted_mean",
+    "cosine_logits",
+    "float32_math",
+    "hard_class_pool",
+    "label_one_hot",
+    "prototype_mlp",
+    "resize_labels_nearest",
+    "soft_class_pool",
+    "upcast_half",
+    "upsampled_cross_entropy",
+]
+
+
+@contextlib.contextmanager
+def float32_math(device: torch.device) -> Iterator[None]:
+    """Disable autocast for ``device`` inside the block, so explicit float32 math stays float32."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def upcast_half(x: Tensor) -> Tensor:
+    """Upcast half types to float32, leave float32/float64 alone (float64 is kept for gradcheck)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def prototype_mlp(channels: int, hidden: int | None = None) -> nn.Sequential:
+    """The projector shared by CAC and SSA-Seg: ``Linear(2C→C/2, no bias) → ReLU → Linear(C/2→C)``.
+
+    Input ``[..., 2C]`` (a prototype concatenated with a classifier/basis row), output ``[..., C]``.
+    The indices 0/1/2 match the official checkpoints' keys (``proj.0.weight`` ...).
+    """
+    hidden = max(1, channels // 2) if hidden is None else hidden
+    return nn.Sequential(
+        nn.Linear(2 * channels, hidden, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, channels),
+    )
+
+
+def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
+    """Soft-area-weighted class means: one batched matmul.
+
+    ``out[b, k] = Σ_i probs[b, k, i] · feat[b, :, i] / (Σ_i probs[b, k, i] + eps)``
+
+    Args:
+        probs: ``[B, n, h, w]`` or ``[B, n, N]`` non-negative weights (e.g. ``softmax(p, dim=1)``).
+        feat: ``[B, C, h, w]`` or ``[B, C, N]`` features, same pixel count.
+        eps: added to the soft area (the official ``1e-12``).
+
+    Returns:
+        ``[B, n, C]`` in float32 (float64 if the inputs are float64).
+    """
+    probs = upcast_half(probs.flatten(2))
+    feat = upcast_half(feat.flatten(2))
+    with float32_math(feat.device):
+        # normalise the weights first: the matmul then yields a bounded weighted mean
+        weights = probs / (probs.sum(dim=-1, keepdim=True) + eps)
+        return torch.bmm(weights.to(feat.dtype), feat.transpose(1, 2))
+
+
+def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:
+    """One-hot class masks with ignored (and out-of-range) pixels all zero.
+
+    Args:
+        labels: ``[B, h, w]`` or ``[B, N]`` integer labels.
+
+    Returns:
+        ``[B, n, N]`` tensor of ``dtype`` with ``out[b, k, i] = 1[labels[b, i] == k]``.
+    """
+    flat = labels.flatten(1)
+    classes = torch.arange(num_classes, device=labels.device)
+    mask = flat.unsqueeze(1) == classes.view(1, -1, 1)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        mask = mask & (flat != ignore_index).unsqueeze(1)
+    return mask.to(dtype)
+
+
+def hard_class_pool(
+    feat: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = 255,
+    per_image: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums and pixel counts of ``feat`` under hard labels (one one-hot matmul).
+
+    Args:
+        feat: ``[B, C, h, w]`` features.
+        labels: ``[B, h, w]`` integer labels at the feature resolution (ignored pixels join no class).
+        num_classes: n.
+        ignore_index: label value to skip (``None``: nothing is ignored).
+        per_image: ``True`` → statistics per image; ``False`` → pooled over the whole batch.
+
+    Returns:
+        ``(sums, counts)``: ``[B, n, C]`` and ``[B, n]`` if ``per_image`` else ``[n, C]`` and ``[n]``;
+        float32 (float64 for float64 input). The mean is ``sums / counts`` where ``counts > 0``.
+    """
+    x = upcast_half(feat.flatten(2))
+    with float32_math(x.device):
+        one_hot = label_one_hot(labels, num_classes, ignore_index, x.dtype)  # [B, n, N]
+        sums = torch.bmm(one_hot, x.transpose(1, 2))  # [B, n, C]
+        counts = one_hot.sum(dim=-1)  # [B, n]
+        if not per_image:
+            sums, counts = sums.sum(dim=0), counts.sum(dim=0)
+    return sums, counts
+
+
+def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e-12) -> Tensor:
+    """Scaled cosine similarity of every pixel to every class vector.
+
+    ``out[b, k, i] = scale · <w_k/(‖w_k‖+eps), x_i/(‖x_i‖+eps)>``, computed as ``ŵ @ x / (‖x‖+eps)`` so no
+    normalised copy of the feature map is made. All-zero pixels or rows give 0, never NaN.
+
+    Args:
+        feat: ``[B, C, h, w]`` features.
+        weight: ``[n, C]`` (shared by the batch) or ``[B, n, C]`` (one classifier per image).
+        scale: the multiplier (CAC/SSA ``tau`` = 15).
+
+    Returns:
+        ``[B, n, h, w]`` logits in ``[-scale, scale]`` (float32, or float64 for float64 input).
+    """
+    _b, _, h, w = feat.shape
+    x = upcast_half(feat.flatten(2))  # [B, C, N]
+    with float32_math(x.device):
+        wt = upcast_half(weight).to(x.dtype)
+        w_hat = wt / (torch.linalg.vector_norm(wt, dim=-1, keepdim=True) + eps)
+        inv_norm = scale / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)  # [B, 1, N]
+        if w_hat.dim() == 2:
+            logits = torch.matmul(w_hat, x)  # [n, C] @ [B, C, N] -> [B, n, N]
+        else:
+            logits = torch.bmm(w_hat, x)
+        logits = logits * inv_norm
+    return rearrange(logits, "b n (h w) -> b n h w", h=h, w=w)
+
+
+def _nearest_source_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
+    """Source indices of PyTorch's legacy ``nearest`` mode: ``min(floor(i · in/out), in - 1)`` in float32."""
+    if out_size == in_size:
+        return torch.arange(out_size, device=device)
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    idx = torch.floor(torch.arange(out_size, dtype=torch.float32) * scale).long()
+    return idx.clamp_max(in_size - 1).to(device)
+
+
+def resize_labels_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize an integer label map like ``F.interpolate(labels.float(), size, mode="nearest")``.
+
+    Legacy nearest takes the top-left sample of each block (source index ``floor(i·H/h)``) for
+    downsampling — not a majority vote, not the block centre. Works on the integer tensor directly
+    (no float copy, exact for any label value).
+
+    Args:
+        labels: ``[B, H, W]`` integer labels.
+        size: ``(h, w)``.
+
+    Returns:
+        ``[B, h, w]`` labels, same dtype.
+    """
+    h, w = size
+    if labels.shape[-2:] == (h, w):
+        return labels
+    rows = _nearest_source_index(h, labels.shape[-2], labels.device)
+    cols = _nearest_source_index(w, labels.shape[-1], labels.device)
+    return labels.index_select(-2, rows).index_select(-1, cols)
+
+
+def classwise_weighted_mean(
+    values: Tensor,
+    weights: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = 255,
+    average: str = "present",
+    eps: float = 1e-12,
+) -> Tensor:
+    """Class-balanced weighted mean over all pixels of a batch (no loop, no host sync).
+
+    ``L = 1/(|K| + eps) · Σ_{k∈K} Σ_i 1[t_i=k]·w_i·ℓ_i / (Σ_i 1[t_i=k]·w_i + eps)``, with K the classes
+    present in ``labels`` (``average="present"``, the official CAC/SSA code) or all n classes
+    (``average="all"``, CAC paper Eq. 11). An empty K gives exactly 0 (differentiably).
+
+    Args:
+        values: ``[...]`` per-pixel losses ℓ, any shape.
+        weights: ``[...]`` per-pixel weights w, same shape.
+        labels: ``[...]`` integer class per pixel, same shape.
+
+    Returns:
+        A scalar tensor (float32, or float64 for float64 input).
+    """
+    if average not in ("present", "all"):
+        raise ValueError(f"average must be 'present' or 'all', got {average!r}")
+    v = upcast_half(values).reshape(1, -1, 1)
+    wt = upcast_half(weights).reshape(1, -1, 1).to(v.dtype)
+    with float32_math(v.device):
+        one_hot = label_one_hot(labels.reshape(1, -1), num_classes, ignore_index, v.dtype)  # [1, n, P]
+        stats = torch.bmm(one_hot, torch.cat([wt * v, wt], dim=-1))[0]  # [n, 2]
+        per_class = stats[:, 0] / (stats[:, 1] + eps)
+        if average == "all":
+            return per_class.sum() / num_classes
+        present = (one_hot.amax(dim=-1)[0] > 0).to(v.dtype)
+        return (per_class * present).sum() / (present.sum() + eps)
+
+
+def upsampled_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int | None = 255,
+    align_corners: bool = False,
+    average: str = "valid",
+    reduction: str = "mean",
+    class_weight: Tensor | None = None,
+) -> Tensor:
+    """Cross-entropy of feature-resolution logits against a label map, after bilinear upsampling.
+
+    Args:
+        logits: ``[B, n, h, w]``.
+        target: ``[B, H, W]`` integer labels; ``ignore_index`` pixels contribute nothing.
+        align_corners: of the bilinear upsampling to ``H×W`` (skipped when sizes match).
+        average: ``"valid"`` divides the summed loss by the number (or class weight) of valid pixels;
+            ``"all"`` by all ``B·H·W`` pixels (mmseg 0.x's main loss). Ignored with ``reduction="sum"``.
+        reduction: ``"mean"`` or ``"sum"``.
+        class_weight: optional ``[n]`` per-class weights (as ``F.cross_entropy``'s ``weight``).
+
+    Returns:
+        A scalar; exactly 0 (with zero gradient) when every pixel is ignored.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
+    ignore = -100 if ignore_index is None else ignore_index
+    with float32_math(logits.device):
+        logits = upcast_half(logits)
+        weight = None if class_weight is None else class_weight.to(logits)
+        total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore, reduction="sum")
+        if reduction == "sum":
+            return total
+        if average == "all":
+            return total / target.numel()
+        valid = target != ignore
+        if weight is None:
+            denom = valid.sum()
+        else:
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            denom = (weight[safe] * valid).sum()
+        return total / denom.clamp_min(1e-12 if weight is not None else 1)

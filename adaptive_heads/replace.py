@@ -1,0 +1,178 @@
+"""Find the final pixel classifier of a segmentation model and swap it for an adaptive head."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .base import AdaptiveHead
+
+__all__ = ["KNOWN_CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
+
+# model class name -> (main classifier path, auxiliary classifier path or None)
+KNOWN_CLASSIFIER_PATHS: dict[str, tuple[str, str | None]] = {
+    # torchvision
+    "FCN": ("classifier.4", "aux_classifier.4"),
+    "DeepLabV3": ("classifier.4", "aux_classifier.4"),
+    # HF transformers
+    "SegformerForSemanticSegmentation": ("decode_head.classifier", None),
+    "UperNetForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
+    "BeitForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
+    "Data2VecVisionForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
+    "DPTForSemanticSegmentation": ("head.head.4", "auxiliary_head.head.4"),
+    "MobileViTForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
+    "MobileViTV2ForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
+    "MobileNetV2ForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
+    # segmentation_models_pytorch
+    "Unet": ("segmentation_head.0", None),
+    "UnetPlusPlus": ("segmentation_head.0", None),
+    "MAnet": ("segmentation_head.0", None),
+    "PAN": ("segmentation_head.0", None),
+    "PSPNet": ("segmentation_head.0", None),
+    "FPN": ("segmentation_head.0", None),
+    "DeepLabV3Plus": ("segmentation_head.0", None),
+    "Linknet": ("segmentation_head.0", None),
+    "Segformer": ("segmentation_head.0", None),
+    "UPerNet": ("segmentation_head.0", None),
+    "DPT": ("segmentation_head.head.4", None),
+    # mmseg 1.x
+    "EncoderDecoder": ("decode_head.conv_seg", "auxiliary_head.conv_seg"),
+}
+
+# models whose prediction is a sum of several classifiers: we refuse to guess
+_SUMMED_CLASSIFIERS = {"LRASPP": ("classifier.low_classifier", "classifier.high_classifier")}
+
+HeadFactory = Callable[[int, int], AdaptiveHead]
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _infer_num_classes(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for owner, attr in ((config, "num_labels"), (model, "num_classes")):
+        value = getattr(owner, attr, None) if owner is not None else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _cascade_path(model: nn.Module) -> str | None:
+    heads = getattr(model, "decode_head", None)
+    if isinstance(heads, nn.ModuleList) and len(heads) > 0:
+        return f"decode_head.{len(heads) - 1}.conv_seg"
+    return None
+
+
+def find_classifier(model: nn.Module, num_classes: int | None = None, include_aux: bool = False) -> list[str]:
+    """Paths of the classifier convs of ``model`` (the main one first, then the auxiliary one if asked).
+
+    Known model classes are looked up in :data:`KNOWN_CLASSIFIER_PATHS`; otherwise the last ``nn.Conv2d``
+    in ``named_modules()`` order with ``out_channels == num_classes`` is taken.
+    """
+    name = type(model).__name__
+    if name in _SUMMED_CLASSIFIERS:
+        low, high = _SUMMED_CLASSIFIERS[name]
+        raise ValueError(
+            f"{name} sums two classifier convs ({low!r} and {high!r}); pass path= to say which one to replace"
+        )
+    cascade = _cascade_path(model)
+    if cascade is not None and _get(model, cascade) is not None:
+        return [cascade]
+    if name in KNOWN_CLASSIFIER_PATHS:
+        main, aux = KNOWN_CLASSIFIER_PATHS[name]
+        if _get(model, main) is not None:
+            paths = [main]
+            if include_aux and aux is not None and _get(model, aux) is not None:
+                paths.append(aux)
+            return paths
+    num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
+    if num_classes is None:
+        raise ValueError(
+            f"cannot locate the classifier of {name}: it is not a known model class and num_classes is "
+            "unknown; pass num_classes= or path="
+        )
+    matches = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, AdaptiveHead)) and m.out_channels == num_classes
+    ]
+    if not matches:
+        raise ValueError(f"no nn.Conv2d with out_channels={num_classes} found in {name}; pass path=")
+    return [matches[-1]]
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def replace_classifier(
+    model: nn.Module,
+    head_factory: HeadFactory,
+    path: str | list[str] | None = None,
+    *,
+    num_classes: int | None = None,
+    include_aux: bool = False,
+    copy_weights: bool = True,
+) -> nn.Module:
+    """Swap the final classifier conv of ``model`` for ``head_factory(in_channels, num_classes)`` in place.
+
+    Args:
+        model: the segmentation model.
+        head_factory: e.g. ``ContextAwareClassifier`` or ``functools.partial(ContextAwareClassifier, tau=10)``.
+        path: the dotted path(s) of the conv(s) to replace; default: found by :func:`find_classifier`.
+        num_classes: for the fallback search when the model class is not known.
+        include_aux: also replace the known auxiliary classifier.
+        copy_weights: copy the original 1×1 conv's weight and bias into the new head's ``conv_seg``.
+
+    Returns:
+        ``model`` (modified in place); the replaced paths are in ``model.adaptive_head_paths``.
+    """
+    paths = (
+        [path]
+        if isinstance(path, str)
+        else list(path)
+        if path is not None
+        else find_classifier(model, num_classes, include_aux)
+    )
+    for p in paths:
+        old = _get(model, p)
+        if old is None:
+            raise ValueError(f"{type(model).__name__} has no submodule {p!r}")
+        if isinstance(old, AdaptiveHead):
+            raise ValueError(f"{p!r} is already an adaptive head ({type(old).__name__})")
+        if not isinstance(old, nn.Conv2d):
+            raise TypeError(f"{p!r} is a {type(old).__name__}, expected the classifier nn.Conv2d")
+        if old.kernel_size != (1, 1) or old.groups != 1:
+            raise ValueError(
+                f"{p!r} is a {old.kernel_size[0]}×{old.kernel_size[1]} conv (groups={old.groups}); adaptive heads "
+                "replace a 1×1 classifier (their prototypes are built from its [n, C] weight). Replace it with a "
+                "1×1 conv first, or add a 1×1 adaptive head after a 3×3 feature conv."
+            )
+        head = head_factory(old.in_channels, old.out_channels)
+        if not isinstance(head, AdaptiveHead):
+            raise TypeError(f"head_factory must return an AdaptiveHead, got {type(head).__name__}")
+        param = old.weight
+        head.to(device=param.device, dtype=param.dtype)
+        if copy_weights:
+            with torch.no_grad():
+                conv = getattr(head, "conv_seg", None)
+                if isinstance(conv, nn.Conv2d):
+                    conv.weight.copy_(old.weight.reshape(conv.weight.shape))
+                    if conv.bias is not None:
+                        if old.bias is not None:
+                            conv.bias.copy_(old.bias)
+                        else:
+                            conv.bias.zero_()
+        head.train(old.training)
+        _set(model, p, head)
+    model.adaptive_head_paths = paths  # type: ignore[assignment]
+    return model

@@ -1,0 +1,121 @@
+"""Drop-in training inside models that pass only features to their classifier.
+
+torchvision, smp, HF transformers and mmseg call ``classifier(features)`` deep inside their own
+``forward``; labels never reach it. :func:`supervise` is the side channel: it hands the target to every
+adaptive head of a model for the duration of a ``with`` block, collects each head's structured training
+output, and turns them into the heads' extra loss terms afterwards::
+
+    model = replace_classifier(model, ContextAwareClassifier)
+    with supervise(model, target) as sup:
+        logits = model(images)["out"]            # the model's forward is untouched
+        loss = F.cross_entropy(logits, target, ignore_index=255) + sup.loss()
+
+``sup.loss()`` excludes each head's main CE (the CE on the logits the head returns), which the model's
+own loss already covers; ``sup.loss(include_main=True)`` adds it as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+
+from torch import Tensor, nn
+
+from .base import AdaptiveHead, HeadLoss, HeadOutput
+
+__all__ = ["Supervision", "supervise"]
+
+
+class Supervision:
+    """The collector returned by :func:`supervise` (use it as a context manager)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target: Tensor,
+        losses: HeadLoss | Mapping[str, HeadLoss] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor of shape [B, H, W], got {type(target).__name__}")
+        self.model = model
+        self.target = target
+        self.heads: dict[str, AdaptiveHead] = {
+            name: m for name, m in model.named_modules() if isinstance(m, AdaptiveHead)
+        }
+        if not self.heads:
+            raise ValueError(
+                "supervise(): the model contains no adaptive head; call replace_classifier(model, ...) first"
+            )
+        if isinstance(losses, HeadLoss):
+            losses = dict.fromkeys(self.heads, losses)
+        unknown = set(losses or {}) - set(self.heads)
+        if unknown:
+            raise ValueError(f"losses names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
+        self.loss_fns: dict[str, HeadLoss] = {
+            name: (losses or {}).get(name) or head.default_loss() for name, head in self.heads.items()
+        }
+        self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
+        self._names = {id(h): name for name, h in self.heads.items()}
+
+    def __enter__(self) -> Supervision:
+        for head in self.heads.values():
+            if head._supervisor is not None:
+                raise RuntimeError("supervise() blocks cannot be nested on the same head")
+            head._supervisor = self
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for head in self.heads.values():
+            head._supervisor = None
+
+    def record(self, head: AdaptiveHead, out: HeadOutput) -> None:
+        self.outputs[self._names[id(head)]].append(out)
+
+    def losses(self, include_main: bool = False) -> dict[str, Tensor]:
+        """Every recorded head's named loss terms as ``{"<head path>.<term>": value}`` plus ``"loss"``.
+
+        ``"loss"`` sums the weighted terms of every head and every recorded call; the main CE of each head
+        is left out of it unless ``include_main`` (the terms themselves are always reported).
+        """
+        result: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name, outs in self.outputs.items():
+            loss_fn = self.loss_fns[name]
+            for i, out in enumerate(outs):
+                terms = loss_fn.terms(out, self.target)
+                exclude = () if include_main else (loss_fn.main_term,)
+                part = loss_fn.combine(terms, exclude=exclude)
+                total = part if total is None else total + part
+                suffix = "" if len(outs) == 1 else f"[{i}]"
+                result.update({f"{name}{suffix}.{k}": v for k, v in terms.items()})
+        if total is None:
+            raise RuntimeError(
+                "no adaptive head ran in training mode inside the supervise() block "
+                "(is the model in train() mode and was it called inside the block?)"
+            )
+        result["loss"] = total
+        return result
+
+    def loss(self, include_main: bool = False) -> Tensor:
+        """The weighted sum of the extra loss terms of every adaptive head (see :meth:`losses`)."""
+        return self.losses(include_main=include_main)["loss"]
+
+
+def supervise(
+    model: nn.Module,
+    target: Tensor,
+    losses: HeadLoss | Mapping[str, HeadLoss] | None = None,
+) -> Supervision:
+    """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
+
+    Args:
+        model: any module containing :class:`~adaptive_heads.base.AdaptiveHead` submodules.
+        target: the label map of the batch (any resolution; heads resize it themselves).
+        losses: one loss module for all heads, or ``{head path: loss}``; default: each head's
+            ``default_loss()``.
+    """
+    return Supervision(model, target, losses)

@@ -1,0 +1,104 @@
+"""Input checks shared by every head and loss.
+
+Shape, rank and dtype checks are free (metadata only) and always run. Value checks (label range, finite
+features) need to read the tensor, i.e. a host synchronisation on CUDA, so they run:
+
+- always for CPU tensors (no sync cost there),
+- on accelerators only in debug mode (``adaptive_heads.set_debug(True)`` or ``ADAPTIVE_HEADS_DEBUG=1``),
+- never while ``torch.compile``/``torch.export`` trace the code.
+
+The finite-feature check also costs a full pass over the feature map, so it runs in debug mode only.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_features", "check_target", "is_debug", "set_debug"]
+
+_DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "False")
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn the value checks on for accelerator tensors and the NaN/Inf feature check everywhere."""
+    global _DEBUG
+    _DEBUG = bool(enabled)
+
+
+def is_debug() -> bool:
+    return _DEBUG
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
+        return True
+    return torch.jit.is_scripting() or torch.jit.is_tracing()
+
+
+def _value_checks(t: Tensor) -> bool:
+    return not _tracing() and (t.device.type == "cpu" or _DEBUG)
+
+
+def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:
+    """``feat`` must be a floating ``[B, C, h, w]`` tensor with ``C == in_channels`` and ``B, h, w > 0``."""
+    if not isinstance(feat, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, C, h, w], got {type(feat).__name__}")
+    if feat.dim() != 4:
+        raise ValueError(
+            f"{name} must have shape [B, C, h, w] (4 dims), got {feat.dim()} dims with shape {tuple(feat.shape)}"
+        )
+    if not feat.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {feat.dtype}")
+    if feat.shape[1] != in_channels:
+        raise ValueError(
+            f"{name} has {feat.shape[1]} channels but the head was built with in_channels={in_channels} "
+            f"(shape {tuple(feat.shape)}, expected [B, {in_channels}, h, w])"
+        )
+    if feat.shape[0] == 0 or feat.shape[2] == 0 or feat.shape[3] == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(feat.shape)}")
+    if _DEBUG and not _tracing() and not bool(torch.isfinite(feat).all()):
+        raise ValueError(f"{name} contains NaN or Inf values (debug check)")
+
+
+def check_target(
+    target: Tensor,
+    *,
+    batch_size: int,
+    num_classes: int,
+    ignore_index: int | None,
+    device: torch.device | None = None,
+    name: str = "target",
+) -> Tensor:
+    """Validate a label map and return it as ``[B, H, W]`` (a ``[B, 1, H, W]`` map is squeezed).
+
+    Labels must be integers in ``[0, num_classes)`` or equal to ``ignore_index``.
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, W], got {type(target).__name__}")
+    if target.dim() == 4 and target.shape[1] == 1:
+        target = target[:, 0]
+    if target.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, H, W] (or [B, 1, H, W]), got shape {tuple(target.shape)}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (torch.long), got dtype {target.dtype}")
+    if target.shape[0] != batch_size:
+        raise ValueError(f"{name} has batch size {target.shape[0]} but the features have batch size {batch_size}")
+    if device is not None and target.device != device:
+        raise ValueError(f"{name} is on {target.device} but the features are on {device}")
+    if target.dtype != torch.long:
+        target = target.long()
+    if _value_checks(target) and target.numel() > 0:
+        invalid = (target < 0) | (target >= num_classes)
+        if ignore_index is not None:
+            invalid &= target != ignore_index
+        if bool(invalid.any()):
+            bad = target[invalid]
+            raise ValueError(
+                f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
+                f"min {int(bad.min())}, max {int(bad.max())}"
+            )
+    return target
