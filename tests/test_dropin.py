@@ -1,0 +1,150 @@
+"""The drop-in path: replace_classifier + supervise inside models that pass only features to the classifier."""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, find_classifier, replace_classifier, supervise
+
+from .models import PlainSegmenter, TinyFCN
+
+
+def test_replace_known_path_copies_weights():
+    torch.manual_seed(0)
+    model = TinyFCN()
+    old = model.classifier[4]
+    replace_classifier(model, ContextAwareClassifier)
+    head = model.classifier[4]
+    assert isinstance(head, ContextAwareClassifier) and model.adaptive_head_paths == ["classifier.4"]
+    assert torch.equal(head.conv_seg.weight, old.weight) and torch.equal(head.conv_seg.bias, old.bias)
+    assert isinstance(model.aux_classifier[4], nn.Conv2d)  # aux untouched by default
+
+
+def test_replace_with_aux_and_factory_kwargs():
+    model = TinyFCN()
+    replace_classifier(model, functools.partial(ContextAwareClassifier, tau=10.0), include_aux=True)
+    assert model.adaptive_head_paths == ["classifier.4", "aux_classifier.4"]
+    assert model.aux_classifier[4].tau == 10.0
+
+
+def test_fallback_finds_last_conv_with_num_classes():
+    model = PlainSegmenter(num_classes=4)
+    assert find_classifier(model, num_classes=4) == ["decoder.cls"]
+    with pytest.raises(ValueError, match="num_classes"):
+        find_classifier(model)
+    replace_classifier(model, ContextAwareClassifier, num_classes=4)
+    assert isinstance(model.decoder["cls"], ContextAwareClassifier)
+    with pytest.raises(ValueError, match="already an adaptive head"):
+        replace_classifier(model, ContextAwareClassifier, path="decoder.cls")
+
+
+def test_replace_refuses_3x3_and_summed_heads():
+    model = PlainSegmenter()
+    model.decoder["cls"] = nn.Conv2d(8, 4, 3, padding=1)
+    with pytest.raises(ValueError, match="3×3 conv"):
+        replace_classifier(model, ContextAwareClassifier, num_classes=4)
+
+    class LRASPP(nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="sums two classifier convs"):
+        find_classifier(LRASPP())
+    with pytest.raises(ValueError, match="no submodule"):
+        replace_classifier(model, ContextAwareClassifier, path="decoder.nope")
+
+
+def test_eval_output_unchanged_shape_and_label_free():
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier)
+    model.eval()
+    out = model(torch.randn(2, 3, 16, 16))["out"]
+    assert out.shape == (2, 4, 16, 16)
+
+
+def test_supervise_end_to_end_matches_direct_call():
+    torch.manual_seed(0)
+    model = TinyFCN()
+    replace_classifier(model, functools.partial(ContextAwareClassifier, dropout=0.0))
+    model.train()
+    model.classifier[3].p = 0.0  # make the decoder deterministic for the comparison
+    images, target = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2, 16, 16))
+    target[0, :2] = 255
+    with supervise(model, target) as sup:
+        logits = model(images)["out"]
+        main = F.cross_entropy(logits, target, ignore_index=255)
+        losses = sup.losses()
+        total = main + sup.loss()
+    assert set(losses) == {"classifier.4.ce", "classifier.4.ce_context", "classifier.4.ce_oracle",
+                           "classifier.4.distill", "loss"}  # fmt: skip
+    # the same numbers by calling the head directly on the decoder features
+    feats = model.classifier[:4](model.backbone(images))
+    direct = ContextAwareLoss()(model.classifier[4](feats, target), target)
+    for k in ("ce", "ce_oracle", "distill"):
+        torch.testing.assert_close(losses[f"classifier.4.{k}"], direct[k])
+    torch.testing.assert_close(losses["loss"], direct["ce"] + direct["ce_oracle"] + direct["distill"])
+    total.backward()
+    assert model.classifier[4].apd_proj[0].weight.grad is not None  # the oracle branch was trained
+    assert model.classifier[4]._supervisor is None  # context cleaned up
+    with supervise(model, target) as sup:
+        model(images)
+        with_main = sup.loss(include_main=True)
+        torch.testing.assert_close(with_main, sup.loss() + sup.losses()["classifier.4.ce_context"])
+
+
+def test_supervise_errors():
+    with pytest.raises(ValueError, match="no adaptive head"):
+        supervise(TinyFCN(), torch.zeros(1, 4, 4, dtype=torch.long))
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier)
+    model.eval()
+    with supervise(model, torch.zeros(1, 8, 8, dtype=torch.long)) as sup:
+        model(torch.randn(1, 3, 8, 8))
+        with pytest.raises(RuntimeError, match="train"):
+            sup.loss()
+    model.train()
+    with supervise(model, torch.full((1, 8, 8), 9)):
+        with pytest.raises(ValueError, match="outside"):
+            model(torch.randn(1, 3, 8, 8))
+    assert model.classifier[4]._supervisor is None
+
+
+def test_supervise_custom_loss_module():
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier)
+    target = torch.randint(0, 4, (2, 16, 16))
+    with supervise(model, target, losses=ContextAwareLoss(weights={"ce": 0, "ce_oracle": 0, "distill": 3.0})) as s:
+        model(torch.randn(2, 3, 16, 16))
+        terms = s.losses()
+    torch.testing.assert_close(terms["loss"], 3.0 * terms["classifier.4.distill"])
+
+
+def test_hf_segformer_end_to_end():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SegformerConfig(
+        num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+        patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 1], mlp_ratios=[2, 2],
+        decoder_hidden_size=16, num_labels=5, semantic_loss_ignore_index=255,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(config)
+    original = model.decode_head.classifier
+    replace_classifier(model, ContextAwareClassifier)
+    head = model.decode_head.classifier
+    assert isinstance(head, ContextAwareClassifier) and torch.equal(head.conv_seg.weight, original.weight)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.randint(0, 5, (2, 32, 32))
+    model.train()
+    with supervise(model, labels) as sup:
+        out = model(pixel_values=images, labels=labels)
+        loss = out.loss + sup.loss()
+    assert out.logits.shape == (2, 5, 8, 8)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert head.apd_proj[0].weight.grad is not None and head.proj[0].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        logits = model(pixel_values=images).logits
+    assert logits.shape == (2, 5, 8, 8) and logits.abs().max() <= 15 + 1e-4
