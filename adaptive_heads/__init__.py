@@ -3,6 +3,7 @@
 Swap the final ``nn.Conv2d(C, n, 1)`` of a segmentation model for
 
 - :class:`ContextAwareClassifier` (CAC, Tian et al., AAAI 2023) + :class:`ContextAwareLoss`,
+- :class:`PrototypeClassifier` (ProtoSeg, Zhou et al., CVPR 2022) + :class:`PrototypeLoss`,
 
 and train it with :func:`supervise` (labels side channel) or by calling the head directly.
 """
@@ -11,6 +12,8 @@ from . import functional
 from .base import AdaptiveHead, HeadLoss, HeadOutput
 from .cac import CACOutput, ContextAwareClassifier
 from .cac_loss import ContextAwareLoss, context_aware_distillation, context_aware_loss
+from .protoseg import PrototypeClassifier, PrototypeOutput
+from .protoseg_loss import PrototypeLoss, prototype_loss
 from .replace import find_classifier, replace_classifier
 from .supervise import Supervision, supervise
 from .validation import set_debug
@@ -24,11 +27,15 @@ __all__ = [
     "ContextAwareLoss",
     "HeadLoss",
     "HeadOutput",
+    "PrototypeClassifier",
+    "PrototypeLoss",
+    "PrototypeOutput",
     "Supervision",
     "context_aware_distillation",
     "context_aware_loss",
     "find_classifier",
     "functional",
+    "prototype_loss",
     "replace_classifier",
     "set_debug",
     "supervise",

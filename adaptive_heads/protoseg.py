@@ -1,0 +1,290 @@
+"""Prototype classifier (ProtoSeg) — Zhou et al., "Rethinking Semantic Segmentation: A Prototype View",
+CVPR 2022.
+
+Each class is represented by K non-learnable unit prototypes. A pixel embedding is classified by its best
+cosine to each class's prototypes; during training the pixels of each class are clustered onto that class's
+prototypes with Sinkhorn–Knopp (equipartition) and the prototypes follow a momentum update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from .base import AdaptiveHead, HeadOutput
+from .checkpoint import load_prefixed_state_dict
+from .distributed import all_reduce_, is_distributed
+from .functional import resize_labels_nearest, upcast_half
+from .sinkhorn import classwise_sinkhorn
+
+__all__ = ["PrototypeClassifier", "PrototypeOutput"]
+
+
+@dataclass
+class PrototypeOutput(HeadOutput):
+    """Training output of :class:`PrototypeClassifier`.
+
+    Attributes:
+        logits: ``[B, n, h, w]`` segmentation logits (``mask_norm`` of the per-class best cosine).
+        proto_logits: ``[N, n·K]`` cosine of every pixel (``N = B·h·w``, in ``(b, h, w)`` order) to every
+            prototype, column ``c·K + k`` — the official ``contrast_logits``, computed with the pre-update
+            prototypes.
+        proto_target: ``[N]`` long, ``c·K + k`` with k the Sinkhorn assignment of the pixel within its class
+            ``c``; ``-1`` for ignored pixels.
+        feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+    """
+
+    proto_logits: Tensor
+    proto_target: Tensor
+    feature_target: Tensor
+
+
+class ProjectionHead(nn.Module):
+    """``1×1 conv (C→C) → ReLU → 1×1 conv (C→D)``; named ``proj`` like the official ``proj_head.proj``."""
+
+    def __init__(self, in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(inplace=True), nn.Conv2d(in_channels, embed_dim, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+class PrototypeClassifier(AdaptiveHead):
+    """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing ProtoSeg.
+
+    Inference (``head(feat)`` → ``[B, n, h, w]``): ``e = L2(LayerNorm(L2(proj(feat))))`` per pixel,
+    ``s_c = max_k cos(e, p_{c,k})``, logits ``= mask_norm(s)`` (LayerNorm across the n classes with learnable
+    affine). The ``[N, n, K]`` similarity tensor is never materialised at inference: the max over K is taken
+    one prototype slice at a time.
+
+    Training (``head(feat, target)`` → :class:`PrototypeOutput`): the labels are nearest-resized to the
+    feature map; each class's pixels are assigned to its K prototypes with class-wise Sinkhorn–Knopp
+    (``sinkhorn_iters``, ``sinkhorn_eps``; see :func:`~adaptive_heads.sinkhorn.classwise_sinkhorn`); the
+    Sinkhorn argmax gives the PPC/PPD targets. Then, in training mode with ``update_prototypes``, the
+    prototypes (a buffer, never a Parameter) move by the momentum update
+    ``p ← L2(γ·p + (1−γ)·L2(Σ assigned embeddings))``, using only **correctly classified** pixels, and only
+    for prototypes that received at least one pixel. The losses use the pre-update prototypes.
+
+    Official behaviour kept by default, and the options:
+
+    - ``update_assignment="gumbel"`` (official): the pixels used by the update are assigned with a
+      straight-through Gumbel sample of the Sinkhorn plan treated as logits (nearly uniform, so each
+      prototype is pulled towards the class mean); ``"argmax"`` uses the Sinkhorn argmax (the paper).
+      ``head.generator`` (a ``torch.Generator``) makes the Gumbel draws reproducible.
+    - ``projection_norm="channel"`` (default) L2-normalises the projection over channels. The official code
+      normalises over the **width** axis (``F.normalize(x, dim=-1)`` on NCHW), a bug that couples the pixels
+      of a row; ``"width"`` reproduces it for official checkpoints trained that way.
+    - distributed: with an initialised ``torch.distributed`` group and ``sync=True`` the Sinkhorn statistics and
+      the per-prototype sums and counts are all-reduced, so every rank holds identical prototypes equal to the
+      single-process update on the concatenated batch (argmax mode). The official code runs Sinkhorn per GPU
+      and averages the updated prototypes; ``sync=False`` skips every collective.
+
+    Args:
+        in_channels: C.
+        num_classes: n.
+        num_prototypes: K per class (official 10).
+        embed_dim: D (default C; official 720 = C).
+        gamma: momentum (official 0.999).
+        sinkhorn_iters, sinkhorn_eps: official 3 and 0.05.
+        update_prototypes: run the momentum update in training mode.
+        update_assignment: ``"gumbel"`` or ``"argmax"``.
+        projection_norm: ``"channel"`` or ``"width"``.
+        sync: all-reduce the statistics when distributed.
+        ignore_index: ignored label.
+        init_std: std of the (truncated at ±2) normal init of the prototypes before normalisation.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        num_prototypes: int = 10,
+        embed_dim: int | None = None,
+        gamma: float = 0.999,
+        sinkhorn_iters: int = 3,
+        sinkhorn_eps: float = 0.05,
+        update_prototypes: bool = True,
+        update_assignment: str = "gumbel",
+        projection_norm: str = "channel",
+        sync: bool = True,
+        ignore_index: int | None = 255,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__(in_channels, num_classes, ignore_index)
+        if num_prototypes < 1:
+            raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if sinkhorn_eps <= 0 or sinkhorn_iters < 1:
+            raise ValueError(f"need sinkhorn_eps > 0 and sinkhorn_iters >= 1, got {sinkhorn_eps}, {sinkhorn_iters}")
+        if update_assignment not in ("gumbel", "argmax"):
+            raise ValueError(f"update_assignment must be 'gumbel' or 'argmax', got {update_assignment!r}")
+        if projection_norm not in ("channel", "width"):
+            raise ValueError(f"projection_norm must be 'channel' or 'width', got {projection_norm!r}")
+        embed_dim = in_channels if embed_dim is None else embed_dim
+        self.num_prototypes = num_prototypes
+        self.embed_dim = embed_dim
+        self.gamma = gamma
+        self.sinkhorn_iters = sinkhorn_iters
+        self.sinkhorn_eps = sinkhorn_eps
+        self.update_prototypes = update_prototypes
+        self.update_assignment = update_assignment
+        self.projection_norm = projection_norm
+        self.sync = sync
+        self.generator: torch.Generator | None = None
+        self.proj_head = ProjectionHead(in_channels, embed_dim)
+        self.feat_norm = nn.LayerNorm(embed_dim)
+        self.mask_norm = nn.LayerNorm(num_classes)
+        prototypes = torch.empty(num_classes, num_prototypes, embed_dim)
+        nn.init.trunc_normal_(prototypes, std=init_std)
+        self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
+        self.register_buffer("usage_counts", torch.zeros(num_classes, num_prototypes), persistent=False)
+
+    # ------------------------------------------------------------------ embedding and similarities
+    def embed(self, feat: Tensor) -> Tensor:
+        """Unit pixel embeddings ``[B, h, w, D]`` (channels last)."""
+        y = self.proj_head(feat)
+        y = F.normalize(y, p=2, dim=1 if self.projection_norm == "channel" else -1)
+        y = F.layer_norm(y.permute(0, 2, 3, 1), (self.embed_dim,), self.feat_norm.weight, self.feat_norm.bias,
+                         self.feat_norm.eps)  # fmt: skip
+        return F.normalize(y, p=2, dim=-1)
+
+    def unit_prototypes(self) -> Tensor:
+        """``[n, K, D]`` L2-normalised copy of the prototype buffer (the buffer itself is never in a graph)."""
+        return F.normalize(self.prototypes, p=2, dim=-1)
+
+    def _class_logits(self, best: Tensor) -> Tensor:
+        """``mask_norm`` over classes of ``[B, h, w, n]`` best cosines → ``[B, n, h, w]``."""
+        return rearrange(self.mask_norm(best), "b h w n -> b n h w")
+
+    def forward_logits(self, feat: Tensor) -> Tensor:
+        emb = self.embed(feat)
+        protos = self.unit_prototypes().to(emb.dtype)
+        best = emb @ protos[:, 0].t()  # [B, h, w, n]; one K-slice at a time, no [N, n, K] tensor
+        for k in range(1, self.num_prototypes):
+            best = torch.maximum(best, emb @ protos[:, k].t())
+        return self._class_logits(best)
+
+    # ------------------------------------------------------------------ training
+    def forward_train(self, feat: Tensor, target: Tensor) -> PrototypeOutput:
+        _b, _, h, w = feat.shape
+        n, k = self.num_classes, self.num_prototypes
+        emb = self.embed(feat)  # [B, h, w, D]
+        protos = self.unit_prototypes().to(emb.dtype)
+        sims = emb @ rearrange(protos, "n k d -> d (n k)")  # [B, h, w, n·K]
+        logits = self._class_logits(rearrange(sims, "b h w (n k) -> b h w n k", k=k).amax(-1))
+
+        feature_target = resize_labels_nearest(target, (h, w))
+        labels = feature_target.reshape(-1)
+        valid = (labels >= 0) & (labels < n)
+        if self.ignore_index is not None:
+            valid &= labels != self.ignore_index
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        flat_sims = sims.reshape(-1, n * k)
+        with torch.no_grad():
+            own = flat_sims.detach().view(-1, n, k).gather(1, safe.view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
+            plan = classwise_sinkhorn(
+                own, torch.where(valid, labels, torch.full_like(labels, -1)), n,
+                iters=self.sinkhorn_iters, eps=self.sinkhorn_eps, sync=self.sync,
+            )  # fmt: skip
+            assignment = plan.argmax(dim=1)
+            proto_target = torch.where(valid, safe * k + assignment, torch.full_like(labels, -1))
+            if self.training:
+                self.usage_counts += (
+                    torch.zeros(n * k + 1, device=labels.device)
+                    .index_add_(
+                        0, torch.where(valid, proto_target, n * k), torch.ones_like(labels, dtype=torch.float32)
+                    )[:-1]
+                    .view(n, k)
+                    .to(self.usage_counts)
+                )
+                if self.update_prototypes:
+                    correct = valid & (logits.detach().argmax(dim=1).reshape(-1) == labels)
+                    chosen = assignment if self.update_assignment == "argmax" else self._gumbel_assign(plan)
+                    self._momentum_update(emb.detach().reshape(-1, self.embed_dim), safe * k + chosen, correct)
+        return PrototypeOutput(
+            logits=logits, proto_logits=flat_sims, proto_target=proto_target, feature_target=feature_target
+        )
+
+    def _gumbel_assign(self, plan: Tensor) -> Tensor:
+        """Argmax of ``plan + Gumbel noise``: the forward value of ``gumbel_softmax(plan, hard=True)``."""
+        noise = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
+        noise = -noise.exponential_(generator=self.generator).log()
+        return (plan + noise).argmax(dim=1)
+
+    @torch.no_grad()
+    def _momentum_update(self, emb: Tensor, slot: Tensor, use: Tensor) -> None:
+        """``p ← L2(γ p + (1-γ) L2(Σ_{i→p} e_i))`` for prototypes with ≥ 1 pixel; the others stay bit-identical."""
+        nk = self.num_classes * self.num_prototypes
+        index = torch.where(use, slot, torch.full_like(slot, nk))
+        emb = upcast_half(emb)
+        sums = emb.new_zeros(nk + 1, self.embed_dim).index_add_(0, index, emb)[:-1]
+        counts = emb.new_zeros(nk + 1).index_add_(0, index, torch.ones_like(emb[:, 0]))[:-1]
+        if self.sync and is_distributed():
+            all_reduce_(sums, "sum")
+            all_reduce_(counts, "sum")
+        current = self.prototypes.reshape(nk, -1)
+        old = F.normalize(current.to(emb.dtype), dim=-1)
+        moved = F.normalize(self.gamma * old + (1.0 - self.gamma) * F.normalize(sums, dim=-1), dim=-1)
+        new = torch.where(counts.unsqueeze(1) > 0, moved.to(current.dtype), current)
+        self.prototypes.copy_(new.view_as(self.prototypes))
+
+    # ------------------------------------------------------------------ diagnostics and I/O
+    @torch.no_grad()
+    def prototype_diversity(self) -> Tensor:
+        """``[n]`` mean pairwise cosine between the K prototypes of each class (1 = collapsed; needs K ≥ 2)."""
+        p = self.unit_prototypes()
+        k = self.num_prototypes
+        if k < 2:
+            return torch.ones(self.num_classes, device=p.device)
+        gram = p @ p.transpose(1, 2)  # [n, K, K]
+        off_diagonal = gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)
+        return off_diagonal / (k * (k - 1))
+
+    def reset_usage(self) -> None:
+        """Zero ``usage_counts`` (``[n, K]``: training pixels assigned to each prototype since the last reset)."""
+        self.usage_counts.zero_()
+
+    def default_loss(self):
+        from .protoseg_loss import PrototypeLoss
+
+        return PrototypeLoss(ignore_index=self.ignore_index)
+
+    def load_official_state_dict(
+        self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
+    ):
+        """Load ``prototypes``, ``proj_head.proj.*``, ``feat_norm.*`` and ``mask_norm.*`` from an official
+        ``HRNet_W48_Proto`` checkpoint (``module.`` prefix optional). The duplicate ``proj_head.mlp2.*`` keys are
+        skipped; the backbone and ``cls_head`` belong to the user's model. Prototypes are re-normalised.
+
+        Returns ``(missing_keys, unexpected_keys)`` like :meth:`torch.nn.Module.load_state_dict`.
+        """
+        own_children = {"prototypes", "proj_head", "feat_norm", "mask_norm"}
+
+        def rename(key: str) -> str | None:
+            if key.startswith("proj_head.mlp2."):
+                return None
+            top = key.split(".")[0]
+            return key if top in own_children else None
+
+        result = load_prefixed_state_dict(
+            self, state_dict, prefix=prefix, candidates=("", "decode_head."), strict=strict, rename=rename
+        )
+        with torch.no_grad():
+            self.prototypes.copy_(F.normalize(self.prototypes, dim=-1))
+        return result
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, num_prototypes={self.num_prototypes}, embed_dim={self.embed_dim}, "
+            f"gamma={self.gamma}, update_assignment={self.update_assignment!r}"
+        )
