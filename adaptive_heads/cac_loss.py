@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 
 from .base import HeadLoss
@@ -13,7 +12,7 @@ from .functional import (
     classwise_weighted_mean,
     float32_math,
     resize_labels_nearest,
-    upcast_half,
+    soft_distillation,
     upsampled_cross_entropy,
 )
 from .validation import check_target
@@ -37,15 +36,11 @@ def context_aware_distillation(
 ) -> Tensor:
     """Entropy-weighted, class-balanced distillation of ``teacher`` into ``student`` (feature resolution).
 
-    Per pixel (teacher ``q = softmax(teacher)``, detached):
-
-    - ``mode="mixed"`` (official code): ``ℓ = -Σ_j s_j log softmax(student)_j`` with
-      ``s = mix·q + (1-mix)·onehot(t)`` — a soft cross-entropy, not a KL;
-    - ``mode="kl"`` (paper Eq. 10): ``ℓ = KL(q ‖ softmax(student))``.
-
-    Each pixel is weighted by the teacher entropy ``H(q)`` (zero on ignored pixels) and the result is
-    averaged per class, then over the classes present in ``feature_target`` (``class_average="present"``,
-    official) or over all n (``"all"``, paper Eq. 11). See
+    Per pixel: :func:`~adaptive_heads.functional.soft_distillation` (``mode="mixed"``: the official soft CE
+    against ``mix·softmax(teacher) + (1-mix)·onehot``; ``mode="kl"``: the paper's KL). Each pixel is
+    weighted by the teacher entropy ``H(q)`` (zero on ignored pixels) and the result is averaged per class,
+    then over the classes present in ``feature_target`` (``class_average="present"``, official) or over all n
+    (``"all"``, paper Eq. 11). See
     :func:`~adaptive_heads.functional.classwise_weighted_mean`.
 
     Args:
@@ -56,24 +51,10 @@ def context_aware_distillation(
     Returns:
         A scalar; 0 when no pixel is valid.
     """
-    if mode not in ("mixed", "kl"):
-        raise ValueError(f"mode must be 'mixed' or 'kl', got {mode!r}")
+    per_pixel, entropy, _ = soft_distillation(
+        student, teacher, feature_target, ignore_index=ignore_index, mix=mix, mode=mode
+    )
     with float32_math(student.device):
-        log_p = torch.log_softmax(upcast_half(student), dim=1)
-        log_q = torch.log_softmax(upcast_half(teacher.detach()), dim=1).to(log_p.dtype)
-        q = log_q.exp()
-        valid = (
-            feature_target != ignore_index
-            if ignore_index is not None
-            else torch.ones_like(feature_target, dtype=torch.bool)
-        )
-        entropy = -(q * log_q).sum(dim=1) * valid
-        if mode == "mixed":
-            safe = torch.where(valid, feature_target, torch.zeros_like(feature_target))
-            hard = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
-            per_pixel = -(mix * (q * log_p).sum(dim=1) + (1.0 - mix) * hard)
-        else:
-            per_pixel = (q * (log_q - log_p)).sum(dim=1)
         return classwise_weighted_mean(
             per_pixel,
             entropy,

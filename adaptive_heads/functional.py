@@ -28,6 +28,7 @@ __all__ = [
     "prototype_mlp",
     "resize_labels_nearest",
     "soft_class_pool",
+    "soft_distillation",
     "upcast_half",
     "upsampled_cross_entropy",
 ]
@@ -267,3 +268,49 @@ def upsampled_cross_entropy(
             safe = torch.where(valid, target, torch.zeros_like(target))
             denom = (weight[safe] * valid).sum()
         return total / denom.clamp_min(1e-12 if weight is not None else 1)
+
+
+def soft_distillation(
+    student: Tensor,
+    teacher: Tensor,
+    feature_target: Tensor,
+    *,
+    ignore_index: int | None = 255,
+    mix: float = 0.5,
+    mode: str = "mixed",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel distillation loss and teacher-entropy weight (CAC's and SSA-Seg's response distillation).
+
+    With ``q = softmax(teacher)`` (teacher detached here):
+
+    - ``mode="mixed"`` (official code of both): ``ℓ = -Σ_j s_j log softmax(student)_j`` with
+      ``s = mix·q + (1-mix)·onehot(t)`` — a soft cross-entropy, not a KL;
+    - ``mode="kl"`` (CAC paper Eq. 10): ``ℓ = KL(q ‖ softmax(student))``.
+
+    Args:
+        student: ``[B, n, h, w]`` logits (receive gradient).
+        teacher: ``[B, n, h, w]`` logits.
+        feature_target: ``[B, h, w]`` labels at the logits' resolution.
+
+    Returns:
+        ``(loss, entropy, valid)``, each ``[B, h, w]``: ``ℓ``, the teacher entropy ``H(q)`` (0 on ignored
+        pixels) and the valid-pixel mask; float32 (float64 for float64 input).
+    """
+    if mode not in ("mixed", "kl"):
+        raise ValueError(f"mode must be 'mixed' or 'kl', got {mode!r}")
+    n = student.shape[1]
+    with float32_math(student.device):
+        log_p = torch.log_softmax(upcast_half(student), dim=1)
+        log_q = torch.log_softmax(upcast_half(teacher.detach()), dim=1).to(log_p.dtype)
+        q = log_q.exp()
+        valid = (feature_target >= 0) & (feature_target < n)
+        if ignore_index is not None:
+            valid &= feature_target != ignore_index
+        entropy = -(q * log_q).sum(dim=1) * valid
+        if mode == "mixed":
+            safe = torch.where(valid, feature_target, torch.zeros_like(feature_target))
+            hard = log_p.gather(1, safe.unsqueeze(1)).squeeze(1)
+            loss = -(mix * (q * log_p).sum(dim=1) + (1.0 - mix) * hard)
+        else:
+            loss = (q * (log_q - log_p)).sum(dim=1)
+    return loss, entropy, valid
