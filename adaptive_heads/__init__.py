@@ -3,6 +3,7 @@
 Swap the final ``nn.Conv2d(C, n, 1)`` of a segmentation model for
 
 - :class:`ContextAwareClassifier` (CAC, Tian et al., AAAI 2023) + :class:`ContextAwareLoss`,
+- :class:`SSAClassifier` (SSA-Seg, Ma et al., NeurIPS 2024) + :class:`SSALoss`,
 - :class:`PrototypeClassifier` (ProtoSeg, Zhou et al., CVPR 2022) + :class:`PrototypeLoss`,
 
 and train it with :func:`supervise` (labels side channel) or by calling the head directly.
@@ -15,6 +16,8 @@ from .cac_loss import ContextAwareLoss, context_aware_distillation, context_awar
 from .protoseg import PrototypeClassifier, PrototypeOutput
 from .protoseg_loss import PrototypeLoss, prototype_loss
 from .replace import find_classifier, replace_classifier
+from .ssa import SSAClassifier, SSAOutput
+from .ssa_loss import SSALoss, ssa_loss
 from .supervise import Supervision, supervise
 from .validation import set_debug
 
@@ -30,6 +33,9 @@ __all__ = [
     "PrototypeClassifier",
     "PrototypeLoss",
     "PrototypeOutput",
+    "SSAClassifier",
+    "SSALoss",
+    "SSAOutput",
     "Supervision",
     "context_aware_distillation",
     "context_aware_loss",
@@ -38,5 +44,6 @@ __all__ = [
     "prototype_loss",
     "replace_classifier",
     "set_debug",
+    "ssa_loss",
     "supervise",
 ]

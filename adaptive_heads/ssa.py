@@ -1,0 +1,230 @@
+"""Semantic and spatial adaptive classifier (SSA-Seg) — Ma et al., "Semantic and Spatial Adaptive Pixel-level
+Classifier for Semantic Segmentation", NeurIPS 2024.
+
+The fixed class weights ``W`` (the 1×1 conv) and a learned per-class position basis ``E`` are moved towards
+each image's own class centres: a *semantic* centre (class-softmax, soft-area pooling of the features) and a
+*spatial* centre (pixel-softmax pooling of depthwise-conv position features). Both are fused by small MLPs
+and one cosine classifier scores ``feat + position features`` against ``center_proj(S_p + P_p)``. In
+training an online teacher built from the labels supervises the student through multi-domain distillation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdaptiveHead, HeadOutput
+from .checkpoint import load_prefixed_state_dict
+from .functional import (
+    cosine_logits,
+    float32_math,
+    hard_class_pool,
+    prototype_mlp,
+    resize_labels_nearest,
+    soft_class_pool,
+    upcast_half,
+)
+
+__all__ = ["SSAClassifier", "SSAOutput"]
+
+
+@dataclass
+class SSAOutput(HeadOutput):
+    """Training output of :class:`SSAClassifier` (``[B, n, h, w]`` maps, ``[B, n, C]`` prototypes).
+
+    Attributes:
+        logits: the SSA (student) logits, also the inference output.
+        coarse: the coarse mask ``conv_seg(dropout(feat))``.
+        teacher: the online teacher's logits (not detached: its CE and dice train the ``gt_*`` layers).
+        semantic: student semantic prototypes ``S_p``.
+        semantic_teacher: teacher semantic prototypes ``S_p^T``.
+        position: student spatial prototypes ``P_p``.
+        position_teacher: teacher spatial prototypes ``P_p^T``.
+        feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+    """
+
+    coarse: Tensor
+    teacher: Tensor
+    semantic: Tensor
+    semantic_teacher: Tensor
+    position: Tensor
+    position_teacher: Tensor
+    feature_target: Tensor
+
+
+class SSAClassifier(AdaptiveHead):
+    """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing SSA-Seg.
+
+    ``head(feat)`` → ``[B, n, h, w]`` logits in ``[-tau, tau]``; ``head(feat, target)`` → :class:`SSAOutput`
+    for :class:`~adaptive_heads.SSALoss`.
+
+    Inference, as the official code:
+
+    1. coarse mask ``M = conv_seg(feat)`` (bias included; dropout in training);
+    2. position features ``P_f = get_feat_pos(feat)``, a depthwise 3×3 conv (content-conditioned, no coordinates);
+    3. spatial centre: softmax of ``M`` over the **pixels** of each class pools ``P_f``;
+       ``P_p = center_pos_proj([E, pooled])`` with ``E = center_pos.weight``;
+    4. semantic centre: softmax of ``M`` over the **classes** pools ``feat`` (normalised by the soft area);
+       ``S_p = center_content_proj([pooled, W])``;
+    5. logits ``= tau · cos(feat + P_f, center_proj(S_p + P_p))``.
+
+    Training adds the online teacher: semantic GT centres pooled over the **whole batch** (absent classes fall
+    back to the detached ``W`` row), spatial GT centres per image (absent classes: detached ``E`` row),
+    ``gt_center_content_proj([G, W])``, ``gt_center_pos_proj([H, E])`` (note the concat orders), the same
+    cosine with ``gt_center_proj``. ``semantic_gt_pooling="image"`` pools the semantic GT centres per image.
+
+    Teacher layers (``gt_*``) are training-only: :meth:`strip_teacher` drops them for deployment.
+
+    Args:
+        in_channels: C.
+        num_classes: n.
+        tau: cosine scale (official 15).
+        dropout: ``Dropout2d`` before ``conv_seg`` (official 0.1; 0 disables, as the OCR head).
+        ignore_index: ignored label.
+        semantic_gt_pooling: ``"batch"`` (official) or ``"image"``.
+        eps: added to norms and soft areas (official 1e-12).
+        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        tau: float = 15.0,
+        dropout: float = 0.1,
+        ignore_index: int | None = 255,
+        semantic_gt_pooling: str = "batch",
+        eps: float = 1e-12,
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__(in_channels, num_classes, ignore_index)
+        if semantic_gt_pooling not in ("batch", "image"):
+            raise ValueError(f"semantic_gt_pooling must be 'batch' or 'image', got {semantic_gt_pooling!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        c = in_channels
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self.semantic_gt_pooling = semantic_gt_pooling
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(c, num_classes, kernel_size=1)
+        self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
+        self.center_pos = nn.Embedding(num_classes, c)
+        self.center_content_proj = prototype_mlp(c)
+        self.center_pos_proj = prototype_mlp(c)
+        self.center_proj = nn.Linear(c, c, bias=False)
+        self.gt_center_content_proj = prototype_mlp(c)
+        self.gt_center_pos_proj = prototype_mlp(c)
+        self.gt_center_proj = nn.Linear(c, c, bias=False)
+        nn.init.normal_(self.conv_seg.weight, std=init_std)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    @property
+    def classifier_weight(self) -> Tensor:
+        """``W = conv_seg.weight`` as ``[n, C]``."""
+        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
+
+    def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
+        b = feat.shape[0]
+        with float32_math(feat.device):
+            logits = upcast_half(coarse).flatten(2)
+            pixel_softmax = torch.softmax(logits, dim=-1)  # spatial: one distribution per class over pixels
+            class_softmax = torch.softmax(logits, dim=1)  # semantic: a class posterior per pixel
+        pos_center = soft_class_pool(pixel_softmax, pos, eps=self.eps)
+        sem_center = soft_class_pool(class_softmax, feat, eps=self.eps)
+        weight = self.classifier_weight.to(sem_center.dtype).expand(b, -1, -1)
+        basis = self.center_pos.weight.to(pos_center.dtype).expand(b, -1, -1)
+        semantic = self.center_content_proj(torch.cat([sem_center, weight], dim=-1))
+        position = self.center_pos_proj(torch.cat([basis, pos_center], dim=-1))
+        return semantic, position
+
+    def forward_logits(self, feat: Tensor) -> Tensor:
+        coarse = self.conv_seg(self.dropout(feat))
+        pos = self.get_feat_pos(feat)
+        semantic, position = self._student(feat, coarse, pos)
+        classifier = self.center_proj(semantic + position)
+        # without autograd the position map can absorb the features in place (one C×N map less)
+        x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
+        return cosine_logits(x, classifier, self.tau, eps=self.eps)
+
+    def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
+        """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""
+        b = feat.shape[0]
+        weight = self.classifier_weight
+        basis = self.center_pos.weight
+        per_image = self.semantic_gt_pooling == "image"
+        sums, counts = hard_class_pool(
+            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
+        )
+        w = weight.to(sums.dtype)
+        sem_gt = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), w.detach())
+        semantic = self.gt_center_content_proj(torch.cat([sem_gt, w.expand_as(sem_gt)], dim=-1))
+        semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
+        psums, pcounts = hard_class_pool(
+            pos, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=True
+        )
+        e = basis.to(psums.dtype)
+        pos_gt = torch.where(pcounts.unsqueeze(-1) > 0, psums / pcounts.clamp_min(1).unsqueeze(-1), e.detach())
+        position = self.gt_center_pos_proj(torch.cat([pos_gt, e.expand_as(pos_gt)], dim=-1))
+        return semantic, position
+
+    def forward_train(self, feat: Tensor, target: Tensor) -> SSAOutput:
+        if self.gt_center_proj is None:
+            raise RuntimeError("the teacher layers were stripped (strip_teacher()); training needs them")
+        coarse = self.conv_seg(self.dropout(feat))
+        pos = self.get_feat_pos(feat)
+        semantic, position = self._student(feat, coarse, pos)
+        x = feat + pos
+        logits = cosine_logits(x, self.center_proj(semantic + position), self.tau, eps=self.eps)
+        feature_target = resize_labels_nearest(target, feat.shape[-2:])
+        semantic_t, position_t = self.teacher_prototypes(feat, pos, feature_target)
+        teacher = cosine_logits(x, self.gt_center_proj(semantic_t + position_t), self.tau, eps=self.eps)
+        return SSAOutput(
+            logits=logits,
+            coarse=coarse,
+            teacher=teacher,
+            semantic=semantic,
+            semantic_teacher=semantic_t,
+            position=position,
+            position_teacher=position_t,
+            feature_target=feature_target,
+        )
+
+    def strip_teacher(self) -> SSAClassifier:
+        """Drop the training-only ``gt_*`` layers (inference output is bit-identical)."""
+        self.gt_center_content_proj = None  # type: ignore[assignment]
+        self.gt_center_pos_proj = None  # type: ignore[assignment]
+        self.gt_center_proj = None  # type: ignore[assignment]
+        return self
+
+    def default_loss(self):
+        from .ssa_loss import SSALoss
+
+        return SSALoss(ignore_index=self.ignore_index)
+
+    def load_official_state_dict(
+        self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
+    ):
+        """Load the head weights from an official SSA-Seg (mmseg 0.x ``*_ssa`` head) checkpoint.
+
+        Keys under ``decode_head.`` (OCRNet cascade: ``decode_head.1.``; DDP ``module.`` optional): ``conv_seg``,
+        ``get_feat_pos``, ``center_pos``, ``center_content_proj``, ``center_pos_proj``, ``center_proj`` and the
+        teacher's ``gt_*``. The unused ``ssa_loss.criterion.empty_weight`` buffer is skipped.
+
+        Returns ``(missing_keys, unexpected_keys)`` like :meth:`torch.nn.Module.load_state_dict`.
+        """
+        return load_prefixed_state_dict(
+            self,
+            state_dict,
+            prefix=prefix,
+            candidates=("decode_head.", "decode_head.1.", ""),
+            strict=strict,
+            ignored=("ssa_loss.criterion.empty_weight",),
+        )
