@@ -11,15 +11,14 @@ autocast: a sum over 400k pixels overflows float16.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
+
 __all__ = [
+    "bilinear_source_rows",
     "classwise_weighted_mean",
     "cosine_logits",
     "float32_math",
@@ -34,11 +33,9 @@ __all__ = [
 ]
 
 
-@contextlib.contextmanager
-def float32_math(device: torch.device) -> Iterator[None]:
-    """Disable autocast for ``device`` inside the block, so explicit float32 math stays float32."""
-    with torch.autocast(device_type=device.type, enabled=False):
-        yield
+def float32_math(device: torch.device) -> torch.autocast:
+    """A context that disables autocast for ``device``, so explicit float32 math stays float32."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def upcast_half(x: Tensor) -> Tensor:
@@ -224,50 +221,6 @@ def classwise_weighted_mean(
             return per_class.sum() / num_classes
         present = (one_hot.amax(dim=-1)[0] > 0).to(v.dtype)
         return (per_class * present).sum() / (present.sum() + eps)
-
-
-def upsampled_cross_entropy(
-    logits: Tensor,
-    target: Tensor,
-    *,
-    ignore_index: int | None = 255,
-    align_corners: bool = False,
-    average: str = "valid",
-    reduction: str = "mean",
-    class_weight: Tensor | None = None,
-) -> Tensor:
-    """Cross-entropy of feature-resolution logits against a label map, after bilinear upsampling.
-
-    Args:
-        logits: ``[B, n, h, w]``.
-        target: ``[B, H, W]`` integer labels; ``ignore_index`` pixels contribute nothing.
-        align_corners: of the bilinear upsampling to ``H×W`` (skipped when sizes match).
-        average: ``"valid"`` divides the summed loss by the number (or class weight) of valid pixels;
-            ``"all"`` by all ``B·H·W`` pixels (mmseg 0.x's main loss). Ignored with ``reduction="sum"``.
-        reduction: ``"mean"`` or ``"sum"``.
-        class_weight: optional ``[n]`` per-class weights (as ``F.cross_entropy``'s ``weight``).
-
-    Returns:
-        A scalar; exactly 0 (with zero gradient) when every pixel is ignored.
-    """
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
-    ignore = -100 if ignore_index is None else ignore_index
-    with float32_math(logits.device):
-        logits = upcast_half(logits)
-        weight = None if class_weight is None else class_weight.to(logits)
-        total = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore, reduction="sum")
-        if reduction == "sum":
-            return total
-        if average == "all":
-            return total / target.numel()
-        valid = target != ignore
-        if weight is None:
-            denom = valid.sum()
-        else:
-            safe = torch.where(valid, target, torch.zeros_like(target))
-            denom = (weight[safe] * valid).sum()
-        return total / denom.clamp_min(1e-12 if weight is not None else 1)
 
 
 def soft_distillation(

@@ -149,3 +149,42 @@ def test_pooling_float32_under_autocast():
         out = AF.soft_class_pool(probs, feat)
         logits = AF.cosine_logits(feat, torch.randn(3, 4), 15.0)
     assert out.dtype == torch.float32 and logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("src,dst", [((5, 6), (20, 24)), ((7, 3), (29, 10)), ((8, 8), (8, 8)), ((9, 11), (4, 5))])
+@pytest.mark.parametrize("tile", [None, 64])
+def test_tiled_upsampled_ce_equals_plain_value_and_gradient(align, src, dst, tile):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, *src, requires_grad=True)
+    target = torch.randint(0, 5, (2, *dst))
+    target[1, : dst[0] // 2] = 255
+    weight = torch.rand(5)
+    for w in (None, weight):
+        up = F.interpolate(logits, size=dst, mode="bilinear", align_corners=align)
+        plain = F.cross_entropy(up, target, weight=w, ignore_index=255)
+        (g_plain,) = torch.autograd.grad(plain, logits)
+        fused = AF.upsampled_cross_entropy(logits, target, align_corners=align, class_weight=w, tile_elements=tile)
+        (g_fused,) = torch.autograd.grad(fused, logits)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_upsampled_ce_gradcheck_and_bad_arguments():
+    logits = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (1, 5, 7))
+    assert torch.autograd.gradcheck(lambda z: AF.upsampled_cross_entropy(z, target, tile_elements=8), (logits,))
+    with pytest.raises(ValueError, match="reduction"):
+        AF.upsampled_cross_entropy(logits, target, reduction="none")
+    with pytest.raises(ValueError, match="average"):
+        AF.upsampled_cross_entropy(logits, target, average="some")
+
+
+def test_bilinear_source_rows_match_interpolate():
+    for align in (False, True):
+        for out_size, in_size in ((17, 5), (4, 9), (1, 3), (6, 1)):
+            x = torch.randn(1, 1, in_size, 1)
+            i0, i1, w1 = AF.bilinear_source_rows(out_size, in_size, align, x.device)
+            manual = x[0, 0, i0, 0] * (1 - w1) + x[0, 0, i1, 0] * w1
+            ref = F.interpolate(x, size=(out_size, 1), mode="bilinear", align_corners=align)[0, 0, :, 0]
+            torch.testing.assert_close(manual, ref)
