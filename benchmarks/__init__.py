@@ -1,0 +1,1 @@
+"""Benchmarks of adaptive_heads (run ``python benchmarks/bench_heads.py --help``)."""

@@ -1,0 +1,346 @@
+"""Speed and memory of the adaptive heads against the plain ``nn.Conv2d(C, n, 1)`` + cross-entropy baseline.
+
+For every configuration (input size × feature stride × classes n × channels C) and head, it measures
+
+- inference: head-only time (median of timed repeats after warm-up) and frames per second, peak memory;
+- training: forward + every loss term + backward, time and peak memory;
+
+and reports each against the baseline (ratio, and extra memory in MiB and %). Results are printed as a
+Markdown table, written as JSON, and drawn as a PNG (needs matplotlib). ``--model`` benchmarks a whole
+segmenter (a small UPerNet-style network, ``benchmarks/decoder.py``) instead of the head alone, to set the
+end-to-end overhead beside the papers' tables. ``--loop-reference`` also times training steps written with the
+official code's per-class Python loops.
+
+Peak memory: CUDA ``max_memory_allocated``; CPU: the process's resident-set high-water mark with glibc
+returning freed blocks to the OS at once (``benchmarks/measure.py``), i.e. the peak of live tensor bytes.
+The baseline's CE is this library's tiled ``upsampled_cross_entropy``; the ``conv+plainCE`` row
+(``F.interpolate`` + ``F.cross_entropy``) is listed for reference.
+
+Examples:
+    python benchmarks/bench_heads.py                   # default sweep, CPU, under 2 minutes
+    python benchmarks/bench_heads.py --quick           # seconds
+    python benchmarks/bench_heads.py --full --device cuda --dtype bf16
+    python benchmarks/bench_heads.py --model --sizes 512 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import adaptive_heads as ah  # noqa: E402
+from benchmarks.measure import CPU_MEMORY_METHOD, median_time, peak_memory  # noqa: E402
+
+HEADS = {
+    "cac": (ah.ContextAwareClassifier, ah.ContextAwareLoss),
+    "ssa": (ah.SSAClassifier, ah.SSALoss),
+    "proto": (ah.PrototypeClassifier, ah.PrototypeLoss),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIB = 2**20
+
+
+def _progress(items, enabled: bool):
+    if not enabled:
+        return items
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc="bench", unit="cfg", file=sys.stderr)
+    except ImportError:
+        total = len(items)
+
+        def plain():
+            for i, item in enumerate(items):
+                print(f"[{i + 1}/{total}] {item}", file=sys.stderr, flush=True)
+                yield item
+
+        return plain()
+
+
+# ----------------------------------------------------------------------------- head-only runners
+def _head_runners(name: str, c: int, n: int, feat: torch.Tensor, target: torch.Tensor, amp: torch.dtype | None):
+    """(inference fn, training fn) for one head; both close over fresh modules on feat's device."""
+    device = feat.device
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    if name.startswith("conv"):
+        module = nn.Conv2d(c, n, 1).to(device)
+
+        def loss_fn(f):
+            logits = module(f)
+            if name == "conv+plainCE":
+                up = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                return F.cross_entropy(up.float(), target, ignore_index=255)
+            return ah.functional.upsampled_cross_entropy(logits, target)
+
+    else:
+        head_cls, loss_cls = HEADS[name]
+        module = head_cls(c, n).to(device)
+        criterion = loss_cls()
+
+        def loss_fn(f):
+            return criterion(module(f, target), target)["loss"]
+
+    def infer():
+        module.eval()
+        with torch.no_grad(), autocast:
+            return module(feat)
+
+    def train():
+        module.train()
+        module.zero_grad(set_to_none=True)
+        f = feat.detach().requires_grad_(True)
+        with autocast:
+            loss = loss_fn(f)
+        loss.backward()
+
+    return infer, train
+
+
+def _model_runners(name: str, c: int, n: int, images: torch.Tensor, target: torch.Tensor, amp):
+    from benchmarks.decoder import MiniUPerNet
+
+    device = images.device
+    torch.manual_seed(0)
+    model = MiniUPerNet(n, channels=c).to(device)
+    if name in HEADS:
+        ah.replace_classifier(model, HEADS[name][0], num_classes=n)
+    autocast = torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    def infer():
+        model.eval()
+        with torch.no_grad(), autocast:
+            return model(images)
+
+    def train():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            if name in HEADS:
+                with ah.supervise(model, target) as sup:
+                    logits = model(images)
+                    loss = F.cross_entropy(logits.float(), target, ignore_index=255) + sup.loss()
+            else:
+                loss = F.cross_entropy(model(images).float(), target, ignore_index=255)
+        loss.backward()
+
+    return infer, train
+
+
+# ----------------------------------------------------------------------------- one configuration
+def run_config(cfg: dict, args) -> list[dict]:
+    device = torch.device(args.device)
+    amp = None if args.dtype == "fp32" else DTYPES[args.dtype]
+    size, stride, n, c, b = cfg["size"], cfg["stride"], cfg["n"], cfg["C"], args.batch
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, n, (b, size, size), generator=g)
+    target[:, : size // 16] = 255
+    target = target.to(device)
+    names = ["conv", *(["conv+plainCE"] if not args.model else []), *args.heads]
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        if args.model:
+            images = torch.randn(b, 3, size, size, generator=g).to(device)
+            infer, train = _model_runners(name, c, n, images, target, amp)
+        else:
+            feat = torch.randn(b, c, size // stride, size // stride, generator=g).relu().to(device)
+            infer, train = _head_runners(name, c, n, feat, target, amp)
+        row = {**cfg, "batch": b, "head": name, "dtype": args.dtype, "device": args.device}
+        if not args.no_inference:
+            row["infer_s"] = median_time(infer, device, args.warmup, args.repeats)
+            row["infer_fps"] = b / row["infer_s"]
+            row["infer_peak_bytes"] = peak_memory(infer, device)
+        if not args.no_training and not (args.model and name == "conv+plainCE"):
+            row["train_s"] = median_time(train, device, args.warmup, max(1, args.repeats // 2))
+            row["train_peak_bytes"] = peak_memory(train, device)
+        if args.loop_reference and name in HEADS and not args.model:
+            from benchmarks.loop_reference import STEPS
+
+            step, head = STEPS[name], HEADS[name][0](c, n).to(device)
+            f = feat.detach().requires_grad_(True)
+            row["loop_train_s"] = median_time(lambda: step(head, f, target), device, 0, 1)  # noqa: B023
+        rows.append(row)
+    _add_relative(rows)
+    return rows
+
+
+def _add_relative(rows: list[dict]) -> None:
+    base = next(r for r in rows if r["head"] == "conv")
+    for r in rows:
+        for phase in ("infer", "train"):
+            if f"{phase}_s" in r and f"{phase}_s" in base:
+                r[f"{phase}_time_ratio"] = r[f"{phase}_s"] / base[f"{phase}_s"]
+            pk, bpk = r.get(f"{phase}_peak_bytes"), base.get(f"{phase}_peak_bytes")
+            if pk is not None and bpk is not None:
+                r[f"{phase}_extra_mib"] = (pk - bpk) / MIB
+                r[f"{phase}_extra_pct"] = 100.0 * (pk - bpk) / max(bpk, 1)
+        if "loop_train_s" in r:
+            r["speedup_vs_loop"] = r["loop_train_s"] / r["train_s"]
+
+
+# ----------------------------------------------------------------------------- reporting
+def _fmt(v, spec):
+    return "–" if v is None else format(v, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = (
+        "| size | stride | n | C | head | infer ms | infer × conv | infer peak MiB | infer extra MiB "
+        "| train ms | train × conv | train peak MiB | train extra MiB |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        lines.append(
+            "| {size} | {stride} | {n} | {C} | {head} | {im} | {ir} | {ip} | {ie} | {tm} | {tr} | {tp} | {te} |".format(
+                size=r["size"],
+                stride=r["stride"],
+                n=r["n"],
+                C=r["C"],
+                head=r["head"],
+                im=_fmt(r.get("infer_s") and r["infer_s"] * 1e3, ".1f"),
+                ir=_fmt(r.get("infer_time_ratio"), ".2f"),
+                ip=_fmt(r.get("infer_peak_bytes") and r["infer_peak_bytes"] / MIB, ".0f"),
+                ie=_fmt(r.get("infer_extra_mib"), "+.0f"),
+                tm=_fmt(r.get("train_s") and r["train_s"] * 1e3, ".0f"),
+                tr=_fmt(r.get("train_time_ratio"), ".2f"),
+                tp=_fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f"),
+                te=_fmt(r.get("train_extra_mib"), "+.0f"),
+            )
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    groups = sorted({(r["head"], r["stride"], r["n"], r["C"]) for r in rows if r["head"] != "conv"})
+    for head, stride, n, c in groups:
+        sel = sorted((r for r in rows if (r["head"], r["stride"], r["n"], r["C"]) == (head, stride, n, c)),
+                     key=lambda r: r["size"])  # fmt: skip
+        sizes = [r["size"] for r in sel]
+        label = f"{head} s{stride} n{n} C{c}"
+        for ax, key in zip(axes, ("train_time_ratio", "train_extra_mib")):
+            if all(key in r for r in sel):
+                ax.plot(sizes, [r[key] for r in sel], marker="o", label=label)
+        if all("infer_time_ratio" in r for r in sel):
+            ratios = [r["infer_time_ratio"] for r in sel]
+            axes[0].plot(sizes, ratios, marker="x", linestyle="--", label=f"{label} (infer)")
+    axes[0].set(xlabel="input size (px)", ylabel="time / conv baseline", title="time overhead")
+    axes[1].set(xlabel="input size (px)", ylabel="extra MiB over conv + CE", title="training memory overhead")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def update_readme(table: str, tag: str, command: str, meta: str) -> None:
+    readme = ROOT / "README.md"
+    start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block")
+    block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
+    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
+
+
+# ----------------------------------------------------------------------------- CLI
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", help="input sizes in px (default 512 1024; --full: 512..2560)")
+    p.add_argument("--strides", type=int, nargs="+", help="feature strides (default 4; --full: 4 8)")
+    p.add_argument("--classes", type=int, nargs="+", help="class counts n (default 150; --full: 19 150)")
+    p.add_argument("--channels", type=int, nargs="+", help="feature channels C (default 512; --full: 256 512)")
+    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), help="heads (default all)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median; default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up calls (default 1)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--quick", action="store_true", help="tiny sweep that runs in seconds")
+    p.add_argument("--full", action="store_true", help="the whole sweep (sizes 512-2560, both strides, n, C)")
+    p.add_argument("--model", action="store_true", help="benchmark a whole MiniUPerNet instead of the head")
+    p.add_argument("--loop-reference", action="store_true", help="also time per-class-loop training steps")
+    p.add_argument("--no-inference", action="store_true", help="skip inference measurements")
+    p.add_argument("--no-training", action="store_true", help="skip training measurements")
+    p.add_argument("--out", type=Path, help="JSON output path (default benchmarks/results/<tag>.json)")
+    p.add_argument("--tag", help="result name (default <device>[-model][-quick])")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write a PNG (matplotlib)")
+    p.add_argument("--update-readme", action="store_true", help="replace the README block of this tag")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def configs(args) -> list[dict]:
+    if args.quick:
+        sizes, strides, classes, channels = [128, 256], [4], [19], [64]
+        args.repeats, args.warmup = 1, 1
+    elif args.full:
+        sizes, strides, classes, channels = [512, 1024, 1280, 2048, 2560], [4, 8], [19, 150], [256, 512]
+    else:
+        sizes, strides, classes, channels = [512, 1024], [4], [150], [512]
+    sizes = args.sizes or sizes
+    strides = args.strides or strides
+    classes = args.classes or classes
+    channels = args.channels or channels
+    grid = itertools.product(sizes, strides, classes, channels)
+    return [{"size": s, "stride": st, "n": n, "C": c} for s, st, n, c in grid]
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tag = args.tag or (args.device.split(":")[0] + ("-model" if args.model else "") + ("-quick" if args.quick else ""))
+    out = args.out or ROOT / "benchmarks" / "results" / f"{tag}.json"
+    rows: list[dict] = []
+    for cfg in _progress(configs(args), not args.no_progress):
+        rows.extend(run_config(cfg, args))
+    device_name = (
+        torch.cuda.get_device_name(torch.device(args.device))
+        if args.device.startswith("cuda")
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    meta = (
+        f"{device_name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, "
+        f"{'whole MiniUPerNet' if args.model else 'head only'}; memory: "
+        f"{CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
+    )
+    table = markdown_table(rows)
+    print(f"\n{meta}\n\n{table}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:], "rows": rows}, indent=1))
+    print(f"\nwrote {out}")
+    if args.plot and plot(rows, out.with_suffix(".png")):
+        print(f"wrote {out.with_suffix('.png')}")
+    if args.update_readme:
+        command = "python benchmarks/bench_heads.py " + " ".join(a for a in sys.argv[1:] if a != "--update-readme")
+        update_readme(table, tag, command.strip(), meta)
+        print(f"updated README.md block {tag!r}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
