@@ -19,6 +19,7 @@ from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
 
 __all__ = [
     "bilinear_source_rows",
+    "class_pixel_counts",
     "classwise_weighted_mean",
     "cosine_logits",
     "float32_math",
@@ -93,6 +94,22 @@ def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dt
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         mask = mask & (flat != ignore_index).unsqueeze(1)
     return mask.to(dtype)
+
+
+def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tensor:
+    """Pixels of each class in each image, ``[B, n]`` float32, without an ``[B, n, N]`` one-hot.
+
+    Args:
+        labels: ``[B, ...]`` integer labels.
+        valid: ``[B, ...]`` bool; invalid pixels are not counted.
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    slot = torch.where(valid.reshape(b, -1), flat, torch.full_like(flat, num_classes))
+    slot = slot + (num_classes + 1) * torch.arange(b, device=labels.device).unsqueeze(1)
+    counts = torch.zeros(b * (num_classes + 1), device=labels.device)
+    counts.index_add_(0, slot.reshape(-1), torch.ones(slot.numel(), device=labels.device))
+    return counts.view(b, num_classes + 1)[:, :num_classes]
 
 
 def hard_class_pool(

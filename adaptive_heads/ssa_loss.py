@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .base import HeadLoss
 from .functional import (
+    class_pixel_counts,
     classwise_weighted_mean,
     float32_math,
     resize_labels_nearest,
@@ -19,6 +20,7 @@ from .functional import (
 )
 from .functional import upsampled_cross_entropy as _ce
 from .ssa import SSAOutput
+from .upsampled_ce import upsampled_sigmoid_stats
 from .validation import check_target
 
 __all__ = [
@@ -113,7 +115,8 @@ def sigmoid_dice_loss(
 ) -> Tensor:
     """Per-(image, present class) sigmoid dice, averaged over those masks (SSA-Seg's ``loss_dice``).
 
-    Logits are upsampled bilinearly to the label size. For each image b and class c present in it,
+    Logits are upsampled bilinearly to the label size, one row tile at a time (no full-resolution copy is
+    kept for backward). For each image b and class c present in it,
     ``d = 1 − (2Σ σ(z_c)·1[y=c] + 1) / (Σ σ(z_c) + Σ 1[y=c] + 1)``; ignored pixels count as negatives for every
     class (as the official code). Returns ``Σ d / max(#masks, 1)``.
 
@@ -121,26 +124,15 @@ def sigmoid_dice_loss(
         logits: ``[B, n, h, w]``.
         target: ``[B, H, W]`` labels.
     """
-    b, n = logits.shape[:2]
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=align_corners)
+    n = logits.shape[1]
+    valid = (target >= 0) & (target < n)
+    if ignore_index is not None:
+        valid &= target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    total, intersection = upsampled_sigmoid_stats(logits, safe, valid, align_corners=align_corners)
     with float32_math(logits.device):
-        prob = torch.sigmoid(upcast_half(logits)).flatten(2)  # [B, n, P]
-        labels = target.flatten(1)
-        valid = (labels >= 0) & (labels < n)
-        if ignore_index is not None:
-            valid &= labels != ignore_index
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        own = prob.gather(1, safe.unsqueeze(1)).squeeze(1) * valid  # σ of each pixel's own class
-        slot = (
-            torch.where(valid, safe, torch.full_like(safe, n))
-            + (n + 1) * torch.arange(b, device=labels.device)[:, None]
-        )
-        stats = prob.new_zeros(b * (n + 1), 2)
-        stats.index_add_(0, slot.reshape(-1), torch.stack([own.reshape(-1), valid.reshape(-1).to(prob)], dim=-1))
-        stats = stats.view(b, n + 1, 2)[:, :n]
-        intersection, area = stats[..., 0], stats[..., 1]
-        dice = 1 - (2 * intersection + 1) / (prob.sum(-1) + area + 1)
+        area = class_pixel_counts(safe, n, valid).to(total.dtype)
+        dice = 1 - (2 * intersection + 1) / (total + area + 1)
         present = (area > 0).to(dice)
         return (dice * present).sum() / present.sum().clamp_min(1)
 

@@ -143,3 +143,74 @@ def upsampled_cross_entropy(
         if average == "all":
             return total / target.numel()
         return total / pixel_weight.sum().clamp_min(1e-12 if class_weight is not None else 1.0)
+
+
+class _TiledSigmoidStats(torch.autograd.Function):
+    """Per (image, class) sums of ``σ(upsample(logits))``: over all pixels, and over the class's own pixels.
+
+    Returns ``(total [B, n], own [B, n])``; one row tile at a time in both passes.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, valid, i0, i1, w1, width, align_corners, rows_per_tile):
+        ctx.save_for_backward(logits, target, valid, i0, i1, w1)
+        ctx.width, ctx.align_corners, ctx.rows_per_tile = width, align_corners, rows_per_tile
+        b, n = logits.shape[:2]
+        total = logits.new_zeros(b, n)
+        own = logits.new_zeros(b, n)
+        for start in range(0, target.shape[1], rows_per_tile):
+            sl = slice(start, start + rows_per_tile)
+            prob = torch.sigmoid(_upsample_tile(logits, i0[sl], i1[sl], w1[sl], width, align_corners))
+            total += prob.sum(dim=(2, 3))
+            mask = torch.zeros_like(prob).scatter_(1, target[:, sl].unsqueeze(1), valid[:, sl].unsqueeze(1).to(prob))
+            own += (prob * mask).sum(dim=(2, 3))
+        return total, own
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total, grad_own):
+        logits, target, valid, i0, i1, w1 = ctx.saved_tensors
+        b, n, _, w = logits.shape
+        grad = torch.zeros_like(logits)
+        for start in range(0, target.shape[1], ctx.rows_per_tile):
+            sl = slice(start, start + ctx.rows_per_tile)
+            prob = torch.sigmoid(_upsample_tile(logits, i0[sl], i1[sl], w1[sl], ctx.width, ctx.align_corners))
+            mask = torch.zeros_like(prob).scatter_(1, target[:, sl].unsqueeze(1), valid[:, sl].unsqueeze(1).to(prob))
+            g = mask.mul_(grad_own[:, :, None, None]).add_(grad_total[:, :, None, None])
+            g.mul_(prob).mul_(1 - prob)
+            t = g.shape[2]
+            if ctx.width != w:
+                g = torch.ops.aten.upsample_bilinear2d_backward(g, [t, ctx.width], [b, n, t, w], ctx.align_corners)
+            wt = w1[sl].view(1, 1, -1, 1).to(g.dtype)
+            grad.index_add_(2, i0[sl], g * (1 - wt))
+            grad.index_add_(2, i1[sl], g * wt)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def upsampled_sigmoid_stats(
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    *,
+    align_corners: bool = True,
+    tile_elements: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``σ`` of the bilinearly upsampled logits, summed per (image, class) without a full-resolution copy.
+
+    Args:
+        logits: ``[B, n, h, w]``.
+        target: ``[B, H, W]`` labels in ``[0, n)`` (ignored pixels may hold any class; see ``valid``).
+        valid: ``[B, H, W]`` bool, pixels that belong to their label's class.
+
+    Returns:
+        ``(total, own)``, each ``[B, n]``: ``Σ_p σ(z_bcp)`` over all pixels, and over the valid pixels labelled c.
+    """
+    b, n, h, _ = logits.shape
+    big_h, big_w = target.shape[-2:]
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
+        budget = TILE_ELEMENTS if tile_elements is None else tile_elements
+        rows_per_tile = max(1, budget // max(1, b * n * big_w))
+        return _TiledSigmoidStats.apply(logits, target, valid, i0, i1, w1, big_w, align_corners, rows_per_tile)

@@ -188,3 +188,29 @@ def test_bilinear_source_rows_match_interpolate():
             manual = x[0, 0, i0, 0] * (1 - w1) + x[0, 0, i1, 0] * w1
             ref = F.interpolate(x, size=(out_size, 1), mode="bilinear", align_corners=align)[0, 0, :, 0]
             torch.testing.assert_close(manual, ref)
+
+
+@pytest.mark.parametrize("src,dst,tile", [((5, 6), (20, 24), None), ((7, 3), (29, 10), 50), ((4, 4), (4, 4), None)])
+def test_tiled_sigmoid_stats_equal_plain(src, dst, tile):
+    from adaptive_heads.upsampled_ce import upsampled_sigmoid_stats
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, *src, requires_grad=True)
+    target = torch.randint(0, 4, (2, *dst))
+    valid = torch.rand(2, *dst) > 0.3
+    prob = torch.sigmoid(F.interpolate(logits, size=dst, mode="bilinear", align_corners=True))
+    mask = F.one_hot(target, 4).permute(0, 3, 1, 2) * valid[:, None]
+    plain = (prob.sum((2, 3)), (prob * mask).sum((2, 3)))
+    fused = upsampled_sigmoid_stats(logits, target, valid, align_corners=True, tile_elements=tile)
+    gt, go = torch.randn(2, 4), torch.randn(2, 4)
+    g_plain = torch.autograd.grad((plain[0] * gt).sum() + (plain[1] * go).sum(), logits)[0]
+    g_fused = torch.autograd.grad((fused[0] * gt).sum() + (fused[1] * go).sum(), logits)[0]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_class_pixel_counts():
+    labels = torch.tensor([[[0, 1], [1, 3]], [[2, 2], [2, 0]]])
+    valid = labels != 3
+    assert AF.class_pixel_counts(labels, 3, valid).tolist() == [[1, 2, 0], [1, 0, 3]]
