@@ -10,41 +10,12 @@ from torch import Tensor
 from .base import HeadLoss
 from .functional import float32_math, upcast_half, upsampled_cross_entropy
 from .protoseg import PrototypeOutput
+from .prototype_ops import prototype_contrast_sums
 from .validation import check_target
 
-__all__ = ["PrototypeLoss", "prototype_contrast_loss", "prototype_distance_loss", "prototype_loss"]
+__all__ = ["PrototypeLoss", "prototype_loss"]
 
 DEFAULT_WEIGHTS = {"ce": 1.0, "ppc": 0.01, "ppd": 0.001}
-
-
-def _gather_target(proto_logits: Tensor, proto_target: Tensor) -> tuple[Tensor, Tensor]:
-    valid = proto_target >= 0
-    safe = torch.where(valid, proto_target, torch.zeros_like(proto_target))
-    return proto_logits.gather(1, safe.unsqueeze(1)).squeeze(1), valid
-
-
-def prototype_contrast_loss(proto_logits: Tensor, proto_target: Tensor, temperature: float = 1.0) -> Tensor:
-    """PPC: cross-entropy over all ``n·K`` prototype cosines, mean over valid pixels.
-
-    ``ℓ_i = logsumexp_j(s_ij/T) − s_{i,t_i}/T``. The official code uses ``T = 1`` (the paper writes a
-    temperature). Written with ``logsumexp`` so no ``[N, n·K]`` log-softmax is kept for backward.
-
-    Args:
-        proto_logits: ``[N, n·K]`` cosines.
-        proto_target: ``[N]`` long, ``-1`` = ignored.
-    """
-    with float32_math(proto_logits.device):
-        z = upcast_half(proto_logits) / temperature
-        picked, valid = _gather_target(z, proto_target)
-        per_pixel = (torch.logsumexp(z, dim=1) - picked) * valid
-        return per_pixel.sum() / valid.sum().clamp_min(1)
-
-
-def prototype_distance_loss(proto_logits: Tensor, proto_target: Tensor) -> Tensor:
-    """PPD: ``mean_i (1 − cos(e_i, p_{t_i}))²`` over valid pixels (``proto_target >= 0``)."""
-    with float32_math(proto_logits.device):
-        picked, valid = _gather_target(upcast_half(proto_logits), proto_target)
-        return ((1.0 - picked).pow(2) * valid).sum() / valid.sum().clamp_min(1)
 
 
 def prototype_loss(
@@ -73,8 +44,13 @@ class PrototypeLoss(HeadLoss):
     - ``ce``: CE of the segmentation logits upsampled bilinearly (``align_corners=True``, as the official code)
       to the label size, mean over valid pixels (class-weighted mean with ``class_weight``, e.g. the official
       Cityscapes weights);
-    - ``ppc``: :func:`prototype_contrast_loss` at feature resolution (``ppc_temperature``, official 1);
-    - ``ppd``: :func:`prototype_distance_loss` at feature resolution.
+    - ``ppc``: pixel–prototype contrast, CE over all ``n·K`` prototype cosines,
+      ``logsumexp_j(s_ij/T) − s_{i,t_i}/T``, mean over valid pixels at feature resolution
+      (``ppc_temperature`` T, official 1 — the paper writes a temperature);
+    - ``ppd``: pixel–prototype distance ``(1 − s_{i,t_i})²``, mean over valid pixels.
+
+    PPC and PPD run in pixel chunks (:func:`~adaptive_heads.prototype_ops.prototype_contrast_sums`): the
+    ``[N, n·K]`` similarities are never kept for backward.
 
     All-ignored batches give finite zeros (the official code gives NaN).
     """
@@ -114,6 +90,10 @@ class PrototypeLoss(HeadLoss):
         )  # fmt: skip
         if self.class_weight is not None and self.class_weight.shape != (n,):
             raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
+        with float32_math(out.embeddings.device):
+            emb = upcast_half(out.embeddings)
+            ppc_sum, ppd_sum = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
+        count = (out.proto_target >= 0).sum().clamp_min(1)
         return {
             "ce": upsampled_cross_entropy(
                 out.logits,
@@ -123,6 +103,6 @@ class PrototypeLoss(HeadLoss):
                 reduction=self.reduction,
                 class_weight=self.class_weight,
             ),
-            "ppc": prototype_contrast_loss(out.proto_logits, out.proto_target, self.ppc_temperature),
-            "ppd": prototype_distance_loss(out.proto_logits, out.proto_target),
+            "ppc": ppc_sum / count,
+            "ppd": ppd_sum / count,
         }

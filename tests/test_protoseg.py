@@ -296,3 +296,33 @@ def test_supervise_and_replace():
     assert set(terms) == {"classifier.4.ce", "classifier.4.ppc", "classifier.4.ppd", "loss"}
     torch.testing.assert_close(terms["loss"], 0.01 * terms["classifier.4.ppc"] + 0.001 * terms["classifier.4.ppd"])
     loss.backward()
+
+
+@pytest.mark.parametrize("budget", [None, 7])
+def test_chunked_similarity_ops_match_dense_autograd(budget):
+    from adaptive_heads.prototype_ops import class_max_similarity, prototype_contrast_sums
+
+    torch.manual_seed(0)
+    emb = F.normalize(torch.randn(37, 5, dtype=torch.float64), dim=-1).requires_grad_(True)
+    protos = F.normalize(torch.randn(4 * 3, 5, dtype=torch.float64), dim=-1)
+    labels = torch.randint(0, 4, (37,))
+    target = labels * 3 + torch.randint(0, 3, (37,))
+    target[::5] = -1
+    dense = emb @ protos.t()
+    best_ref = dense.view(37, 4, 3).amax(-1)
+    own_ref = dense.view(37, 4, 3)[torch.arange(37), labels]
+    keep = target >= 0
+    ppc_ref = F.cross_entropy(dense[keep] / 0.5, target[keep], reduction="sum")
+    ppd_ref = ((1 - dense[keep].gather(1, target[keep][:, None])) ** 2).sum()
+    best, own = class_max_similarity(emb, protos, labels, 4, budget=budget)
+    ppc, ppd = prototype_contrast_sums(emb, protos, target, 0.5, budget=budget)
+    torch.testing.assert_close(best, best_ref)
+    torch.testing.assert_close(own, own_ref.detach())
+    torch.testing.assert_close(ppc, ppc_ref)
+    torch.testing.assert_close(ppd, ppd_ref)
+    w = torch.randn(37, 4, dtype=torch.float64)
+    for ours, ref_value in (((best * w).sum(), (best_ref * w).sum()), (ppc + 3 * ppd, ppc_ref + 3 * ppd_ref)):
+        g_ref = torch.autograd.grad(ref_value, emb, retain_graph=True)[0]
+        torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], g_ref)
+    assert torch.autograd.gradcheck(lambda e: prototype_contrast_sums(e, protos, target, 0.5, budget)[0], (emb,))
+    assert torch.autograd.gradcheck(lambda e: class_max_similarity(e, protos, labels, 4, budget)[0], (emb,))
