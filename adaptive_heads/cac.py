@@ -21,6 +21,7 @@ from .functional import (
     cosine_logits,
     float32_math,
     hard_class_pool,
+    pointwise_conv,
     prototype_mlp,
     resize_labels_nearest,
     soft_class_pool,
@@ -108,6 +109,10 @@ class ContextAwareClassifier(AdaptiveHead):
         nn.init.normal_(self.conv_seg.weight, std=init_std)
         nn.init.zeros_(self.conv_seg.bias)
 
+    def _channel_dropout(self) -> float:
+        """``Dropout2d`` probability in effect (applied inside :func:`pointwise_conv`, no feature copy)."""
+        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
+
     @property
     def classifier_weight(self) -> Tensor:
         """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
@@ -123,7 +128,7 @@ class ContextAwareClassifier(AdaptiveHead):
         return cosine_logits(feat, classifier, self.tau, eps=self.eps)
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = self.conv_seg(self.dropout(feat))
+        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
         return self._context_logits(feat, coarse)
 
     def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
@@ -138,7 +143,7 @@ class ContextAwareClassifier(AdaptiveHead):
         return self.apd_proj(torch.cat([prototypes, weight.expand_as(sums)], dim=-1))
 
     def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:
-        coarse = self.conv_seg(self.dropout(feat))
+        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
         logits = self._context_logits(feat, coarse)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
         oracle = cosine_logits(feat, self.oracle_classifier(feat, feature_target), self.tau, eps=self.eps)

@@ -12,6 +12,7 @@ autocast: a sum over 400k pixels overflows float16.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
@@ -19,12 +20,14 @@ from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
 
 __all__ = [
     "bilinear_source_rows",
+    "channel_norm",
     "class_pixel_counts",
     "classwise_weighted_mean",
     "cosine_logits",
     "float32_math",
     "hard_class_pool",
     "label_one_hot",
+    "pointwise_conv",
     "prototype_mlp",
     "resize_labels_nearest",
     "soft_class_pool",
@@ -58,6 +61,62 @@ def prototype_mlp(channels: int, hidden: int | None = None) -> nn.Sequential:
     )
 
 
+def pointwise_conv(feat: Tensor, conv: nn.Conv2d, channel_dropout: float = 0.0) -> Tensor:
+    """Apply a 1×1 ``conv`` as one batched matmul ``W @ x + b`` (``[B, C, h, w]`` → ``[B, n, h, w]``).
+
+    Same result as ``conv(feat)``; on CPU the matmul avoids the oneDNN layout conversions of a 1×1
+    convolution (≈1.4× faster at C = 512). ``channel_dropout = p > 0`` gives ``conv(F.dropout2d(feat, p))``
+    (whole input channels zeroed per image, survivors scaled by ``1/(1-p)``) by scaling a per-image copy of the
+    ``[n, C]`` weight instead of copying the feature map. Non-contiguous inputs (e.g. channels-last) go
+    through ``conv`` itself.
+    """
+    if not feat.is_contiguous() or conv.kernel_size != (1, 1) or conv.groups != 1:
+        return conv(F.dropout2d(feat, channel_dropout) if channel_dropout > 0 else feat)
+    b, c, h, w = feat.shape
+    weight = conv.weight.reshape(1, conv.out_channels, c)
+    if channel_dropout > 0:
+        keep = feat.new_empty(b, 1, c).bernoulli_(1.0 - channel_dropout).div_(1.0 - channel_dropout)
+        weight = weight * keep.to(weight.dtype)
+    else:
+        weight = weight.expand(b, -1, -1)
+    x = feat.reshape(b, c, h * w)
+    out = torch.bmm(weight, x) if conv.bias is None else torch.baddbmm(conv.bias.view(1, -1, 1), weight, x)
+    return out.view(b, conv.out_channels, h, w)
+
+
+#: pixels per chunk of :func:`channel_norm` × channels (keeps each chunk in cache)
+_NORM_CHUNK_ELEMENTS = 1 << 20
+
+
+class _ChannelNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        b, c, n = x.shape
+        out = x.new_empty(b, 1, n)
+        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, c))
+        for start in range(0, n, step):
+            out[:, :, start : start + step] = x[:, :, start : start + step].square().sum(1, keepdim=True)
+        out.sqrt_()
+        ctx.save_for_backward(x, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, norm = ctx.saved_tensors
+        scale = torch.where(norm > 0, grad / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
+        return x * scale
+
+
+def channel_norm(x: Tensor) -> Tensor:
+    """L2 norm over the channel axis of ``[B, C, N]`` → ``[B, 1, N]``, in pixel chunks.
+
+    Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` but several times faster on CPU (the strided
+    reduction runs chunk by chunk in cache) and without an ``x²`` copy. The gradient at a zero vector is 0.
+    """
+    return _ChannelNorm.apply(x)
+
+
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
     """Soft-area-weighted class means: one batched matmul.
 
@@ -74,9 +133,9 @@ def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tenso
     probs = upcast_half(probs.flatten(2))
     feat = upcast_half(feat.flatten(2))
     with float32_math(feat.device):
-        # normalise the weights first: the matmul then yields a bounded weighted mean
-        weights = probs / (probs.sum(dim=-1, keepdim=True) + eps)
-        return torch.bmm(weights.to(feat.dtype), feat.transpose(1, 2))
+        probs = probs.to(feat.dtype)
+        area = probs.sum(dim=-1, keepdim=True)  # [B, n, 1]
+        return torch.bmm(probs, feat.transpose(1, 2)) / (area + eps)
 
 
 def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:
@@ -119,6 +178,7 @@ def hard_class_pool(
     *,
     ignore_index: int | None = 255,
     per_image: bool = True,
+    one_hot: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-class sums and pixel counts of ``feat`` under hard labels (one one-hot matmul).
 
@@ -128,6 +188,8 @@ def hard_class_pool(
         num_classes: n.
         ignore_index: label value to skip (``None``: nothing is ignored).
         per_image: ``True`` → statistics per image; ``False`` → pooled over the whole batch.
+        one_hot: the ``[B, n, N]`` output of :func:`label_one_hot` for these labels, to share it between
+            several poolings of the same labels.
 
     Returns:
         ``(sums, counts)``: ``[B, n, C]`` and ``[B, n]`` if ``per_image`` else ``[n, C]`` and ``[n]``;
@@ -135,7 +197,9 @@ def hard_class_pool(
     """
     x = upcast_half(feat.flatten(2))
     with float32_math(x.device):
-        one_hot = label_one_hot(labels, num_classes, ignore_index, x.dtype)  # [B, n, N]
+        if one_hot is None:
+            one_hot = label_one_hot(labels, num_classes, ignore_index, x.dtype)  # [B, n, N]
+        one_hot = one_hot.to(x.dtype)
         sums = torch.bmm(one_hot, x.transpose(1, 2))  # [B, n, C]
         counts = one_hot.sum(dim=-1)  # [B, n]
         if not per_image:
@@ -162,7 +226,7 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
     with float32_math(x.device):
         wt = upcast_half(weight).to(x.dtype)
         w_hat = wt / (torch.linalg.vector_norm(wt, dim=-1, keepdim=True) + eps)
-        inv_norm = scale / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + eps)  # [B, 1, N]
+        inv_norm = scale / (channel_norm(x) + eps)  # [B, 1, N]
         if w_hat.dim() == 2:
             logits = torch.matmul(w_hat, x)  # [n, C] @ [B, C, N] -> [B, n, N]
         else:
@@ -228,15 +292,20 @@ def classwise_weighted_mean(
     """
     if average not in ("present", "all"):
         raise ValueError(f"average must be 'present' or 'all', got {average!r}")
-    v = upcast_half(values).reshape(1, -1, 1)
-    wt = upcast_half(weights).reshape(1, -1, 1).to(v.dtype)
+    v = upcast_half(values).reshape(-1)
+    wt = upcast_half(weights).reshape(-1).to(v.dtype)
+    flat = labels.reshape(-1)
+    valid = (flat >= 0) & (flat < num_classes)
+    if ignore_index is not None:
+        valid &= flat != ignore_index
+    slot = torch.where(valid, flat, torch.full_like(flat, num_classes))  # ignored pixels: an extra bin
     with float32_math(v.device):
-        one_hot = label_one_hot(labels.reshape(1, -1), num_classes, ignore_index, v.dtype)  # [1, n, P]
-        stats = torch.bmm(one_hot, torch.cat([wt * v, wt], dim=-1))[0]  # [n, 2]
+        columns = torch.stack([wt * v, wt, torch.ones_like(wt)], dim=-1)
+        stats = v.new_zeros(num_classes + 1, 3).index_add_(0, slot, columns)[:num_classes]
         per_class = stats[:, 0] / (stats[:, 1] + eps)
         if average == "all":
             return per_class.sum() / num_classes
-        present = (one_hot.amax(dim=-1)[0] > 0).to(v.dtype)
+        present = (stats[:, 2] > 0).to(v.dtype)
         return (per_class * present).sum() / (present.sum() + eps)
 
 

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .base import AdaptiveHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .distributed import all_reduce_, is_distributed
-from .functional import resize_labels_nearest, upcast_half
+from .functional import pointwise_conv, resize_labels_nearest, upcast_half
 from .prototype_ops import class_max_similarity
 from .sinkhorn import classwise_sinkhorn
 
@@ -64,7 +64,8 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
+        conv1, relu, conv2 = self.proj
+        return pointwise_conv(relu(pointwise_conv(x, conv1)), conv2)
 
 
 class PrototypeClassifier(AdaptiveHead):

@@ -22,6 +22,8 @@ from .functional import (
     cosine_logits,
     float32_math,
     hard_class_pool,
+    label_one_hot,
+    pointwise_conv,
     prototype_mlp,
     resize_labels_nearest,
     soft_class_pool,
@@ -125,6 +127,10 @@ class SSAClassifier(AdaptiveHead):
         nn.init.normal_(self.conv_seg.weight, std=init_std)
         nn.init.zeros_(self.conv_seg.bias)
 
+    def _channel_dropout(self) -> float:
+        """``Dropout2d`` probability in effect (applied inside :func:`pointwise_conv`, no feature copy)."""
+        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
+
     @property
     def classifier_weight(self) -> Tensor:
         """``W = conv_seg.weight`` as ``[n, C]``."""
@@ -146,7 +152,7 @@ class SSAClassifier(AdaptiveHead):
         return semantic, position
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = self.conv_seg(self.dropout(feat))
+        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
         classifier = self.center_proj(semantic + position)
@@ -160,15 +166,19 @@ class SSAClassifier(AdaptiveHead):
         weight = self.classifier_weight
         basis = self.center_pos.weight
         per_image = self.semantic_gt_pooling == "image"
+        one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, torch.float32)  # shared
+        if feat.dtype == torch.float64:
+            one_hot = one_hot.double()
         sums, counts = hard_class_pool(
-            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
-        )
+            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image,
+            one_hot=one_hot,
+        )  # fmt: skip
         w = weight.to(sums.dtype)
         sem_gt = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), w.detach())
         semantic = self.gt_center_content_proj(torch.cat([sem_gt, w.expand_as(sem_gt)], dim=-1))
         semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
         psums, pcounts = hard_class_pool(
-            pos, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=True
+            pos, feature_target, self.num_classes, ignore_index=self.ignore_index, one_hot=one_hot
         )
         e = basis.to(psums.dtype)
         pos_gt = torch.where(pcounts.unsqueeze(-1) > 0, psums / pcounts.clamp_min(1).unsqueeze(-1), e.detach())
@@ -178,7 +188,7 @@ class SSAClassifier(AdaptiveHead):
     def forward_train(self, feat: Tensor, target: Tensor) -> SSAOutput:
         if self.gt_center_proj is None:
             raise RuntimeError("the teacher layers were stripped (strip_teacher()); training needs them")
-        coarse = self.conv_seg(self.dropout(feat))
+        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
         x = feat + pos

@@ -214,3 +214,37 @@ def test_class_pixel_counts():
     labels = torch.tensor([[[0, 1], [1, 3]], [[2, 2], [2, 0]]])
     valid = labels != 3
     assert AF.class_pixel_counts(labels, 3, valid).tolist() == [[1, 2, 0], [1, 0, 3]]
+
+
+def test_pointwise_conv_equals_conv_including_channels_last():
+    conv = torch.nn.Conv2d(6, 4, 1)
+    x = torch.randn(2, 6, 5, 7)
+    torch.testing.assert_close(AF.pointwise_conv(x, conv), conv(x))
+    torch.testing.assert_close(AF.pointwise_conv(x.contiguous(memory_format=torch.channels_last), conv), conv(x))
+    no_bias = torch.nn.Conv2d(6, 4, 1, bias=False)
+    torch.testing.assert_close(AF.pointwise_conv(x, no_bias), no_bias(x))
+
+
+def test_channel_norm_value_gradient_and_zero_vectors():
+    x = torch.randn(2, 5, 3000, dtype=torch.float64)
+    x[0, :, 7] = 0
+    torch.testing.assert_close(AF.channel_norm(x), torch.linalg.vector_norm(x, dim=1, keepdim=True))
+    small = x[:, :, :9].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda z: AF.channel_norm(z[:, :, 1:]), (small,))
+    (grad,) = torch.autograd.grad(AF.channel_norm(small).sum(), small)
+    assert torch.equal(grad[0, :, 7], torch.zeros(5, dtype=torch.float64))
+
+
+def test_pointwise_conv_channel_dropout_equals_dropout2d_with_same_seed():
+    conv = torch.nn.Conv2d(6, 4, 1)
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
+    torch.manual_seed(1)
+    ours = AF.pointwise_conv(x, conv, 0.3)
+    torch.manual_seed(1)
+    ref = conv(F.dropout2d(x, 0.3))
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ours)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    torch.manual_seed(1)
+    strided = AF.pointwise_conv(x.contiguous(memory_format=torch.channels_last), conv, 0.3)
+    torch.testing.assert_close(strided, ref)
