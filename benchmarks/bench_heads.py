@@ -17,7 +17,7 @@ The baseline's CE is this library's tiled ``upsampled_cross_entropy``; the ``con
 (``F.interpolate`` + ``F.cross_entropy``) is listed for reference.
 
 Examples:
-    python benchmarks/bench_heads.py                   # default sweep, CPU, under 2 minutes
+    python benchmarks/bench_heads.py                   # default sweep (512 px, strides 4 and 8), ~1.5 min on CPU
     python benchmarks/bench_heads.py --quick           # seconds
     python benchmarks/bench_heads.py --full --device cuda --dtype bf16
     python benchmarks/bench_heads.py --model --sizes 512 1024
@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
-from benchmarks.measure import CPU_MEMORY_METHOD, median_time, peak_memory  # noqa: E402
+from benchmarks.measure import CPU_MEMORY_METHOD, median_time, memory_mode, peak_memory  # noqa: E402
 
 HEADS = {
     "cac": (ah.ContextAwareClassifier, ah.ContextAwareLoss),
@@ -52,19 +52,18 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
 
 
-def _progress(items, enabled: bool):
+def _progress(items, enabled: bool, desc: str):
     if not enabled:
         return items
     try:
         from tqdm import tqdm
 
-        return tqdm(items, desc="bench", unit="cfg", file=sys.stderr)
+        return tqdm(items, desc=desc, unit="cfg", file=sys.stderr)
     except ImportError:
-        total = len(items)
 
         def plain():
             for i, item in enumerate(items):
-                print(f"[{i + 1}/{total}] {item}", file=sys.stderr, flush=True)
+                print(f"[{desc} {i + 1}/{len(items)}] {item.cfg}", file=sys.stderr, flush=True)
                 yield item
 
         return plain()
@@ -140,41 +139,64 @@ def _model_runners(name: str, c: int, n: int, images: torch.Tensor, target: torc
 
 
 # ----------------------------------------------------------------------------- one configuration
-def run_config(cfg: dict, args) -> list[dict]:
-    device = torch.device(args.device)
-    amp = None if args.dtype == "fp32" else DTYPES[args.dtype]
-    size, stride, n, c, b = cfg["size"], cfg["stride"], cfg["n"], cfg["C"], args.batch
-    g = torch.Generator().manual_seed(0)
-    target = torch.randint(0, n, (b, size, size), generator=g)
-    target[:, : size // 16] = 255
-    target = target.to(device)
-    names = ["conv", *(["conv+plainCE"] if not args.model else []), *args.heads]
-    rows = []
-    for name in names:
-        torch.manual_seed(0)
-        if args.model:
-            images = torch.randn(b, 3, size, size, generator=g).to(device)
-            infer, train = _model_runners(name, c, n, images, target, amp)
-        else:
-            feat = torch.randn(b, c, size // stride, size // stride, generator=g).relu().to(device)
-            infer, train = _head_runners(name, c, n, feat, target, amp)
-        row = {**cfg, "batch": b, "head": name, "dtype": args.dtype, "device": args.device}
-        if not args.no_inference:
-            row["infer_s"] = median_time(infer, device, args.warmup, args.repeats)
-            row["infer_fps"] = b / row["infer_s"]
-            row["infer_peak_bytes"] = peak_memory(infer, device)
-        if not args.no_training and not (args.model and name == "conv+plainCE"):
-            row["train_s"] = median_time(train, device, args.warmup, max(1, args.repeats // 2))
-            row["train_peak_bytes"] = peak_memory(train, device)
-        if args.loop_reference and name in HEADS and not args.model:
-            from benchmarks.loop_reference import STEPS
+class Config:
+    """One benchmark configuration: builds its rows and the runners of each row's head."""
 
-            step, head = STEPS[name], HEADS[name][0](c, n).to(device)
-            f = feat.detach().requires_grad_(True)
-            row["loop_train_s"] = median_time(lambda: step(head, f, target), device, 0, 1)  # noqa: B023
-        rows.append(row)
-    _add_relative(rows)
-    return rows
+    def __init__(self, cfg: dict, args) -> None:
+        self.cfg, self.args = cfg, args
+        self.device = torch.device(args.device)
+        self.amp = None if args.dtype == "fp32" else DTYPES[args.dtype]
+        size, n = cfg["size"], cfg["n"]
+        gen = torch.Generator().manual_seed(0)
+        self.target = torch.randint(0, n, (args.batch, size, size), generator=gen)
+        self.target[:, : size // 16] = 255
+        self.target = self.target.to(self.device)
+        names = ["conv", *(["conv+plainCE"] if not args.model else []), *args.heads]
+        self.rows = [
+            {**cfg, "batch": args.batch, "head": nm, "dtype": args.dtype, "device": args.device} for nm in names
+        ]
+
+    def trains(self, name: str) -> bool:
+        return not self.args.no_training and not (self.args.model and name == "conv+plainCE")
+
+    def runners(self, name: str):
+        """``(infer, train, feat)``; ``feat`` is None in ``--model`` mode."""
+        size, stride, n, c = (self.cfg[k] for k in ("size", "stride", "n", "C"))
+        b = self.args.batch
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        if self.args.model:
+            images = torch.randn(b, 3, size, size, generator=gen).to(self.device)
+            return (*_model_runners(name, c, n, images, self.target, self.amp), None)
+        feat = torch.randn(b, c, size // stride, size // stride, generator=gen).relu().to(self.device)
+        return (*_head_runners(name, c, n, feat, self.target, self.amp), feat)
+
+    def measure_memory(self) -> None:
+        for row in self.rows:
+            infer, train, _ = self.runners(row["head"])
+            if not self.args.no_inference:
+                infer()  # warm-up: lazy initialisations are not the head's working memory
+                row["infer_peak_bytes"] = peak_memory(infer, self.device)
+            if self.trains(row["head"]):
+                train()
+                row["train_peak_bytes"] = peak_memory(train, self.device)
+
+    def measure_time(self) -> None:
+        args = self.args
+        for row in self.rows:
+            infer, train, feat = self.runners(row["head"])
+            if not args.no_inference:
+                row["infer_s"] = median_time(infer, self.device, args.warmup, args.repeats)
+                row["infer_fps"] = args.batch / row["infer_s"]
+            if self.trains(row["head"]):
+                row["train_s"] = median_time(train, self.device, args.warmup, args.train_repeats)
+            if args.loop_reference and row["head"] in HEADS and feat is not None:
+                from benchmarks.loop_reference import STEPS
+
+                step, head = STEPS[row["head"]], HEADS[row["head"]][0](self.cfg["C"], self.cfg["n"]).to(self.device)
+                f = feat.detach().requires_grad_(True)
+                row["loop_train_s"] = median_time(lambda: step(head, f, self.target), self.device, 0, 1)  # noqa: B023
+        _add_relative(self.rows)
 
 
 def _add_relative(rows: list[dict]) -> None:
@@ -187,6 +209,9 @@ def _add_relative(rows: list[dict]) -> None:
             if pk is not None and bpk is not None:
                 r[f"{phase}_extra_mib"] = (pk - bpk) / MIB
                 r[f"{phase}_extra_pct"] = 100.0 * (pk - bpk) / max(bpk, 1)
+        plain = next((p for p in rows if p["head"] == "conv+plainCE"), None)
+        if plain and r.get("train_peak_bytes") is not None and plain.get("train_peak_bytes") is not None:
+            r["train_extra_vs_plain_mib"] = (r["train_peak_bytes"] - plain["train_peak_bytes"]) / MIB
         if "loop_train_s" in r:
             r["speedup_vs_loop"] = r["loop_train_s"] / r["train_s"]
 
@@ -199,12 +224,13 @@ def _fmt(v, spec):
 def markdown_table(rows: list[dict]) -> str:
     head = (
         "| size | stride | n | C | head | infer ms | infer × conv | infer peak MiB | infer extra MiB "
-        "| train ms | train × conv | train peak MiB | train extra MiB |"
+        "| train ms | train × conv | train peak MiB | train extra MiB | train extra vs plain-CE conv |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(
-            "| {size} | {stride} | {n} | {C} | {head} | {im} | {ir} | {ip} | {ie} | {tm} | {tr} | {tp} | {te} |".format(
+            "| {size} | {stride} | {n} | {C} | {head} | {im} | {ir} | {ip} | {ie} | {tm} | {tr} | {tp} | {te} "
+            "| {tx} |".format(
                 size=r["size"],
                 stride=r["stride"],
                 n=r["n"],
@@ -218,6 +244,7 @@ def markdown_table(rows: list[dict]) -> str:
                 tr=_fmt(r.get("train_time_ratio"), ".2f"),
                 tp=_fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f"),
                 te=_fmt(r.get("train_extra_mib"), "+.0f"),
+                tx=_fmt(r.get("train_extra_vs_plain_mib"), "+.0f"),
             )
         )
     return "\n".join(lines)
@@ -268,15 +295,16 @@ def update_readme(table: str, tag: str, command: str, meta: str) -> None:
 # ----------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", help="input sizes in px (default 512 1024; --full: 512..2560)")
-    p.add_argument("--strides", type=int, nargs="+", help="feature strides (default 4; --full: 4 8)")
+    p.add_argument("--sizes", type=int, nargs="+", help="input sizes in px (default 512; --full: 512..2560)")
+    p.add_argument("--strides", type=int, nargs="+", help="feature strides (default 4 8)")
     p.add_argument("--classes", type=int, nargs="+", help="class counts n (default 150; --full: 19 150)")
     p.add_argument("--channels", type=int, nargs="+", help="feature channels C (default 512; --full: 256 512)")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), help="heads (default all)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median; default 3)")
+    p.add_argument("--repeats", type=int, default=7, help="timed inference repeats (median; default 7)")
+    p.add_argument("--train-repeats", type=int, default=2, help="timed training repeats (median; default 2)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up calls (default 1)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sweep that runs in seconds")
@@ -296,11 +324,11 @@ def parse_args(argv=None):
 def configs(args) -> list[dict]:
     if args.quick:
         sizes, strides, classes, channels = [128, 256], [4], [19], [64]
-        args.repeats, args.warmup = 1, 1
+        args.repeats, args.train_repeats, args.warmup = 1, 1, 1
     elif args.full:
         sizes, strides, classes, channels = [512, 1024, 1280, 2048, 2560], [4, 8], [19, 150], [256, 512]
     else:
-        sizes, strides, classes, channels = [512, 1024], [4], [150], [512]
+        sizes, strides, classes, channels = [512], [4, 8], [150], [512]
     sizes = args.sizes or sizes
     strides = args.strides or strides
     classes = args.classes or classes
@@ -315,9 +343,14 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     tag = args.tag or (args.device.split(":")[0] + ("-model" if args.model else "") + ("-quick" if args.quick else ""))
     out = args.out or ROOT / "benchmarks" / "results" / f"{tag}.json"
-    rows: list[dict] = []
-    for cfg in _progress(configs(args), not args.no_progress):
-        rows.extend(run_config(cfg, args))
+    work = [Config(cfg, args) for cfg in configs(args)]
+    # every peak first, with the allocator in its measuring mode for the whole phase (see measure.py)
+    with memory_mode():
+        for config in _progress(work, not args.no_progress, "memory"):
+            config.measure_memory()
+    for config in _progress(work, not args.no_progress, "time"):
+        config.measure_time()
+    rows = [row for config in work for row in config.rows]
     device_name = (
         torch.cuda.get_device_name(torch.device(args.device))
         if args.device.startswith("cuda")

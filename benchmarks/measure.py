@@ -4,10 +4,11 @@ Peak memory:
 
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was allocated before.
 - CPU: the resident-set high-water mark of the process (``VmHWM``, reset by writing ``5`` to
-  ``/proc/self/clear_refs``) minus the resident set before the call. glibc is told (``mallopt``) to serve every
-  block of 64 KiB or more with ``mmap`` and to return freed memory at once, so the resident set follows the live
-  tensor bytes and its high-water mark is their peak (plus the few MB of small-object heap). Linux only;
-  elsewhere memory is reported as ``None``.
+  ``/proc/self/clear_refs``) minus the resident set before the call. During the measurement glibc is told
+  (``mallopt``) to serve every block of 64 KiB or more with ``mmap`` and to return freed memory at once, so the
+  resident set follows the live tensor bytes and its high-water mark is their peak (plus the few MB of
+  small-object heap). Timing runs with glibc's steady-state settings instead (page faults from fresh ``mmap``
+  calls would distort it). Linux only; elsewhere memory is reported as ``None``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,40 @@ from collections.abc import Callable
 import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_LIBC = None
+
+
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    return (
+        _LIBC is not None
+        and _LIBC.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
+        and _LIBC.mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    )
+
+
+def _timing_mode() -> None:
+    """glibc's steady state: blocks up to 32 MiB reused from the heap (what a long training run sees)."""
+    _mallopt(32 << 20, 256 << 20)
+
+
+def _memory_mode() -> bool:
+    """Every block of 64 KiB or more mmap-ed and returned at free: resident set = live bytes."""
+    return _mallopt(1 << 16, 1 << 16)
 
 
 def _configure_glibc() -> bool:
+    global _LIBC
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16) == 1
+        _LIBC = ctypes.CDLL("libc.so.6")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        ok = _memory_mode()
+        _timing_mode()
         return ok
     except (OSError, AttributeError):
+        _LIBC = None
         return False
 
 
@@ -73,6 +96,23 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
     peak = _status("VmHWM") - before
     del result
     return max(peak, 0)
+
+
+class memory_mode:
+    """Context for CPU peak measurements: glibc mmap-s every block ≥ 64 KiB and frees it at once.
+
+    Enter it before building the inputs of the measured calls (blocks allocated under the timing settings may
+    stay resident in the heap and hide or inflate later peaks); timing runs outside it.
+    """
+
+    def __enter__(self) -> None:
+        if _CPU_PEAK_OK:
+            _memory_mode()
+            _LIBC.malloc_trim(0)
+
+    def __exit__(self, *exc: object) -> None:
+        if _CPU_PEAK_OK:
+            _timing_mode()
 
 
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> float:

@@ -1,0 +1,35 @@
+"""Smoke test of the benchmark script (the speed and memory targets live in benchmarks/, not in tests)."""
+
+import json
+
+import pytest
+
+
+def test_bench_quick_runs_and_writes_results(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import bench_heads
+
+    out = tmp_path / "quick.json"
+    rows = bench_heads.main(
+        ["--quick", "--sizes", "64", "--no-progress", "--no-plot", "--out", str(out), "--loop-reference"]
+    )
+    heads = {r["head"] for r in rows}
+    assert heads == {"conv", "conv+plainCE", "cac", "ssa", "proto"}
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 5 and "meta" in data
+    for row in data["rows"]:
+        assert row["infer_s"] > 0 and row["train_s"] > 0
+        assert row["infer_time_ratio"] > 0
+        if row["head"] in ("cac", "ssa", "proto"):
+            assert row["loop_train_s"] > 0 and row["speedup_vs_loop"] > 0
+    assert "| 64 | 4 | 19 | 64 | cac |" in bench_heads.markdown_table(rows)
+
+
+def test_bench_model_mode_quick(tmp_path):
+    from benchmarks import bench_heads
+
+    rows = bench_heads.main(
+        ["--quick", "--model", "--sizes", "64", "--no-progress", "--no-plot", "--out", str(tmp_path / "m.json")]
+    )
+    assert {r["head"] for r in rows} == {"conv", "cac", "ssa", "proto"}
+    assert all(r["train_s"] > 0 for r in rows)
