@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
+from .validation import is_tracing
 
 __all__ = [
     "bilinear_source_rows",
@@ -88,15 +89,19 @@ def pointwise_conv(feat: Tensor, conv: nn.Conv2d, channel_dropout: float = 0.0) 
 _NORM_CHUNK_ELEMENTS = 1 << 20
 
 
+def _chunked_sq_norm(x: Tensor) -> Tensor:
+    b, c, n = x.shape
+    out = x.new_empty(b, 1, n)
+    step = max(1, _NORM_CHUNK_ELEMENTS // max(1, c))
+    for start in range(0, n, step):
+        out[:, :, start : start + step] = x[:, :, start : start + step].square().sum(1, keepdim=True)
+    return out
+
+
 class _ChannelNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        b, c, n = x.shape
-        out = x.new_empty(b, 1, n)
-        step = max(1, _NORM_CHUNK_ELEMENTS // max(1, c))
-        for start in range(0, n, step):
-            out[:, :, start : start + step] = x[:, :, start : start + step].square().sum(1, keepdim=True)
-        out.sqrt_()
+        out = _chunked_sq_norm(x).sqrt_()
         ctx.save_for_backward(x, out)
         return out
 
@@ -113,8 +118,13 @@ def channel_norm(x: Tensor) -> Tensor:
 
     Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` but several times faster on CPU (the strided
     reduction runs chunk by chunk in cache) and without an ``x²`` copy. The gradient at a zero vector is 0.
+    Under ``torch.compile``/``torch.export``/tracing it is the single ``vector_norm`` op (shape-agnostic graphs).
     """
-    return _ChannelNorm.apply(x)
+    if is_tracing():
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ChannelNorm.apply(x)
+    return _chunked_sq_norm(x).sqrt_()
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:

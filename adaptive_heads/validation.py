@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["check_features", "check_target", "is_debug", "set_debug"]
+__all__ = ["check_features", "check_target", "is_debug", "is_tracing", "set_debug"]
 
 _DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "False")
 
@@ -32,7 +32,8 @@ def is_debug() -> bool:
     return _DEBUG
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
+    """True while torch.compile / torch.export / TorchScript trace the code (value checks are skipped)."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling():
         return True
@@ -40,7 +41,7 @@ def _tracing() -> bool:
 
 
 def _value_checks(t: Tensor) -> bool:
-    return not _tracing() and (t.device.type == "cpu" or _DEBUG)
+    return not is_tracing() and (t.device.type == "cpu" or _DEBUG)
 
 
 def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:
@@ -60,7 +61,7 @@ def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:
         )
     if feat.shape[0] == 0 or feat.shape[2] == 0 or feat.shape[3] == 0:
         raise ValueError(f"{name} must be non-empty, got shape {tuple(feat.shape)}")
-    if _DEBUG and not _tracing() and not bool(torch.isfinite(feat).all()):
+    if _DEBUG and not is_tracing() and not bool(torch.isfinite(feat).all()):
         raise ValueError(f"{name} contains NaN or Inf values (debug check)")
 
 
