@@ -220,8 +220,9 @@ def hard_class_pool(
 def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e-12) -> Tensor:
     """Scaled cosine similarity of every pixel to every class vector.
 
-    ``out[b, k, i] = scale · <w_k/(‖w_k‖+eps), x_i/(‖x_i‖+eps)>``, computed as ``ŵ @ x / (‖x‖+eps)`` so no
-    normalised copy of the feature map is made. All-zero pixels or rows give 0, never NaN.
+    ``out[b, k, i] = scale · <w_k/max(‖w_k‖, eps), x_i/max(‖x_i‖, eps)>``, computed as ``ŵ @ x / max(‖x‖, eps)``
+    so no normalised copy of the feature map is made. All-zero pixels or rows give 0, never NaN. (The official
+    code adds eps to the norm; for any non-zero vector the two agree to float32 precision.)
 
     Args:
         feat: ``[B, C, h, w]`` features.
@@ -235,8 +236,10 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
     x = upcast_half(feat.flatten(2))  # [B, C, N]
     with float32_math(x.device):
         wt = upcast_half(weight).to(x.dtype)
-        w_hat = wt / (torch.linalg.vector_norm(wt, dim=-1, keepdim=True) + eps)
-        inv_norm = scale / (channel_norm(x) + eps)  # [B, 1, N]
+        # max(‖·‖, eps) rather than ‖·‖ + eps: identical in float32 for any non-zero vector, and exporters cannot
+        # fold it away (the ONNX exporter drops "+ 1e-12", turning all-zero pixels into NaN)
+        w_hat = wt / torch.linalg.vector_norm(wt, dim=-1, keepdim=True).clamp_min(eps)
+        inv_norm = scale / channel_norm(x).clamp_min(eps)  # [B, 1, N]
         if w_hat.dim() == 2:
             logits = torch.matmul(w_hat, x)  # [n, C] @ [B, C, N] -> [B, n, N]
         else:

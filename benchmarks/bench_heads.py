@@ -305,7 +305,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=7, help="timed inference repeats (median; default 7)")
     p.add_argument("--train-repeats", type=int, default=2, help="timed training repeats (median; default 2)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up calls (default 1)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up calls (default 2)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sweep that runs in seconds")
     p.add_argument("--full", action="store_true", help="the whole sweep (sizes 512-2560, both strides, n, C)")
@@ -330,7 +330,7 @@ def configs(args) -> list[dict]:
     else:
         sizes, strides, classes, channels = [512], [4, 8], [150], [512]
     sizes = args.sizes or sizes
-    strides = args.strides or strides
+    strides = [4] if args.model else (args.strides or strides)  # MiniUPerNet's features are at stride 4
     classes = args.classes or classes
     channels = args.channels or channels
     grid = itertools.product(sizes, strides, classes, channels)
