@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .validation import check_features, check_target
+from .validation import check_choice, check_features, check_target
 
-__all__ = ["AdaptiveHead", "HeadLoss", "HeadOutput"]
+__all__ = ["AdaptiveHead", "CosineHead", "HeadLoss", "HeadOutput"]
 
 
 @dataclass
@@ -89,25 +89,86 @@ class AdaptiveHead(nn.Module):
         return state
 
 
+class CosineHead(AdaptiveHead):
+    """Common part of the cosine-classifier heads (CAC, SSA-Seg): the coarse 1×1 classifier ``conv_seg``
+    (mmseg's init: N(0, ``init_std``²) weight, zero bias), ``Dropout2d`` on its input only, the scale ``tau``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        tau: float,
+        dropout: float,
+        ignore_index: int | None,
+        eps: float,
+        init_std: float,
+    ) -> None:
+        super().__init__(in_channels, num_classes, ignore_index)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.tau = float(tau)
+        self.eps = float(eps)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv_seg.weight, std=init_std)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    @property
+    def classifier_weight(self) -> Tensor:
+        """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
+        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
+
+    def _channel_dropout(self) -> float:
+        """``Dropout2d`` probability in effect (applied inside ``pointwise_conv``, no feature copy)."""
+        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
+
+
 class HeadLoss(nn.Module):
     """Base of the loss modules: named terms, per-term weights and their weighted total.
 
     ``loss_fn(out, target)`` returns ``{term: value, ..., "loss": Σ weight·term}``. Subclasses implement
-    :meth:`terms` and set ``main_term``, the CE on the logits the head returns (what a model that computes
-    its own CE on the head output already covers).
+    :meth:`terms`, and set ``default_weights`` (the official weights; ``weights=`` overrides some),
+    ``output_type`` (the head output they read) and ``main_term``, the CE on the logits the head returns (what a
+    model that computes its own CE on the head output already covers).
     """
 
     main_term: str = "ce"
+    default_weights: Mapping[str, float] = {}
+    output_type: type = HeadOutput
 
-    def __init__(self, weights: Mapping[str, float], reduction: str = "mean") -> None:
+    def __init__(
+        self, weights: Mapping[str, float] | None = None, reduction: str = "mean", ignore_index: int | None = 255
+    ) -> None:
         super().__init__()
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        self.weights = dict(weights)
+        check_choice("reduction", reduction, ("mean", "sum"))
+        unknown = set(weights or {}) - set(self.default_weights)
+        if unknown:
+            raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(self.default_weights)}")
+        self.weights = {**self.default_weights, **(weights or {})}
         self.reduction = reduction
+        self.ignore_index = ignore_index
 
     def terms(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def checked_target(self, out: HeadOutput, target: Tensor) -> Tensor:
+        """``out`` must be this loss's output type; ``target`` a valid ``[B, H, W]`` label map for its logits."""
+        if not isinstance(out, self.output_type):
+            raise TypeError(
+                f"out must be a {self.output_type.__name__} (from head(feat, target) in training), "
+                f"got {type(out).__name__}"
+            )
+        logits = out.logits
+        return check_target(
+            target,
+            batch_size=logits.shape[0],
+            num_classes=logits.shape[1],
+            ignore_index=self.ignore_index,
+            device=logits.device,
+        )
 
     def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = ()) -> Tensor:
         """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude``."""
@@ -134,15 +195,4 @@ class HeadLoss(nn.Module):
         return terms
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, reduction={self.reduction!r}"
-
-
-def _as_long_target(target: Tensor, logits: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
-    """Validate a loss target against the logits ``[B, n, h, w]``; returns ``[B, H, W]`` long."""
-    return check_target(
-        target,
-        batch_size=logits.shape[0],
-        num_classes=num_classes,
-        ignore_index=ignore_index,
-        device=logits.device,
-    )
+        return f"weights={self.weights}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"

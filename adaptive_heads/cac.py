@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import AdaptiveHead, HeadOutput
+from .base import CosineHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .functional import (
     cosine_logits,
@@ -27,6 +27,7 @@ from .functional import (
     soft_class_pool,
     upcast_half,
 )
+from .validation import check_choice
 
 __all__ = ["CACOutput", "ContextAwareClassifier"]
 
@@ -47,7 +48,7 @@ class CACOutput(HeadOutput):
     feature_target: Tensor
 
 
-class ContextAwareClassifier(AdaptiveHead):
+class ContextAwareClassifier(CosineHead):
     """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing CAC.
 
     ``head(feat)`` with ``feat [B, C, h, w]`` returns the context-aware logits ``p_p [B, n, h, w]``
@@ -92,31 +93,13 @@ class ContextAwareClassifier(AdaptiveHead):
         eps: float = 1e-12,
         init_std: float = 0.01,
     ) -> None:
-        super().__init__(in_channels, num_classes, ignore_index)
-        if oracle_pooling not in ("batch", "image"):
-            raise ValueError(f"oracle_pooling must be 'batch' or 'image', got {oracle_pooling!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
-        self.tau = float(tau)
-        self.eps = float(eps)
+        super().__init__(
+            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps, init_std=init_std
+        )
+        check_choice("oracle_pooling", oracle_pooling, ("batch", "image"))
         self.oracle_pooling = oracle_pooling
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
-        nn.init.normal_(self.conv_seg.weight, std=init_std)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def _channel_dropout(self) -> float:
-        """``Dropout2d`` probability in effect (applied inside :func:`pointwise_conv`, no feature copy)."""
-        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
-
-    @property
-    def classifier_weight(self) -> Tensor:
-        """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
-        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""

@@ -15,7 +15,7 @@ from .functional import (
     soft_distillation,
     upsampled_cross_entropy,
 )
-from .validation import check_target
+from .validation import check_choice
 
 __all__ = ["ContextAwareLoss", "context_aware_distillation", "context_aware_loss"]
 
@@ -117,6 +117,8 @@ class ContextAwareLoss(HeadLoss):
         class_average: ``"present"`` (official) or ``"all"`` (paper Eq. 11).
     """
 
+    default_weights = DEFAULT_WEIGHTS
+    output_type = CACOutput
     main_term = "ce_context"
 
     def __init__(
@@ -131,39 +133,21 @@ class ContextAwareLoss(HeadLoss):
         distill_mix: float = 0.5,
         class_average: str = "present",
     ) -> None:
-        merged = dict(DEFAULT_WEIGHTS)
-        if weights:
-            unknown = set(weights) - set(DEFAULT_WEIGHTS)
-            if unknown:
-                raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(DEFAULT_WEIGHTS)}")
-            merged.update(weights)
-        super().__init__(merged, reduction)
-        if main_average not in ("valid", "all"):
-            raise ValueError(f"main_average must be 'valid' or 'all', got {main_average!r}")
-        if distill_mode not in ("mixed", "kl"):
-            raise ValueError(f"distill_mode must be 'mixed' or 'kl', got {distill_mode!r}")
-        if class_average not in ("present", "all"):
-            raise ValueError(f"class_average must be 'present' or 'all', got {class_average!r}")
+        super().__init__(weights, reduction, ignore_index)
+        check_choice("main_average", main_average, ("valid", "all"))
+        check_choice("distill_mode", distill_mode, ("mixed", "kl"))
+        check_choice("class_average", class_average, ("present", "all"))
         if not 0.0 <= distill_mix <= 1.0:
             raise ValueError(f"distill_mix must be in [0, 1], got {distill_mix}")
         self.num_classes = num_classes
-        self.ignore_index = ignore_index
         self.main_average = main_average
         self.distill_mode = distill_mode
         self.distill_mix = distill_mix
         self.class_average = class_average
 
     def terms(self, out: CACOutput, target: Tensor) -> dict[str, Tensor]:
-        if not isinstance(out, CACOutput):
-            raise TypeError(f"out must be a CACOutput (from ContextAwareClassifier), got {type(out).__name__}")
+        target = self.checked_target(out, target)
         n = out.logits.shape[1]
-        target = check_target(
-            target,
-            batch_size=out.logits.shape[0],
-            num_classes=n,
-            ignore_index=self.ignore_index,
-            device=out.logits.device,
-        )
         ce_kwargs = {"ignore_index": self.ignore_index, "reduction": self.reduction}
         feature_target = out.feature_target
         if feature_target is None or feature_target.shape[-2:] != out.logits.shape[-2:]:

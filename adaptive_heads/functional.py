@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
-from .validation import is_tracing
+from .validation import check_choice, is_tracing
 
 __all__ = [
     "bilinear_source_rows",
@@ -303,8 +303,7 @@ def classwise_weighted_mean(
     Returns:
         A scalar tensor (float32, or float64 for float64 input).
     """
-    if average not in ("present", "all"):
-        raise ValueError(f"average must be 'present' or 'all', got {average!r}")
+    check_choice("average", average, ("present", "all"))
     v = upcast_half(values).reshape(-1)
     wt = upcast_half(weights).reshape(-1).to(v.dtype)
     flat = labels.reshape(-1)
@@ -348,8 +347,7 @@ def soft_distillation(
         ``(loss, entropy, valid)``, each ``[B, h, w]``: ``ℓ``, the teacher entropy ``H(q)`` (0 on ignored
         pixels) and the valid-pixel mask; float32 (float64 for float64 input).
     """
-    if mode not in ("mixed", "kl"):
-        raise ValueError(f"mode must be 'mixed' or 'kl', got {mode!r}")
+    check_choice("mode", mode, ("mixed", "kl"))
     n = student.shape[1]
     with float32_math(student.device):
         log_p = torch.log_softmax(upcast_half(student), dim=1)

@@ -23,6 +23,7 @@ from .distributed import all_reduce_, is_distributed
 from .functional import pointwise_conv, resize_labels_nearest, upcast_half
 from .prototype_ops import class_max_similarity
 from .sinkhorn import classwise_sinkhorn
+from .validation import check_choice
 
 __all__ = ["PrototypeClassifier", "PrototypeOutput"]
 
@@ -139,10 +140,8 @@ class PrototypeClassifier(AdaptiveHead):
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
         if sinkhorn_eps <= 0 or sinkhorn_iters < 1:
             raise ValueError(f"need sinkhorn_eps > 0 and sinkhorn_iters >= 1, got {sinkhorn_eps}, {sinkhorn_iters}")
-        if update_assignment not in ("gumbel", "argmax"):
-            raise ValueError(f"update_assignment must be 'gumbel' or 'argmax', got {update_assignment!r}")
-        if projection_norm not in ("channel", "width"):
-            raise ValueError(f"projection_norm must be 'channel' or 'width', got {projection_norm!r}")
+        check_choice("update_assignment", update_assignment, ("gumbel", "argmax"))
+        check_choice("projection_norm", projection_norm, ("channel", "width"))
         embed_dim = in_channels if embed_dim is None else embed_dim
         self.num_prototypes = num_prototypes
         self.embed_dim = embed_dim

@@ -11,7 +11,6 @@ from .base import HeadLoss
 from .functional import float32_math, upcast_half, upsampled_cross_entropy
 from .protoseg import PrototypeOutput
 from .prototype_ops import prototype_contrast_sums
-from .validation import check_target
 
 __all__ = ["PrototypeLoss", "prototype_loss"]
 
@@ -55,6 +54,8 @@ class PrototypeLoss(HeadLoss):
     All-ignored batches give finite zeros (the official code gives NaN).
     """
 
+    default_weights = DEFAULT_WEIGHTS
+    output_type = PrototypeOutput
     main_term = "ce"
 
     def __init__(
@@ -66,28 +67,16 @@ class PrototypeLoss(HeadLoss):
         ppc_temperature: float = 1.0,
         class_weight: Tensor | None = None,
     ) -> None:
-        merged = dict(DEFAULT_WEIGHTS)
-        if weights:
-            unknown = set(weights) - set(DEFAULT_WEIGHTS)
-            if unknown:
-                raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(DEFAULT_WEIGHTS)}")
-            merged.update(weights)
-        super().__init__(merged, reduction)
+        super().__init__(weights, reduction, ignore_index)
         if ppc_temperature <= 0:
             raise ValueError(f"ppc_temperature must be positive, got {ppc_temperature}")
-        self.ignore_index = ignore_index
         self.ppc_temperature = ppc_temperature
         self.class_weight: Tensor | None
         self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight))
 
     def terms(self, out: PrototypeOutput, target: Tensor) -> dict[str, Tensor]:
-        if not isinstance(out, PrototypeOutput):
-            raise TypeError(f"out must be a PrototypeOutput (from PrototypeClassifier), got {type(out).__name__}")
+        target = self.checked_target(out, target)
         n = out.logits.shape[1]
-        target = check_target(
-            target, batch_size=out.logits.shape[0], num_classes=n,
-            ignore_index=self.ignore_index, device=out.logits.device,
-        )  # fmt: skip
         if self.class_weight is not None and self.class_weight.shape != (n,):
             raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
         with float32_math(out.embeddings.device):

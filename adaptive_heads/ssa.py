@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import AdaptiveHead, HeadOutput
+from .base import CosineHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .functional import (
     cosine_logits,
@@ -29,6 +29,7 @@ from .functional import (
     soft_class_pool,
     upcast_half,
 )
+from .validation import check_choice
 
 __all__ = ["SSAClassifier", "SSAOutput"]
 
@@ -57,7 +58,7 @@ class SSAOutput(HeadOutput):
     feature_target: Tensor
 
 
-class SSAClassifier(AdaptiveHead):
+class SSAClassifier(CosineHead):
     """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing SSA-Seg.
 
     ``head(feat)`` → ``[B, n, h, w]`` logits in ``[-tau, tau]``; ``head(feat, target)`` → :class:`SSAOutput`
@@ -103,19 +104,12 @@ class SSAClassifier(AdaptiveHead):
         eps: float = 1e-12,
         init_std: float = 0.01,
     ) -> None:
-        super().__init__(in_channels, num_classes, ignore_index)
-        if semantic_gt_pooling not in ("batch", "image"):
-            raise ValueError(f"semantic_gt_pooling must be 'batch' or 'image', got {semantic_gt_pooling!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+        super().__init__(
+            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps, init_std=init_std
+        )
+        check_choice("semantic_gt_pooling", semantic_gt_pooling, ("batch", "image"))
         c = in_channels
-        self.tau = float(tau)
-        self.eps = float(eps)
         self.semantic_gt_pooling = semantic_gt_pooling
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(c, num_classes, kernel_size=1)
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
         self.center_pos = nn.Embedding(num_classes, c)
         self.center_content_proj = prototype_mlp(c)
@@ -124,17 +118,6 @@ class SSAClassifier(AdaptiveHead):
         self.gt_center_content_proj = prototype_mlp(c)
         self.gt_center_pos_proj = prototype_mlp(c)
         self.gt_center_proj = nn.Linear(c, c, bias=False)
-        nn.init.normal_(self.conv_seg.weight, std=init_std)
-        nn.init.zeros_(self.conv_seg.bias)
-
-    def _channel_dropout(self) -> float:
-        """``Dropout2d`` probability in effect (applied inside :func:`pointwise_conv`, no feature copy)."""
-        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
-
-    @property
-    def classifier_weight(self) -> Tensor:
-        """``W = conv_seg.weight`` as ``[n, C]``."""
-        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""

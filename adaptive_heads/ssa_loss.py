@@ -21,7 +21,7 @@ from .functional import (
 from .functional import upsampled_cross_entropy as _ce
 from .ssa import SSAOutput
 from .upsampled_ce import upsampled_sigmoid_stats
-from .validation import check_target
+from .validation import check_choice
 
 __all__ = [
     "SSALoss",
@@ -199,6 +199,8 @@ class SSALoss(HeadLoss):
     finite on all-ignored batches (the official code returns float64, and NaN there).
     """
 
+    default_weights = DEFAULT_WEIGHTS
+    output_type = SSAOutput
     main_term = "ce"
 
     def __init__(
@@ -211,28 +213,15 @@ class SSALoss(HeadLoss):
         distill_mix: float = 0.5,
         tau: float = 15.0,
     ) -> None:
-        merged = dict(DEFAULT_WEIGHTS)
-        if weights:
-            unknown = set(weights) - set(DEFAULT_WEIGHTS)
-            if unknown:
-                raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(DEFAULT_WEIGHTS)}")
-            merged.update(weights)
-        super().__init__(merged, reduction)
-        if main_average not in ("valid", "all"):
-            raise ValueError(f"main_average must be 'valid' or 'all', got {main_average!r}")
-        self.ignore_index = ignore_index
+        super().__init__(weights, reduction, ignore_index)
+        check_choice("main_average", main_average, ("valid", "all"))
         self.main_average = main_average
         self.distill_mix = distill_mix
         self.tau = tau
 
     def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
-        if not isinstance(out, SSAOutput):
-            raise TypeError(f"out must be an SSAOutput (from SSAClassifier), got {type(out).__name__}")
+        target = self.checked_target(out, target)
         n = out.logits.shape[1]
-        target = check_target(
-            target, batch_size=out.logits.shape[0], num_classes=n, ignore_index=self.ignore_index,
-            device=out.logits.device,
-        )  # fmt: skip
         feature_target = out.feature_target
         if feature_target is None or feature_target.shape[-2:] != out.logits.shape[-2:]:
             feature_target = resize_labels_nearest(target, out.logits.shape[-2:])

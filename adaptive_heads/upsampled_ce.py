@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import check_choice
+
 __all__ = ["bilinear_source_rows", "upsampled_cross_entropy"]
 
 #: elements of one upsampled tile (``B·n·rows·W``); ~64 MB in float32
@@ -117,10 +119,8 @@ def upsampled_cross_entropy(
         A float32 scalar (float64 for float64 logits); exactly 0 with a zero gradient when every pixel is
         ignored.
     """
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    if average not in ("valid", "all"):
-        raise ValueError(f"average must be 'valid' or 'all', got {average!r}")
+    check_choice("reduction", reduction, ("mean", "sum"))
+    check_choice("average", average, ("valid", "all"))
     b, n, h, _w = logits.shape
     big_h, big_w = target.shape[-2:]
     with torch.autocast(device_type=logits.device.type, enabled=False):

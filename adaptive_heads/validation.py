@@ -17,7 +17,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["check_features", "check_target", "is_debug", "is_tracing", "set_debug"]
+__all__ = ["check_choice", "check_features", "check_target", "is_debug", "is_tracing", "set_debug"]
 
 _DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "False")
 
@@ -42,6 +42,13 @@ def is_tracing() -> bool:
 
 def _value_checks(t: Tensor) -> bool:
     return not is_tracing() and (t.device.type == "cpu" or _DEBUG)
+
+
+def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """``value`` must be one of ``choices``: ``ValueError("name must be 'a' or 'b', got 'c'")`` otherwise."""
+    if value not in choices:
+        options = " or ".join(repr(c) for c in choices) if len(choices) <= 2 else f"one of {list(choices)}"
+        raise ValueError(f"{name} must be {options}, got {value!r}")
 
 
 def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:
