@@ -48,6 +48,19 @@ def _upsample_tile(logits: Tensor, i0: Tensor, i1: Tensor, w1: Tensor, width: in
     return rows
 
 
+def _add_upsample_adjoint_(
+    grad: Tensor, g: Tensor, i0: Tensor, i1: Tensor, w1: Tensor, width: int, align_corners: bool
+) -> None:
+    """``grad += upsampleᵀ(g)``: the adjoint of :func:`_upsample_tile` for one tile's output gradient ``g``."""
+    b, n, _, w = grad.shape
+    t = g.shape[2]
+    if width != w:
+        g = torch.ops.aten.upsample_bilinear2d_backward(g, [t, width], [b, n, t, w], align_corners)
+    wt = w1.view(1, 1, -1, 1).to(g.dtype)
+    grad.index_add_(2, i0, g * (1 - wt))
+    grad.index_add_(2, i1, g * wt)
+
+
 class _TiledUpsampledCE(torch.autograd.Function):
     """Σ_pixels weight · CE(upsample(logits), target), one row tile at a time.
 
@@ -71,19 +84,13 @@ class _TiledUpsampledCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
         logits, target, pixel_weight, i0, i1, w1 = ctx.saved_tensors
-        b, n, _h, w = logits.shape
         grad = torch.zeros_like(logits)
         for start in range(0, target.shape[1], ctx.rows_per_tile):
             sl = slice(start, start + ctx.rows_per_tile)
             g = torch.softmax(_upsample_tile(logits, i0[sl], i1[sl], w1[sl], ctx.width, ctx.align_corners), dim=1)
             g.scatter_add_(1, target[:, sl].unsqueeze(1), torch.full_like(g[:, :1], -1.0))
             g.mul_((pixel_weight[:, sl] * grad_total).unsqueeze(1))
-            t = g.shape[2]
-            if ctx.width != w:
-                g = torch.ops.aten.upsample_bilinear2d_backward(g, [t, ctx.width], [b, n, t, w], ctx.align_corners)
-            wt = w1[sl].view(1, 1, -1, 1).to(g.dtype)
-            grad.index_add_(2, i0[sl], g * (1 - wt))
-            grad.index_add_(2, i1[sl], g * wt)
+            _add_upsample_adjoint_(grad, g, i0[sl], i1[sl], w1[sl], ctx.width, ctx.align_corners)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -170,7 +177,6 @@ class _TiledSigmoidStats(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_own):
         logits, target, valid, i0, i1, w1 = ctx.saved_tensors
-        b, n, _, w = logits.shape
         grad = torch.zeros_like(logits)
         for start in range(0, target.shape[1], ctx.rows_per_tile):
             sl = slice(start, start + ctx.rows_per_tile)
@@ -178,12 +184,7 @@ class _TiledSigmoidStats(torch.autograd.Function):
             mask = torch.zeros_like(prob).scatter_(1, target[:, sl].unsqueeze(1), valid[:, sl].unsqueeze(1).to(prob))
             g = mask.mul_(grad_own[:, :, None, None]).add_(grad_total[:, :, None, None])
             g.mul_(prob).mul_(1 - prob)
-            t = g.shape[2]
-            if ctx.width != w:
-                g = torch.ops.aten.upsample_bilinear2d_backward(g, [t, ctx.width], [b, n, t, w], ctx.align_corners)
-            wt = w1[sl].view(1, 1, -1, 1).to(g.dtype)
-            grad.index_add_(2, i0[sl], g * (1 - wt))
-            grad.index_add_(2, i1[sl], g * wt)
+            _add_upsample_adjoint_(grad, g, i0[sl], i1[sl], w1[sl], ctx.width, ctx.align_corners)
         return grad, None, None, None, None, None, None, None, None
 
 
