@@ -171,6 +171,15 @@ class Config:
         feat = torch.randn(b, c, size // stride, size // stride, generator=gen).relu().to(self.device)
         return (*_head_runners(name, c, n, feat, self.target, self.amp), feat)
 
+    def warm_up(self) -> None:
+        """Run every head once (inference and training) so one-time initialisations precede any measurement."""
+        for row in self.rows:
+            infer, train, _ = self.runners(row["head"])
+            if not self.args.no_inference:
+                infer()
+            if self.trains(row["head"]):
+                train()
+
     def measure_memory(self) -> None:
         for row in self.rows:
             infer, train, _ = self.runners(row["head"])
@@ -346,6 +355,7 @@ def main(argv=None) -> list[dict]:
     work = [Config(cfg, args) for cfg in configs(args)]
     # every peak first, with the allocator in its measuring mode for the whole phase (see measure.py)
     with memory_mode():
+        work[0].warm_up()  # thread pools, allocator arenas, oneDNN caches: not any head's working memory
         for config in _progress(work, not args.no_progress, "memory"):
             config.measure_memory()
     for config in _progress(work, not args.no_progress, "time"):
