@@ -1,0 +1,101 @@
+"""mmseg 1.x: adaptive variants of mmseg's decode heads, registered in ``mmseg.registry.MODELS``.
+
+Every per-pixel mmseg head ends in ``cls_seg(feat) = conv_seg(dropout(feat))``. ``Adaptive<Head>`` (for example
+``AdaptiveUPerHead``, ``AdaptiveFCNHead``, ``AdaptiveSegformerHead``, ``AdaptiveOCRHead``) is the same head with
+``conv_seg`` replaced by an adaptive classifier and a ``loss`` that passes the ground truth to it and adds its
+extra terms as ``loss_adaptive`` (the other terms are logged as ``adaptive.<term>``). Enable it in a config with
+a few lines::
+
+    custom_imports = dict(imports=["adaptive_heads.integrations.mmseg"], allow_failed_imports=False)
+    model = dict(
+        decode_head=dict(
+            type="AdaptiveUPerHead",                                   # was "UPerHead"
+            adaptive=dict(type="ContextAwareClassifier", tau=15.0),    # or SSAClassifier, PrototypeClassifier
+            adaptive_loss_weights=None,                                # e.g. dict(distill=1.0)
+            # ... the UPerHead arguments as before
+        )
+    )
+
+The adaptive head applies its own dropout to the coarse logits only (as the official CAC/SSA heads), so the
+decode head's outer dropout before ``conv_seg`` is not applied. Its parameters live under
+``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from mmseg.models import decode_heads as _decode_heads
+from mmseg.registry import MODELS
+
+from ..cac import ContextAwareClassifier
+from ..protoseg import PrototypeClassifier
+from ..ssa import SSAClassifier
+from ..supervise import supervise
+
+__all__ = ["ADAPTIVE_HEADS", "make_adaptive_decode_head"]
+
+ADAPTIVE_HEADS = {
+    "ContextAwareClassifier": ContextAwareClassifier,
+    "SSAClassifier": SSAClassifier,
+    "PrototypeClassifier": PrototypeClassifier,
+}
+_BASES = (
+    "FCNHead", "UPerHead", "ASPPHead", "DepthwiseSeparableASPPHead", "PSPHead", "FPNHead", "SegformerHead",
+    "OCRHead", "LightHamHead", "DAHead", "DNLHead", "EMAHead", "EncHead", "GCHead", "NLHead", "PSAHead",
+)  # fmt: skip
+
+
+def make_adaptive_decode_head(base_cls: type) -> type:
+    """Subclass of an mmseg decode head whose ``conv_seg`` is an adaptive classifier."""
+
+    class AdaptiveDecodeHead(base_cls):  # type: ignore[misc, valid-type]
+        def __init__(
+            self,
+            *args,
+            adaptive: Mapping | None = None,
+            adaptive_loss_weights: Mapping[str, float] | None = None,
+            **kwargs,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            cfg = dict(adaptive or {"type": "ContextAwareClassifier"})
+            kind = cfg.pop("type")
+            if kind not in ADAPTIVE_HEADS:
+                raise ValueError(f"adaptive.type must be one of {list(ADAPTIVE_HEADS)}, got {kind!r}")
+            conv = self.conv_seg
+            head = ADAPTIVE_HEADS[kind](conv.in_channels, conv.out_channels, ignore_index=self.ignore_index, **cfg)
+            inner = getattr(head, "conv_seg", None)
+            if inner is not None:
+                with torch.no_grad():
+                    inner.weight.copy_(conv.weight)
+                    inner.bias.copy_(conv.bias)
+            self.conv_seg = head
+            self.adaptive_loss = head.default_loss()
+            if adaptive_loss_weights:
+                self.adaptive_loss = type(self.adaptive_loss)(
+                    weights=dict(adaptive_loss_weights), ignore_index=self.ignore_index
+                )
+
+        def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
+            return self.conv_seg(feat)
+
+        def loss(self, *args, **kwargs) -> dict:
+            # BaseDecodeHead.loss(inputs, batch_data_samples, train_cfg); cascade heads add prev_output first
+            samples = kwargs["batch_data_samples"] if "batch_data_samples" in kwargs else args[-2]
+            target = self._stack_batch_gt(samples)  # [B, 1, H, W]
+            with supervise(self, target, self.adaptive_loss) as sup:
+                losses = super().loss(*args, **kwargs)
+                terms = sup.losses()
+            losses["loss_adaptive"] = terms.pop("loss")
+            losses.update({f"adaptive.{k.split('.', 1)[-1]}": v.detach() for k, v in terms.items()})
+            return losses
+
+    AdaptiveDecodeHead.__name__ = AdaptiveDecodeHead.__qualname__ = f"Adaptive{base_cls.__name__}"
+    return AdaptiveDecodeHead
+
+
+for _name in _BASES:
+    _base = getattr(_decode_heads, _name, None)
+    if _base is not None and f"Adaptive{_name}" not in MODELS.module_dict:
+        MODELS.register_module(name=f"Adaptive{_name}", module=make_adaptive_decode_head(_base))
