@@ -44,9 +44,13 @@ def _samples(batch: int = 2, size: int = 64):
 
 @pytest.mark.parametrize("kind", ["ContextAwareClassifier", "SSAClassifier", "PrototypeClassifier"])
 def test_adaptive_fcn_head_trains_and_predicts(kind):
+    from mmseg.registry import MODELS
+
     from adaptive_heads import ContextAwareClassifier, PrototypeClassifier, SSAClassifier
 
     model = _model("AdaptiveFCNHead", dict(type=kind))
+    for name in ("AdaptiveUPerHead", "AdaptiveSegformerHead", "AdaptiveOCRHead", "AdaptiveDepthwiseSeparableASPPHead"):
+        assert name in MODELS.module_dict
     head = model.decode_head.conv_seg
     assert isinstance(head, {"ContextAwareClassifier": ContextAwareClassifier, "SSAClassifier": SSAClassifier,
                              "PrototypeClassifier": PrototypeClassifier}[kind])  # fmt: skip
