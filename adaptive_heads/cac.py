@@ -18,6 +18,7 @@ from torch import Tensor
 from .base import CosineHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .functional import (
+    class_means,
     cosine_logits,
     float32_math,
     hard_class_pool,
@@ -121,8 +122,7 @@ class ContextAwareClassifier(CosineHead):
             feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
         )
         weight = self.classifier_weight.to(sums.dtype)
-        fallback = weight.detach().expand_as(sums)
-        prototypes = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), fallback)
+        prototypes = class_means(sums, counts, weight.detach())
         return self.apd_proj(torch.cat([prototypes, weight.expand_as(sums)], dim=-1))
 
     def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:

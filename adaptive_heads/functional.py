@@ -22,6 +22,7 @@ from .validation import check_choice, is_tracing
 __all__ = [
     "bilinear_source_rows",
     "channel_norm",
+    "class_means",
     "class_pixel_counts",
     "classwise_weighted_mean",
     "cosine_logits",
@@ -215,6 +216,17 @@ def hard_class_pool(
         if not per_image:
             sums, counts = sums.sum(dim=0), counts.sum(dim=0)
     return sums, counts
+
+
+def class_means(sums: Tensor, counts: Tensor, fallback: Tensor) -> Tensor:
+    """Per-class means from :func:`hard_class_pool`, with ``fallback`` rows for classes without pixels.
+
+    Args:
+        sums: ``[..., n, C]``; counts: ``[..., n]``; fallback: ``[n, C]`` (broadcast; the official heads pass a
+            detached classifier or basis row).
+    """
+    fallback = fallback.to(sums.dtype).expand_as(sums)
+    return torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), fallback)
 
 
 def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e-12) -> Tensor:

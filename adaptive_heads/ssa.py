@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .base import CosineHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .functional import (
+    class_means,
     cosine_logits,
     float32_math,
     hard_class_pool,
@@ -150,21 +151,19 @@ class SSAClassifier(CosineHead):
         basis = self.center_pos.weight
         per_image = self.semantic_gt_pooling == "image"
         one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, torch.float32)  # shared
-        if feat.dtype == torch.float64:
-            one_hot = one_hot.double()
         sums, counts = hard_class_pool(
             feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image,
             one_hot=one_hot,
         )  # fmt: skip
         w = weight.to(sums.dtype)
-        sem_gt = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), w.detach())
+        sem_gt = class_means(sums, counts, w.detach())
         semantic = self.gt_center_content_proj(torch.cat([sem_gt, w.expand_as(sem_gt)], dim=-1))
         semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
         psums, pcounts = hard_class_pool(
             pos, feature_target, self.num_classes, ignore_index=self.ignore_index, one_hot=one_hot
         )
         e = basis.to(psums.dtype)
-        pos_gt = torch.where(pcounts.unsqueeze(-1) > 0, psums / pcounts.clamp_min(1).unsqueeze(-1), e.detach())
+        pos_gt = class_means(psums, pcounts, e.detach())
         position = self.gt_center_pos_proj(torch.cat([pos_gt, e.expand_as(pos_gt)], dim=-1))
         return semantic, position
 
