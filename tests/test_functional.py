@@ -180,6 +180,33 @@ def test_tiled_upsampled_ce_gradcheck_and_bad_arguments():
         AF.upsampled_cross_entropy(logits, target, average="some")
 
 
+def test_tiled_upsampled_ce_gradient_scales_and_no_grad_value():
+    """The gradient is computed in the forward pass: it must still follow the incoming gradient, and a
+    no-grad call (evaluation) must give the same value without it."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, requires_grad=True)
+    target = torch.randint(0, 4, (2, 17, 23))
+    loss = AF.upsampled_cross_entropy(logits, target, tile_elements=100)
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g_scaled,) = torch.autograd.grad(-2.5 * loss, logits)
+    torch.testing.assert_close(g_scaled, -2.5 * g1)
+    with torch.no_grad():
+        torch.testing.assert_close(AF.upsampled_cross_entropy(logits, target, tile_elements=100), loss.detach())
+    frozen = AF.upsampled_cross_entropy(logits.detach(), target, tile_elements=100)
+    assert not frozen.requires_grad and torch.equal(frozen, loss.detach())
+
+
+def test_tiled_sigmoid_stats_gradcheck():
+    from adaptive_heads.upsampled_ce import upsampled_sigmoid_stats
+
+    logits = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 7, 5))
+    valid = torch.rand(2, 7, 5) > 0.3
+    assert torch.autograd.gradcheck(
+        lambda z: upsampled_sigmoid_stats(z, target, valid, align_corners=False, tile_elements=20), (logits,)
+    )
+
+
 def test_bilinear_source_rows_match_interpolate():
     for align in (False, True):
         for out_size, in_size in ((17, 5), (4, 9), (1, 3), (6, 1)):
