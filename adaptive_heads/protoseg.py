@@ -21,7 +21,8 @@ from .base import AdaptiveHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .distributed import all_reduce_, is_distributed
 from .functional import pointwise_conv, resize_labels_nearest, upcast_half
-from .prototype_ops import class_max_similarity
+from .pixel_embedding import unit_layer_norm
+from .prototype_ops import prototype_similarity_stats
 from .sinkhorn import classwise_sinkhorn
 from .validation import check_choice
 
@@ -39,12 +40,18 @@ class PrototypeOutput(HeadOutput):
         proto_target: ``[N]`` long, ``c·K + k`` with k the Sinkhorn assignment of the pixel within its class
             ``c``; ``-1`` for ignored pixels.
         feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+        own_similarity: ``[N, K]`` cosines to the prototypes of the pixel's own class (with gradient); the
+            PPC/PPD target cosine is ``own_similarity[i, proto_target[i] % K]``.
+        contrast_lse: ``[N]`` ``log Σ_j exp(s_ij)`` over all ``n·K`` prototype cosines (with gradient), the PPC
+            normaliser at temperature 1.
     """
 
     embeddings: Tensor
     prototypes: Tensor
     proto_target: Tensor
     feature_target: Tensor
+    own_similarity: Tensor | None = None
+    contrast_lse: Tensor | None = None
 
     @property
     def proto_logits(self) -> Tensor:
@@ -175,10 +182,11 @@ class PrototypeClassifier(AdaptiveHead):
 
     def _embed(self, feat: Tensor) -> Tensor:
         y = self.proj_head(feat)
-        y = F.normalize(y, p=2, dim=1 if self.projection_norm == "channel" else -1)
-        y = F.layer_norm(y.permute(0, 2, 3, 1), (self.embed_dim,), self.feat_norm.weight, self.feat_norm.bias,
-                         self.feat_norm.eps)  # fmt: skip
-        return F.normalize(y, p=2, dim=-1)
+        channel = self.projection_norm == "channel"
+        if not channel:
+            y = F.normalize(y, p=2, dim=-1)  # the official width-axis normalisation
+        norm = self.feat_norm
+        return unit_layer_norm(y, norm.weight, norm.bias, norm.eps, normalize_input=channel)
 
     def unit_prototypes(self) -> Tensor:
         """``[n, K, D]`` L2-normalised copy of the prototype buffer (the buffer itself is never in a graph)."""
@@ -209,11 +217,11 @@ class PrototypeClassifier(AdaptiveHead):
         if self.ignore_index is not None:
             valid &= labels != self.ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        best, own = class_max_similarity(flat, protos, safe, n)  # [N, n] and [N, K], no [N, n·K] kept
+        best, own, lse = prototype_similarity_stats(flat, protos, safe, n)  # no [N, n·K] kept
         logits = self._class_logits(best.view(b, h, w, n))
         with torch.no_grad():
             plan = classwise_sinkhorn(
-                own, torch.where(valid, labels, torch.full_like(labels, -1)), n,
+                own.detach(), torch.where(valid, labels, torch.full_like(labels, -1)), n,
                 iters=self.sinkhorn_iters, eps=self.sinkhorn_eps, sync=self.sync,
             )  # fmt: skip
             assignment = plan.argmax(dim=1)
@@ -233,7 +241,7 @@ class PrototypeClassifier(AdaptiveHead):
                     self._momentum_update(flat.detach(), safe * k + chosen, correct)
         return PrototypeOutput(
             logits=logits, embeddings=flat, prototypes=protos, proto_target=proto_target,
-            feature_target=feature_target,
+            feature_target=feature_target, own_similarity=own, contrast_lse=lse,
         )  # fmt: skip
 
     def _gumbel_assign(self, plan: Tensor) -> Tensor:

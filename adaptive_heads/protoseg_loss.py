@@ -17,6 +17,16 @@ __all__ = ["PrototypeLoss", "prototype_loss"]
 DEFAULT_WEIGHTS = {"ce": 1.0, "ppc": 0.01, "ppd": 0.001}
 
 
+def _contrast_sums_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor) -> tuple[Tensor, Tensor]:
+    """PPC and PPD sums at T = 1 from ``own [N, K]`` and ``lse [N]`` (see :class:`PrototypeOutput`)."""
+    keep = proto_target >= 0
+    within = proto_target.clamp_min(0) % own.shape[1]
+    picked = upcast_half(own).gather(1, within.unsqueeze(1)).squeeze(1)
+    ppc = torch.where(keep, lse - picked, torch.zeros_like(picked)).sum()
+    ppd = torch.where(keep, (1 - picked).pow(2), torch.zeros_like(picked)).sum()
+    return ppc, ppd
+
+
 def prototype_loss(
     out: PrototypeOutput,
     target: Tensor,
@@ -48,8 +58,9 @@ class PrototypeLoss(HeadLoss):
       (``ppc_temperature`` T, official 1 — the paper writes a temperature);
     - ``ppd``: pixel–prototype distance ``(1 − s_{i,t_i})²``, mean over valid pixels.
 
-    PPC and PPD run in pixel chunks (:func:`~adaptive_heads.prototype_ops.prototype_contrast_sums`): the
-    ``[N, n·K]`` similarities are never kept for backward.
+    The ``[N, n·K]`` similarities are never kept for backward. At T = 1 PPC and PPD come from the per-pixel
+    statistics the head's single chunked similarity pass already produced (``contrast_lse``, ``own_similarity``);
+    other temperatures run their own chunked pass (:func:`~adaptive_heads.prototype_ops.prototype_contrast_sums`).
 
     All-ignored batches give finite zeros (the official code gives NaN).
     """
@@ -80,8 +91,11 @@ class PrototypeLoss(HeadLoss):
         if self.class_weight is not None and self.class_weight.shape != (n,):
             raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
         with float32_math(out.embeddings.device):
-            emb = upcast_half(out.embeddings)
-            ppc_sum, ppd_sum = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
+            if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
+                ppc_sum, ppd_sum = _contrast_sums_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)
+            else:
+                emb = upcast_half(out.embeddings)
+                ppc_sum, ppd_sum = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
         count = (out.proto_target >= 0).sum().clamp_min(1)
         return {
             "ce": upsampled_cross_entropy(

