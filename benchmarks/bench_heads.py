@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
-from benchmarks.measure import CPU_MEMORY_METHOD, median_time, memory_mode, peak_memory  # noqa: E402
+from benchmarks.measure import CPU_MEMORY_METHOD, count_ops, median_time, memory_mode, peak_memory  # noqa: E402
 
 HEADS = {
     "cac": (ah.ContextAwareClassifier, ah.ContextAwareLoss),
@@ -204,7 +204,10 @@ class Config:
 
                 step, head = STEPS[row["head"]], HEADS[row["head"]][0](self.cfg["C"], self.cfg["n"]).to(self.device)
                 f = feat.detach().requires_grad_(True)
-                row["loop_train_s"] = median_time(lambda: step(head, f, self.target), self.device, 0, 1)  # noqa: B023
+                loop = lambda: step(head, f, self.target)  # noqa: B023, E731
+                row["loop_train_s"] = median_time(loop, self.device, 0, 1)
+                row.update({f"loop_{k}": v for k, v in count_ops(loop).items()})
+                row.update({f"train_{k}": v for k, v in count_ops(train).items()})
         _add_relative(self.rows)
 
 
@@ -255,6 +258,24 @@ def markdown_table(rows: list[dict]) -> str:
                 te=_fmt(r.get("train_extra_mib"), "+.0f"),
                 tx=_fmt(r.get("train_extra_vs_plain_mib"), "+.0f"),
             )
+        )
+    return "\n".join(lines)
+
+
+def loop_table(rows: list[dict]) -> str:
+    """Training step against the per-class-loop implementation (``--loop-reference`` rows only)."""
+    lines = [
+        "| size | stride | n | C | head | train ms | loop-reference ms | speed-up | aten ops / step (ours / loop) "
+        "| host syncs / step (ours / loop) |",
+        "|" + "---|" * 10,
+    ]
+    for r in rows:
+        if "loop_train_s" not in r:
+            continue
+        lines.append(
+            f"| {r['size']} | {r['stride']} | {r['n']} | {r['C']} | {r['head']} | {r['train_s'] * 1e3:.0f} "
+            f"| {r['loop_train_s'] * 1e3:.0f} | {r['speedup_vs_loop']:.1f}× | {r['train_ops']} / {r['loop_ops']} "
+            f"| {r['train_syncs']} / {r['loop_syncs']} |"
         )
     return "\n".join(lines)
 
@@ -372,6 +393,8 @@ def main(argv=None) -> list[dict]:
         f"{CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
     )
     table = markdown_table(rows)
+    if any("loop_train_s" in r for r in rows):
+        table += "\n\n" + loop_table(rows)
     print(f"\n{meta}\n\n{table}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:], "rows": rows}, indent=1))

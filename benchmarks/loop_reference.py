@@ -1,6 +1,9 @@
 """Training steps written the way the official code is: Python loops over the classes present (and over
-images), ``unique()``, boolean masks, full-resolution upsampled CE terms. Used to measure the speed-up of the
-vectorised heads; the loop bodies come from the test references (``tests/reference_*.py``)."""
+images), ``unique()``, boolean masks, full-resolution upsampled CE terms (``F.interpolate`` +
+``F.cross_entropy``), and for ProtoSeg the official embedding path composed with autograd and the cosines
+computed twice (``[N, K, n]`` for the class max, ``[N, n·K]`` for PPC/PPD), as ``protoseg.md`` describes. Used
+to measure the speed-up of the vectorised heads; the loop bodies come from the test references
+(``tests/reference_*.py``)."""
 
 from __future__ import annotations
 
@@ -37,20 +40,24 @@ def ssa_step(head, feat, target):
 
 
 def proto_step(head, feat, target):
-    emb = head.embed(feat)
-    b, h, w, d = emb.shape
-    flat = emb.reshape(-1, d)
-    protos = F.normalize(head.prototypes, dim=-1)
-    logits = flat @ protos.reshape(-1, d).t()  # contrast_logits [N, n*K]
-    seg = head.mask_norm(logits.view(flat.shape[0], head.num_classes, -1).amax(-1))
+    conv1, relu, conv2 = head.proj_head.proj  # the official embedding path, composed with autograd
+    y = F.normalize(conv2(relu(conv1(feat))), dim=1)
+    b, d, h, w = y.shape
+    flat = F.normalize(head.feat_norm(y.permute(0, 2, 3, 1).reshape(-1, d)), dim=-1)
+    protos = F.normalize(head.prototypes, dim=-1)  # [n, K, D]
+    masks = torch.einsum("nd,ckd->nkc", flat, protos)  # [N, K, n]: the official class-max layout
+    seg = head.mask_norm(masks.amax(1))
+    contrast_logits = flat @ protos.reshape(-1, d).t()  # [N, n*K]: the same cosines again, for PPC/PPD
     gt = F.interpolate(target[:, None].float(), size=(h, w), mode="nearest").long().reshape(-1)
     with torch.no_grad():
-        new_protos, proto_target = reference_protoseg.prototype_learning(head, flat.detach(), seg.detach(), gt)
+        new_protos, proto_target = reference_protoseg.prototype_learning(
+            head, flat.detach(), seg.detach(), gt, masks=masks.detach()
+        )
         head.prototypes.copy_(new_protos)
     seg_map = seg.view(b, h, w, -1).permute(0, 3, 1, 2)
-    ppc = F.cross_entropy(logits, proto_target, ignore_index=-1)
+    ppc = F.cross_entropy(contrast_logits, proto_target, ignore_index=-1)
     keep = proto_target != -1
-    ppd = (1 - logits[keep].gather(1, proto_target[keep][:, None])).pow(2).mean()
+    ppd = (1 - contrast_logits[keep].gather(1, proto_target[keep][:, None])).pow(2).mean()
     (_ce(seg_map, target) + 0.01 * ppc + 0.001 * ppd).backward()
 
 

@@ -133,3 +133,54 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1,
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+#: aten ops that make the host wait for the device on CUDA (a scalar read, or an output size that depends on
+#: the data: ``.item()``, ``bool(t)``, ``nonzero`` (boolean indexing), ``unique``, ``masked_select``)
+SYNC_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::is_nonzero",
+        "aten::nonzero",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::masked_select",
+    }
+)
+#: leaf aten ops that only make views or allocate (no kernel on CUDA)
+_NO_KERNEL = frozenset(
+    "aten::" + name
+    for name in (
+        "empty empty_strided empty_like view as_strided reshape _reshape_alias _unsafe_view permute transpose t "
+        "expand expand_as slice select unsqueeze squeeze detach alias lift_fresh unbind split split_with_sizes "
+        "chunk narrow view_as flatten unflatten resize_ set_ result_type broadcast_tensors numpy_T contiguous"
+    ).split()
+)
+
+
+def _inside_sync(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in SYNC_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_ops(fn: Callable[[], object]) -> dict[str, int]:
+    """Kernel-launching aten ops and host-synchronising ops of one call of ``fn`` (torch profiler, CPU).
+
+    ``ops`` counts the leaf aten ops that compute (views and allocations excluded): on CUDA each is at least one
+    kernel launch. ``syncs`` counts the :data:`SYNC_OPS` calls: on CUDA each waits for the device to drain.
+    Device-independent, so a CPU run already tells how a step will behave on a GPU.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    ops = sum(1 for e in events if not e.cpu_children and e.name not in _NO_KERNEL)
+    syncs = sum(1 for e in events if e.name in SYNC_OPS and not _inside_sync(e))
+    return {"ops": ops, "syncs": syncs}

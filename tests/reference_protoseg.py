@@ -17,12 +17,14 @@ def sinkhorn(out: torch.Tensor, iters: int = 3, eps: float = 0.05) -> torch.Tens
     return (plan * n_pixels).t()
 
 
-def prototype_learning(head, emb: torch.Tensor, seg: torch.Tensor, gt: torch.Tensor, ignore: int = 255):
+def prototype_learning(head, emb: torch.Tensor, seg: torch.Tensor, gt: torch.Tensor, ignore: int = 255, masks=None):
     """Argmax-assignment version of the official update. ``emb [N, D]`` unit embeddings, ``seg [N, n]``
-    mask_norm logits, ``gt [N]`` labels. Returns (new prototypes [n, K, D], targets [N] with -1 = ignored)."""
+    mask_norm logits, ``gt [N]`` labels, ``masks [N, K, n]`` the cosines if already computed (as the official
+    code passes them). Returns (new prototypes [n, K, D], targets [N] with -1 = ignored)."""
     n, k = head.num_classes, head.num_prototypes
     protos = F.normalize(head.prototypes.clone(), dim=-1)
-    masks = torch.einsum("nd,ckd->nkc", emb, protos)  # [N, K, n], the official layout
+    if masks is None:
+        masks = torch.einsum("nd,ckd->nkc", emb, protos)  # [N, K, n], the official layout
     correct = gt == seg.argmax(1)
     target = torch.full_like(gt, -1)
     for c in range(n):

@@ -22,7 +22,9 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
         assert row["infer_time_ratio"] > 0
         if row["head"] in ("cac", "ssa", "proto"):
             assert row["loop_train_s"] > 0 and row["speedup_vs_loop"] > 0
+            assert row["train_ops"] < row["loop_ops"] and row["train_syncs"] < row["loop_syncs"]
     assert "| 64 | 4 | 19 | 64 | cac |" in bench_heads.markdown_table(rows)
+    assert "| 64 | 4 | 19 | 64 | proto |" in bench_heads.loop_table(rows)
 
 
 def test_bench_model_mode_quick(tmp_path):
