@@ -16,12 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .functional import float32_math, upcast_half
+from .functional import float32_math
 
 __all__ = ["unit_layer_norm"]
 
 #: the ``eps`` of ``F.normalize``
 NORM_EPS = 1e-12
+
+
+def _channels_last_float(y: Tensor) -> Tensor:
+    """``[B, D, h, w]`` → a new contiguous ``[B, h, w, D]`` in float32 (or wider), one copy."""
+    dtype = torch.promote_types(y.dtype, torch.float32)
+    return y.permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,7 +45,7 @@ def _unit_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
 class _UnitLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, eps, normalize_input):
-        x = upcast_half(y).permute(0, 2, 3, 1).contiguous()  # [B, h, w, D]
+        x = _channels_last_float(y)  # [B, h, w, D]
         d = x.shape[-1]
         if normalize_input:
             u, in_norm = _unit(x)
@@ -91,10 +97,11 @@ def unit_layer_norm(
         t is not None and t.requires_grad for t in (y, weight, bias)
     ):
         return _UnitLayerNorm.apply(y, weight, bias, eps, normalize_input)
-    with float32_math(y.device):
-        x = upcast_half(y).permute(0, 2, 3, 1)
+    with float32_math(y.device):  # one working copy, normalised in place (inference peak: 2 feature maps)
+        x = _channels_last_float(y)
+        del y  # the caller passes a temporary: free it before the LayerNorm output is allocated
         if normalize_input:
-            x = F.normalize(x, dim=-1)
+            x = _unit(x)[0]
         x = F.layer_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype),
                          None if bias is None else bias.to(x.dtype), eps)  # fmt: skip
-        return F.normalize(x, dim=-1)
+        return _unit(x)[0]

@@ -181,12 +181,11 @@ class PrototypeClassifier(AdaptiveHead):
         return self._embed(feat)
 
     def _embed(self, feat: Tensor) -> Tensor:
-        y = self.proj_head(feat)
-        channel = self.projection_norm == "channel"
-        if not channel:
-            y = F.normalize(y, p=2, dim=-1)  # the official width-axis normalisation
         norm = self.feat_norm
-        return unit_layer_norm(y, norm.weight, norm.bias, norm.eps, normalize_input=channel)
+        if self.projection_norm == "channel":
+            return unit_layer_norm(self.proj_head(feat), norm.weight, norm.bias, norm.eps)
+        width_normalised = F.normalize(self.proj_head(feat), p=2, dim=-1)  # the official width-axis bug
+        return unit_layer_norm(width_normalised, norm.weight, norm.bias, norm.eps, normalize_input=False)
 
     def unit_prototypes(self) -> Tensor:
         """``[n, K, D]`` L2-normalised copy of the prototype buffer (the buffer itself is never in a graph)."""
