@@ -233,32 +233,30 @@ def _fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+_INFER_COLUMNS = [
+    ("infer ms", lambda r: _fmt(r.get("infer_s") and r["infer_s"] * 1e3, ".1f")),
+    ("infer × conv", lambda r: _fmt(r.get("infer_time_ratio"), ".2f")),
+    ("infer peak MiB", lambda r: _fmt(r.get("infer_peak_bytes") and r["infer_peak_bytes"] / MIB, ".0f")),
+    ("infer extra MiB", lambda r: _fmt(r.get("infer_extra_mib"), "+.0f")),
+]
+_TRAIN_COLUMNS = [
+    ("train ms", lambda r: _fmt(r.get("train_s") and r["train_s"] * 1e3, ".0f")),
+    ("train × conv", lambda r: _fmt(r.get("train_time_ratio"), ".2f")),
+    ("train peak MiB", lambda r: _fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f")),
+    ("train extra MiB", lambda r: _fmt(r.get("train_extra_mib"), "+.0f")),
+    ("train extra vs plain-CE conv", lambda r: _fmt(r.get("train_extra_vs_plain_mib"), "+.0f")),
+]
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = (
-        "| size | stride | n | C | head | infer ms | infer × conv | infer peak MiB | infer extra MiB "
-        "| train ms | train × conv | train peak MiB | train extra MiB | train extra vs plain-CE conv |"
-    )
-    lines = [head, "|" + "---|" * 14]
-    for r in rows:
-        lines.append(
-            "| {size} | {stride} | {n} | {C} | {head} | {im} | {ir} | {ip} | {ie} | {tm} | {tr} | {tp} | {te} "
-            "| {tx} |".format(
-                size=r["size"],
-                stride=r["stride"],
-                n=r["n"],
-                C=r["C"],
-                head=r["head"],
-                im=_fmt(r.get("infer_s") and r["infer_s"] * 1e3, ".1f"),
-                ir=_fmt(r.get("infer_time_ratio"), ".2f"),
-                ip=_fmt(r.get("infer_peak_bytes") and r["infer_peak_bytes"] / MIB, ".0f"),
-                ie=_fmt(r.get("infer_extra_mib"), "+.0f"),
-                tm=_fmt(r.get("train_s") and r["train_s"] * 1e3, ".0f"),
-                tr=_fmt(r.get("train_time_ratio"), ".2f"),
-                tp=_fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f"),
-                te=_fmt(r.get("train_extra_mib"), "+.0f"),
-                tx=_fmt(r.get("train_extra_vs_plain_mib"), "+.0f"),
-            )
-        )
+    """One row per (configuration, head); inference or training columns only when measured."""
+    columns = [(k, (lambda r, k=k: str(r[k]))) for k in ("size", "stride", "n", "C", "head")]
+    if any("infer_s" in r for r in rows):
+        columns += _INFER_COLUMNS
+    if any("train_s" in r for r in rows):
+        columns += _TRAIN_COLUMNS
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -348,6 +346,7 @@ def parse_args(argv=None):
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write a PNG (matplotlib)")
     p.add_argument("--update-readme", action="store_true", help="replace the README block of this tag")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--render", type=Path, metavar="JSON", help="print (and --update-readme) a saved result, no runs")
     return p.parse_args(argv)
 
 
@@ -367,8 +366,31 @@ def configs(args) -> list[dict]:
     return [{"size": s, "stride": st, "n": n, "C": c} for s, st, n, c in grid]
 
 
+def tables(rows: list[dict]) -> str:
+    """The main table, and the loop comparison when the rows have one."""
+    table = markdown_table(rows)
+    if any("loop_train_s" in r for r in rows):
+        table += "\n\n" + loop_table(rows)
+    return table
+
+
+def render(args) -> list[dict]:
+    """``--render``: the tables of a saved JSON, and its README block with ``--update-readme``."""
+    data = json.loads(args.render.read_text())
+    table = tables(data["rows"])
+    print(f"{data['meta']}\n\n{table}")
+    if args.update_readme:
+        tag = args.tag or args.render.stem
+        command = "python benchmarks/bench_heads.py " + " ".join(a for a in data["args"] if a != "--update-readme")
+        update_readme(table, tag, command.strip(), data["meta"])
+        print(f"updated README.md block {tag!r}")
+    return data["rows"]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.render:
+        return render(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     tag = args.tag or (args.device.split(":")[0] + ("-model" if args.model else "") + ("-quick" if args.quick else ""))
@@ -392,9 +414,7 @@ def main(argv=None) -> list[dict]:
         f"{'whole MiniUPerNet' if args.model else 'head only'}; memory: "
         f"{CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
     )
-    table = markdown_table(rows)
-    if any("loop_train_s" in r for r in rows):
-        table += "\n\n" + loop_table(rows)
+    table = tables(rows)
     print(f"\n{meta}\n\n{table}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:], "rows": rows}, indent=1))

@@ -25,6 +25,7 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
             assert row["train_ops"] < row["loop_ops"] and row["train_syncs"] < row["loop_syncs"]
     assert "| 64 | 4 | 19 | 64 | cac |" in bench_heads.markdown_table(rows)
     assert "| 64 | 4 | 19 | 64 | proto |" in bench_heads.loop_table(rows)
+    assert bench_heads.main(["--render", str(out)]) == data["rows"]  # re-render without measuring
 
 
 def test_bench_model_mode_quick(tmp_path):
@@ -35,3 +36,6 @@ def test_bench_model_mode_quick(tmp_path):
     )
     assert {r["head"] for r in rows} == {"conv", "cac", "ssa", "proto"}
     assert all(r["train_s"] > 0 for r in rows)
+    training_only = [{k: v for k, v in r.items() if not k.startswith("infer")} for r in rows]
+    header = bench_heads.markdown_table(training_only).splitlines()[0]
+    assert "train ms" in header and "infer" not in header  # unmeasured columns are left out
