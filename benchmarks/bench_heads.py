@@ -233,17 +233,24 @@ def _fmt(v, spec):
     return "–" if v is None else format(v, spec)
 
 
+def _extra(r: dict, phase: str) -> str:
+    """``+76 (+43 %)``: extra MiB over the conv baseline and the same in percent."""
+    mib, pct = r.get(f"{phase}_extra_mib"), r.get(f"{phase}_extra_pct")
+    return "–" if mib is None else f"{mib:+.0f} ({pct:+.0f} %)"
+
+
 _INFER_COLUMNS = [
     ("infer ms", lambda r: _fmt(r.get("infer_s") and r["infer_s"] * 1e3, ".1f")),
+    ("fps", lambda r: _fmt(r.get("infer_fps"), ".1f")),
     ("infer × conv", lambda r: _fmt(r.get("infer_time_ratio"), ".2f")),
     ("infer peak MiB", lambda r: _fmt(r.get("infer_peak_bytes") and r["infer_peak_bytes"] / MIB, ".0f")),
-    ("infer extra MiB", lambda r: _fmt(r.get("infer_extra_mib"), "+.0f")),
+    ("infer extra MiB", lambda r: _extra(r, "infer")),
 ]
 _TRAIN_COLUMNS = [
     ("train ms", lambda r: _fmt(r.get("train_s") and r["train_s"] * 1e3, ".0f")),
     ("train × conv", lambda r: _fmt(r.get("train_time_ratio"), ".2f")),
     ("train peak MiB", lambda r: _fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f")),
-    ("train extra MiB", lambda r: _fmt(r.get("train_extra_mib"), "+.0f")),
+    ("train extra MiB", lambda r: _extra(r, "train")),
     ("train extra vs plain-CE conv", lambda r: _fmt(r.get("train_extra_vs_plain_mib"), "+.0f")),
 ]
 
