@@ -135,7 +135,7 @@ def upsampled_cross_entropy(
 
     Equal to ``F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear",
     align_corners=align_corners), target, weight=class_weight, ignore_index=ignore_index)`` (up to float
-    rounding), computed in row tiles with recomputation in backward (see the module docstring). Usable as the
+    rounding), computed in row tiles that also accumulate the gradient (see the module docstring). Usable as the
     CE of any segmentation model, with or without an adaptive head.
 
     Args:

@@ -382,3 +382,16 @@ def test_unit_layer_norm_half_input_and_frozen_affine():
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(1, 2, 5))
     out.sum().backward()
     assert y.grad.dtype == torch.bfloat16 and torch.isfinite(y.grad.float()).all()
+
+
+def test_checkpoint_embedding_gives_the_same_step():
+    grads = []
+    for checkpointed in (False, True):
+        head, feat, target = make(dtype=torch.float64, checkpoint_embedding=checkpointed)
+        feat.requires_grad_(True)
+        terms = PrototypeLoss()(head(feat, target), target)
+        terms["loss"].backward()
+        grads.append([terms["loss"].detach(), feat.grad, head.prototypes.clone()])
+        grads[-1] += [p.grad for p in head.parameters()]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
