@@ -121,8 +121,9 @@ class PrototypeClassifier(AdaptiveHead):
         init_std: std of the (truncated at ±2) normal init of the prototypes before normalisation.
         checkpoint_embedding: recompute the embedding path in backward: two fewer feature-size tensors held
             from forward to backward (worth it when a whole model's memory peaks at the end of its forward),
-            for about 15 % more head step time. Off by default: for the head alone it raises the peak, which
-            then falls inside backward (224 vs 181 MiB at 512 px, n = 150, C = 512).
+            for about 20 % more head step time. Off by default: for the head alone the peak falls inside
+            backward, so it helps only at small sizes (222 vs 275 MiB at 512 px, equal at 1024 px; n = 150,
+            C = 512).
     """
 
     def __init__(

@@ -205,7 +205,7 @@ class Config:
                 step, head = STEPS[row["head"]], HEADS[row["head"]][0](self.cfg["C"], self.cfg["n"]).to(self.device)
                 f = feat.detach().requires_grad_(True)
                 loop = lambda: step(head, f, self.target)  # noqa: B023, E731
-                row["loop_train_s"] = median_time(loop, self.device, 0, 1)
+                row["loop_train_s"] = median_time(loop, self.device, 0, args.train_repeats)
                 row.update({f"loop_{k}": v for k, v in count_ops(loop).items()})
                 row.update({f"train_{k}": v for k, v in count_ops(train).items()})
         _add_relative(self.rows)
