@@ -8,15 +8,9 @@ with that check off, a training step (forward, every loss term, backward) and an
 import pytest
 import torch
 
-import adaptive_heads as ah
 from adaptive_heads import validation
+from benchmarks.bench_heads import HEADS
 from benchmarks.measure import count_ops
-
-HEADS = {
-    "cac": (ah.ContextAwareClassifier, ah.ContextAwareLoss),
-    "ssa": (ah.SSAClassifier, ah.SSALoss),
-    "proto": (ah.PrototypeClassifier, ah.PrototypeLoss),
-}
 
 
 @pytest.mark.parametrize("name", list(HEADS))
