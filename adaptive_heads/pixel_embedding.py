@@ -13,7 +13,6 @@ LayerNorm part in PyTorch's fused kernel. About 2.5× faster than autograd on CP
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .functional import float32_math
@@ -42,27 +41,29 @@ def _unit_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
     return torch.addcmul(grad, unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
 
 
+def _unit_layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, normalize_input: bool):
+    """The forward on a working copy ``x [B, h, w, D]`` (overwritten). Returns the output ``e`` and what
+    backward needs: ``(e, u, mean, rstd, ‖y‖ or None, ‖v‖, weight, bias)`` with the affine in ``x``'s dtype."""
+    u, in_norm = _unit(x) if normalize_input else (x, None)
+    w = None if weight is None else weight.to(u.dtype)
+    b = None if bias is None else bias.to(u.dtype)
+    v, mean, rstd = torch.native_layer_norm(u, [u.shape[-1]], w, b, eps)
+    e, out_norm = _unit(v)
+    return e, u, mean, rstd, in_norm, out_norm, w, b
+
+
 class _UnitLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, eps, normalize_input):
-        x = _channels_last_float(y)  # [B, h, w, D]
-        d = x.shape[-1]
-        if normalize_input:
-            u, in_norm = _unit(x)
-        else:
-            u, in_norm = x, None
-        w = None if weight is None else weight.to(u.dtype)
-        b = None if bias is None else bias.to(u.dtype)
-        v, mean, rstd = torch.native_layer_norm(u, [d], w, b, eps)
-        e, out_norm = _unit(v)
-        ctx.save_for_backward(u, e, mean, rstd, in_norm, out_norm, w, b)
+        saved = _unit_layer_norm_forward(_channels_last_float(y), weight, bias, eps, normalize_input)
+        ctx.save_for_backward(*saved)
         ctx.dtypes = (y.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return e
+        return saved[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_e):
-        u, e, mean, rstd, in_norm, out_norm, w, b = ctx.saved_tensors
+        e, u, mean, rstd, in_norm, out_norm, w, b = ctx.saved_tensors
         y_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_v = _unit_backward(grad_e.to(e.dtype), e, out_norm)
         needs = ctx.needs_input_grad
@@ -91,17 +92,15 @@ def unit_layer_norm(
 
     Returns:
         ``[B, h, w, D]`` unit embeddings (channels last), float32 for half inputs. With autograd on, the
-        hand-written backward above; otherwise (inference, export) the same ops composed.
+        hand-written backward above; otherwise (inference, export) the same forward without autograd.
     """
-    if torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
-        t is not None and t.requires_grad for t in (y, weight, bias)
+    if (
+        torch.is_grad_enabled()
+        and not torch.jit.is_tracing()
+        and any(t is not None and t.requires_grad for t in (y, weight, bias))
     ):
         return _UnitLayerNorm.apply(y, weight, bias, eps, normalize_input)
     with float32_math(y.device):  # one working copy, normalised in place (inference peak: 2 feature maps)
         x = _channels_last_float(y)
         del y  # the caller passes a temporary: free it before the LayerNorm output is allocated
-        if normalize_input:
-            x = _unit(x)[0]
-        x = F.layer_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype),
-                         None if bias is None else bias.to(x.dtype), eps)  # fmt: skip
-        return _unit(x)[0]
+        return _unit_layer_norm_forward(x, weight, bias, eps, normalize_input)[0]
