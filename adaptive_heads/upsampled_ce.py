@@ -84,6 +84,17 @@ def _row_tiles(height: int, rows_per_tile: int):
     return (slice(start, start + rows_per_tile) for start in range(0, height, rows_per_tile))
 
 
+def _tiling(logits: Tensor, target: Tensor, align_corners: bool, tile_elements: int | None) -> tuple:
+    """The arguments the tiled Functions share: ``(i0, i1, w1, W, align_corners, rows_per_tile, with_grad)``."""
+    b, n, h, _ = logits.shape
+    big_h, big_w = target.shape[-2:]
+    i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
+    budget = TILE_ELEMENTS if tile_elements is None else tile_elements
+    rows_per_tile = max(1, budget // max(1, b * n * big_w))
+    with_grad = torch.is_grad_enabled() and logits.requires_grad
+    return i0, i1, w1, big_w, align_corners, rows_per_tile, with_grad
+
+
 class _TiledUpsampledCE(torch.autograd.Function):
     """Σ_pixels weight · CE(upsample(logits), target), one row tile at a time.
 
@@ -154,8 +165,7 @@ def upsampled_cross_entropy(
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     check_choice("average", average, ("valid", "all"))
-    b, n, h, _w = logits.shape
-    big_h, big_w = target.shape[-2:]
+    n = logits.shape[1]
     with torch.autocast(device_type=logits.device.type, enabled=False):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
@@ -167,12 +177,8 @@ def upsampled_cross_entropy(
             pixel_weight = valid.to(logits.dtype)
         else:
             pixel_weight = class_weight.to(logits)[safe] * valid
-        i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
-        budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-        rows_per_tile = max(1, budget // max(1, b * n * big_w))
-        with_grad = torch.is_grad_enabled() and logits.requires_grad
         total = _TiledUpsampledCE.apply(
-            logits, safe, pixel_weight, i0, i1, w1, big_w, align_corners, rows_per_tile, with_grad
+            logits, safe, pixel_weight, *_tiling(logits, target, align_corners, tile_elements)
         )
         if reduction == "sum":
             return total
@@ -239,15 +245,7 @@ def upsampled_sigmoid_stats(
     Returns:
         ``(total, own)``, each ``[B, n]``: ``Σ_p σ(z_bcp)`` over all pixels, and over the valid pixels labelled c.
     """
-    b, n, h, _ = logits.shape
-    big_h, big_w = target.shape[-2:]
     with torch.autocast(device_type=logits.device.type, enabled=False):
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()
-        i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
-        budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-        rows_per_tile = max(1, budget // max(1, b * n * big_w))
-        with_grad = torch.is_grad_enabled() and logits.requires_grad
-        return _TiledSigmoidStats.apply(
-            logits, target, valid, i0, i1, w1, big_w, align_corners, rows_per_tile, with_grad
-        )
+        return _TiledSigmoidStats.apply(logits, target, valid, *_tiling(logits, target, align_corners, tile_elements))
