@@ -1,0 +1,137 @@
+"""The CamVid example on a tiny folder the test writes itself in the source's layout (no download needed)."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="the CamVid example needs Pillow (the examples extra)")
+from PIL import Image  # noqa: E402
+
+from examples import camvid_data, train_camvid  # noqa: E402
+from examples.segmentation_net import SegmentationNet  # noqa: E402
+
+
+def write_camvid(root, splits=("train", "val"), frames=3, size=(36, 48), seed=0):
+    """Random frames and labels (0–11, 11 = Unlabelled) named like CamVid's, two sequences per split."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(frames):
+            name = f"{'0016E5' if i % 2 else 'Seq05VD'}_{i:05d}.png"
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name)
+            labels = rng.integers(0, 12, size, dtype=np.uint8)
+            labels[: size[0] // 2] = i % 11  # a large region, so crops are not pure noise
+            Image.fromarray(labels).save(root / f"{split}annot" / name)
+    return root
+
+
+def test_quick_run_writes_results(tmp_path):
+    data = write_camvid(tmp_path / "CamVid", splits=("train", "val", "test"))
+    out = tmp_path / "results"
+    result = train_camvid.main(
+        ["--data", str(data), "--quick", "--no-progress", "--out", str(out), "--checkpoints", str(tmp_path / "ck")]
+    )
+    saved = json.loads((out / "camvid-quick.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+    assert [r["classifier"] for r in saved["runs"]] == ["conv", "cac", "ssa", "proto"]
+    for run in saved["runs"]:
+        assert run["seed"] == 0 and 0.0 <= run["val_miou"] <= 100.0
+        assert set(run["per_class_iou"]) == set(camvid_data.CLASSES)
+        assert run["curve"][-1] == [1, run["val_miou"]] and run["s_per_epoch"] > 0
+        assert set(run["splits"]) == {"val", "test"}  # every split present is evaluated at the end
+        assert set(run["splits"]["test"]["per_sequence"]) == {"0016E5", "Seq05VD"}
+    assert (out / "camvid-quick_miou.png").stat().st_size > 0
+    assert (out / "camvid-quick_predictions.png").stat().st_size > 0
+    # --resume finds the finished runs and reproduces their records without training
+    again = train_camvid.main(
+        ["--data", str(data), "--quick", "--no-progress", "--no-plots", "--resume", "--out", str(out),
+         "--checkpoints", str(tmp_path / "ck")]
+    )  # fmt: skip
+    for a, b in zip(again["runs"], result["runs"]):
+        assert a["val_miou"] == b["val_miou"] and a["curve"] == b["curve"]
+
+
+def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):
+    data = write_camvid(tmp_path / "CamVid", splits=("val",), frames=2)
+    split = camvid_data.load_split(data, "val")
+    raw = np.asarray(Image.open(data / "valannot" / split.files[0]))
+    assert split.images.shape == (2, 36, 48, 3) and split.labels.shape == (2, 36, 48)
+    assert np.array_equal(split.labels[0] == camvid_data.IGNORE_INDEX, raw == 11)
+    assert np.array_equal(split.labels[0][raw != 11], raw[raw != 11])
+    assert camvid_data.splits_present(data) == ["val"]
+    (data / "valannot" / split.files[1]).unlink()
+    with pytest.raises(FileNotFoundError, match="have no label"):
+        camvid_data.load_split(data, "val")
+
+
+def test_missing_train_split_is_a_clear_error(tmp_path):
+    data = write_camvid(tmp_path / "CamVid", splits=("val",), frames=1)
+    with pytest.raises(SystemExit, match="must hold train/"):
+        train_camvid.main(["--data", str(data), "--quick", "--out", str(tmp_path)])
+
+
+def test_training_samples_are_deterministic_crops(tmp_path):
+    split = camvid_data.load_split(write_camvid(tmp_path / "CamVid", splits=("train",)), "train")
+    ds = camvid_data.TrainDataset(split, 40, [100.0] * 3, [50.0] * 3, seed=3)
+    a, b = ds[1], ds[1]
+    assert a[0].shape == (3, 40, 40) and a[1].shape == (40, 40) and a[1].dtype == torch.long
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # same (seed, epoch, index): same sample
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][0], a[0])
+    labels = set(torch.unique(a[1]).tolist())
+    assert labels <= set(range(11)) | {camvid_data.IGNORE_INDEX}
+
+
+def test_channel_statistics_match_numpy():
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    mean, std = camvid_data.channel_statistics(images)
+    flat = images.reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-12)
+
+
+def test_hsv_conversion_matches_colorsys():
+    rgb = np.random.default_rng(1).uniform(0, 255, (200, 3)).astype(np.float32)
+    hsv = camvid_data._rgb_to_hsv(rgb)
+    ref = np.array([colorsys.rgb_to_hsv(*(c / 255.0)) for c in rgb.astype(np.float64)])
+    np.testing.assert_allclose(hsv[:, 0], ref[:, 0] * 180.0, atol=1e-3)
+    np.testing.assert_allclose(hsv[:, 1:], ref[:, 1:] * 255.0, atol=1e-3)
+    np.testing.assert_allclose(camvid_data._hsv_to_rgb(hsv), rgb, atol=1e-3)
+
+
+def test_metrics_from_confusion_matrix():
+    pred = torch.tensor([0, 0, 1, 1, 2])
+    target = torch.tensor([0, 1, 1, 255, 2])
+    conf = train_camvid.confusion_matrix(pred, target)
+    assert conf.sum() == 4  # the ignored pixel is not counted
+    s = train_camvid.scores(conf)
+    # IoU: class 0: 1/(2+1-1) = 0.5, class 1: 1/2 = 0.5, class 2: 1; classes 3..10 absent → left out
+    assert s["miou"] == pytest.approx(100 * (0.5 + 0.5 + 1) / 3)
+    assert s["pixel_acc"] == pytest.approx(75.0)
+    assert s["per_class_iou"]["Road"] is None
+
+
+def test_poly_schedule():
+    assert train_camvid.poly_lr(0, 100, 10) == pytest.approx(1e-6)
+    assert train_camvid.poly_lr(5, 100, 10) == pytest.approx(0.5, abs=1e-6)
+    assert train_camvid.poly_lr(10, 100, 10) == pytest.approx(0.9**0.9)
+    assert train_camvid.poly_lr(100, 100, 10) == 0.0
+
+
+def test_network_classifier_is_found_and_replaced():
+    import adaptive_heads as ah
+
+    net = SegmentationNet(11)
+    assert ah.find_classifier(net) == ["decoder.classifier"]  # via net.num_classes
+    x = torch.randn(2, 3, 64, 96)
+    assert net(x).shape == (2, 11, 64, 96)
+    ah.replace_classifier(net, ah.ContextAwareClassifier)
+    assert isinstance(net.decoder.classifier, ah.ContextAwareClassifier)
+    net.eval()
+    assert net(x).shape == (2, 11, 64, 96)
