@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .validation import check_choice, check_features, check_target
@@ -70,6 +71,15 @@ class AdaptiveHead(nn.Module):
             device=feat.device,
         )
 
+    def output_dtype(self, feat: Tensor) -> torch.dtype:
+        """dtype of the logits: that of the features and the head's parameters together.
+
+        A ``model.half()`` or ``model.bfloat16()`` gets half logits (the pooling, norms and softmax statistics
+        inside still run in float32); a float32 model under autocast gets float32 logits, like the statistics.
+        """
+        param = next(self.parameters(), None)
+        return feat.dtype if param is None else torch.promote_types(feat.dtype, param.dtype)
+
     def forward_logits(self, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -120,6 +130,13 @@ class CosineHead(AdaptiveHead):
     def classifier_weight(self) -> Tensor:
         """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
         return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
+
+    @staticmethod
+    def _fuse(mlp: nn.Module, first: Tensor, second: Tensor) -> Tensor:
+        """``mlp([first, second])`` (concatenated on the last axis) in the projector's own dtype: the pooled
+        prototypes come in float32, a half model's projector is half."""
+        dtype = next(mlp.parameters()).dtype
+        return mlp(torch.cat([first.to(dtype), second.to(dtype)], dim=-1))
 
     def _channel_dropout(self) -> float:
         """``Dropout2d`` probability in effect (applied inside ``pointwise_conv``, no feature copy)."""

@@ -106,10 +106,9 @@ class ContextAwareClassifier(CosineHead):
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
         with float32_math(feat.device):
             probs = torch.softmax(upcast_half(coarse), dim=1)
-        prototypes = soft_class_pool(probs, feat, eps=self.eps)  # [B, n, C]
-        weight = self.classifier_weight.to(prototypes.dtype).expand(feat.shape[0], -1, -1)
-        classifier = self.proj(torch.cat([prototypes, weight], dim=-1))  # [B, n, C]
-        return cosine_logits(feat, classifier, self.tau, eps=self.eps)
+        prototypes = soft_class_pool(probs, feat, eps=self.eps)  # [B, n, C], float32
+        classifier = self._fuse(self.proj, prototypes, self.classifier_weight.expand_as(prototypes))  # [B, n, C]
+        return cosine_logits(feat, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
     def forward_logits(self, feat: Tensor) -> Tensor:
         coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
@@ -121,15 +120,16 @@ class ContextAwareClassifier(CosineHead):
         sums, counts = hard_class_pool(
             feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
         )
-        weight = self.classifier_weight.to(sums.dtype)
+        weight = self.classifier_weight
         prototypes = class_means(sums, counts, weight.detach())
-        return self.apd_proj(torch.cat([prototypes, weight.expand_as(sums)], dim=-1))
+        return self._fuse(self.apd_proj, prototypes, weight.expand_as(sums))
 
     def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:
         coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
         logits = self._context_logits(feat, coarse)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
         oracle = cosine_logits(feat, self.oracle_classifier(feat, feature_target), self.tau, eps=self.eps)
+        oracle = oracle.to(logits.dtype)
         return CACOutput(logits=logits, coarse=coarse, oracle=oracle, feature_target=feature_target)
 
     def default_loss(self):

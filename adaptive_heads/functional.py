@@ -11,11 +11,13 @@ autocast: a sum over 400k pixels overflows float16.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ._precision import float32_math, upcast_half
 from .upsampled_ce import bilinear_source_rows, upsampled_cross_entropy
 from .validation import check_choice, is_tracing
 
@@ -39,16 +41,6 @@ __all__ = [
 ]
 
 
-def float32_math(device: torch.device) -> torch.autocast:
-    """A context that disables autocast for ``device``, so explicit float32 math stays float32."""
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def upcast_half(x: Tensor) -> Tensor:
-    """Upcast half types to float32, leave float32/float64 alone (float64 is kept for gradcheck)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
 def prototype_mlp(channels: int, hidden: int | None = None) -> nn.Sequential:
     """The projector shared by CAC and SSA-Seg: ``Linear(2C→C/2, no bias) → ReLU → Linear(C/2→C)``.
 
@@ -69,10 +61,11 @@ def pointwise_conv(feat: Tensor, conv: nn.Conv2d, channel_dropout: float = 0.0) 
     Same result as ``conv(feat)``; on CPU the matmul avoids the oneDNN layout conversions of a 1×1
     convolution (≈1.4× faster at C = 512). ``channel_dropout = p > 0`` gives ``conv(F.dropout2d(feat, p))``
     (whole input channels zeroed per image, survivors scaled by ``1/(1-p)``) by scaling a per-image copy of the
-    ``[n, C]`` weight instead of copying the feature map. Non-contiguous inputs (e.g. channels-last) go
-    through ``conv`` itself.
+    ``[n, C]`` weight instead of copying the feature map. Every memory format takes the same matmul path (so
+    TF32 settings and rounding do not depend on the layout): a channels-last input is multiplied as
+    ``[B, h·w, C] @ Wᵀ`` and gives a channels-last output; other strides are made contiguous first.
     """
-    if not feat.is_contiguous() or conv.kernel_size != (1, 1) or conv.groups != 1:
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
         return conv(F.dropout2d(feat, channel_dropout) if channel_dropout > 0 else feat)
     b, c, h, w = feat.shape
     weight = conv.weight.reshape(1, conv.out_channels, c)
@@ -81,9 +74,20 @@ def pointwise_conv(feat: Tensor, conv: nn.Conv2d, channel_dropout: float = 0.0) 
         weight = weight * keep.to(weight.dtype)
     else:
         weight = weight.expand(b, -1, -1)
-    x = feat.reshape(b, c, h * w)
-    out = torch.bmm(weight, x) if conv.bias is None else torch.baddbmm(conv.bias.view(1, -1, 1), weight, x)
+    bias = conv.bias
+    if _is_channels_last(feat):
+        x = feat.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: [B, N, C] with C contiguous
+        wt = weight.transpose(1, 2)
+        out = torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.view(1, 1, -1), x, wt)
+        return out.view(b, h, w, conv.out_channels).permute(0, 3, 1, 2)
+    x = feat.contiguous().view(b, c, h * w)
+    out = torch.bmm(weight, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, x)
     return out.view(b, conv.out_channels, h, w)
+
+
+def _is_channels_last(feat: Tensor) -> bool:
+    """A channels-last-strided ``[B, C, h, w]`` that is not also plain contiguous (``C = 1`` or ``h·w = 1``)."""
+    return not feat.is_contiguous() and feat.is_contiguous(memory_format=torch.channels_last)
 
 
 #: pixels per chunk of :func:`channel_norm` × channels (keeps each chunk in cache)
@@ -264,9 +268,9 @@ def _nearest_source_index(out_size: int, in_size: int, device: torch.device) -> 
     """Source indices of PyTorch's legacy ``nearest`` mode: ``min(floor(i · in/out), in - 1)`` in float32."""
     if out_size == in_size:
         return torch.arange(out_size, device=device)
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    idx = torch.floor(torch.arange(out_size, dtype=torch.float32) * scale).long()
-    return idx.clamp_max(in_size - 1).to(device)
+    scale = float(np.float32(in_size / out_size))  # the float32 scale of PyTorch's kernel, a host constant
+    idx = torch.floor(torch.arange(out_size, dtype=torch.float32, device=device) * scale).long()
+    return idx.clamp_max(in_size - 1)
 
 
 def resize_labels_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import float32_math
+from .functional import _is_channels_last, float32_math
 
 __all__ = ["unit_layer_norm"]
 
@@ -58,6 +58,7 @@ class _UnitLayerNorm(torch.autograd.Function):
         saved = _unit_layer_norm_forward(_channels_last_float(y), weight, bias, eps, normalize_input)
         ctx.save_for_backward(*saved)
         ctx.dtypes = (y.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.y_format = torch.channels_last if _is_channels_last(y) else torch.contiguous_format
         return saved[0]
 
     @staticmethod
@@ -74,7 +75,9 @@ class _UnitLayerNorm(torch.autograd.Function):
         grad_y = None
         if grad_u is not None:
             grad_y = grad_u if in_norm is None else _unit_backward(grad_u, u, in_norm)
-            grad_y = grad_y.permute(0, 3, 1, 2).to(y_dtype)
+            # the gradient takes y's own layout: a channels-last-strided gradient for a contiguous input is
+            # valid for autograd but miscompiled by inductor (wrong gradients under torch.compile)
+            grad_y = grad_y.permute(0, 3, 1, 2).to(dtype=y_dtype, memory_format=ctx.y_format)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
         return grad_y, grad_w, grad_b, None, None

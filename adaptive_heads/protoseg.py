@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ._precision import HALF_DTYPES
 from .base import AdaptiveHead, HeadOutput
 from .checkpoint import load_prefixed_state_dict
 from .distributed import all_reduce_, is_distributed
@@ -27,6 +28,9 @@ from .sinkhorn import classwise_sinkhorn
 from .validation import check_choice
 
 __all__ = ["PrototypeClassifier", "PrototypeOutput"]
+
+#: buffers that stay float32 (or wider) when the module is cast to a half type
+_FLOAT32_BUFFERS = ("prototypes", "usage_counts")
 
 
 @dataclass
@@ -97,7 +101,7 @@ class PrototypeClassifier(AdaptiveHead):
     - ``update_assignment="gumbel"`` (official): the pixels used by the update are assigned with a
       straight-through Gumbel sample of the Sinkhorn plan treated as logits (nearly uniform, so each
       prototype is pulled towards the class mean); ``"argmax"`` uses the Sinkhorn argmax (the paper).
-      ``head.generator`` (a ``torch.Generator``) makes the Gumbel draws reproducible.
+      ``head.generator`` (a ``torch.Generator`` on the head's device) makes the Gumbel draws reproducible.
     - ``projection_norm="channel"`` (default) L2-normalises the projection over channels. The official code
       normalises over the **width** axis (``F.normalize(x, dim=-1)`` on NCHW), a bug that couples the pixels
       of a row; ``"width"`` reproduces it for official checkpoints trained that way.
@@ -173,6 +177,18 @@ class PrototypeClassifier(AdaptiveHead):
         self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
         self.register_buffer("usage_counts", torch.zeros(num_classes, num_prototypes), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """``.half()``/``.bfloat16()`` (and ``.to`` a half dtype) leave the prototype and usage buffers in float32: a
+        momentum step moves a prototype by ``1 − γ = 0.1 %``, below half precision's resolution (bfloat16: 0.4 %),
+        so half prototypes would never move, and half counts stop at 2048. Wider casts apply as usual."""
+        kept = {name: getattr(self, name) for name in _FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if after.dtype in HALF_DTYPES:
+                setattr(self, name, before.to(device=after.device, dtype=torch.float32))
+        return self
+
     # ------------------------------------------------------------------ embedding and similarities
     def embed(self, feat: Tensor) -> Tensor:
         """Unit pixel embeddings ``[B, h, w, D]`` (channels last).
@@ -195,9 +211,15 @@ class PrototypeClassifier(AdaptiveHead):
         """``[n, K, D]`` L2-normalised copy of the prototype buffer (the buffer itself is never in a graph)."""
         return F.normalize(self.prototypes, p=2, dim=-1)
 
-    def _class_logits(self, best: Tensor) -> Tensor:
-        """``mask_norm`` over classes of ``[B, h, w, n]`` best cosines → ``[B, n, h, w]``."""
-        return rearrange(self.mask_norm(best), "b h w n -> b n h w")
+    def _class_logits(self, best: Tensor, dtype: torch.dtype) -> Tensor:
+        """``mask_norm`` over classes of ``[B, h, w, n]`` best cosines → ``[B, n, h, w]`` of ``dtype``.
+
+        The LayerNorm statistics run in the cosines' dtype (float32 or wider), whatever the module's dtype."""
+        norm = self.mask_norm
+        weight = None if norm.weight is None else norm.weight.to(best.dtype)
+        bias = None if norm.bias is None else norm.bias.to(best.dtype)
+        logits = F.layer_norm(best, norm.normalized_shape, weight, bias, norm.eps)
+        return rearrange(logits, "b h w n -> b n h w").to(dtype)
 
     def forward_logits(self, feat: Tensor) -> Tensor:
         emb = self.embed(feat)
@@ -205,7 +227,7 @@ class PrototypeClassifier(AdaptiveHead):
         best = emb @ protos[:, 0].t()  # [B, h, w, n]; one K-slice at a time, no [N, n, K] tensor
         for k in range(1, self.num_prototypes):
             best = torch.maximum(best, emb @ protos[:, k].t())
-        return self._class_logits(best)
+        return self._class_logits(best, self.output_dtype(feat))
 
     # ------------------------------------------------------------------ training
     def forward_train(self, feat: Tensor, target: Tensor) -> PrototypeOutput:
@@ -221,7 +243,7 @@ class PrototypeClassifier(AdaptiveHead):
             valid &= labels != self.ignore_index
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         best, own, lse = prototype_similarity_stats(flat, protos, safe, n)  # no [N, n·K] kept
-        logits = self._class_logits(best.view(b, h, w, n))
+        logits = self._class_logits(best.view(b, h, w, n), self.output_dtype(feat))
         with torch.no_grad():
             plan = classwise_sinkhorn(
                 own.detach(), torch.where(valid, labels, torch.full_like(labels, -1)), n,
@@ -249,8 +271,14 @@ class PrototypeClassifier(AdaptiveHead):
 
     def _gumbel_assign(self, plan: Tensor) -> Tensor:
         """Argmax of ``plan + Gumbel noise``: the forward value of ``gumbel_softmax(plan, hard=True)``."""
+        generator = self.generator
+        if generator is not None and generator.device != plan.device:
+            raise ValueError(
+                f"head.generator is a {generator.device} generator but the head runs on {plan.device}; create it "
+                f"there: head.generator = torch.Generator(device={str(plan.device)!r}).manual_seed(seed)"
+            )
         noise = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
-        noise = -noise.exponential_(generator=self.generator).log()
+        noise = -noise.exponential_(generator=generator).log()
         return (plan + noise).argmax(dim=1)
 
     @torch.no_grad()

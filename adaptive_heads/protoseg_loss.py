@@ -90,6 +90,8 @@ class PrototypeLoss(HeadLoss):
         n = out.logits.shape[1]
         if self.class_weight is not None and self.class_weight.shape != (n,):
             raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
+        if self.class_weight is not None and self.class_weight.device != out.logits.device:
+            self.class_weight = self.class_weight.to(out.logits.device)  # once, not a copy per step
         with float32_math(out.embeddings.device):
             if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
                 ppc_sum, ppd_sum = _contrast_sums_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)

@@ -32,7 +32,8 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
         best = emb.new_empty(n_pixels, num_classes)
-        arg = torch.empty(n_pixels, num_classes, dtype=torch.long, device=emb.device)
+        # argmax over K per class, kept for backward: uint8 written chunk by chunk (no int64 [N, n] temporary)
+        arg = torch.empty(n_pixels, num_classes, dtype=torch.uint8 if k <= 256 else torch.long, device=emb.device)
         own = emb.new_empty(n_pixels, k)
         lse = emb.new_empty(n_pixels, dtype=torch.promote_types(emb.dtype, torch.float32))
         own_index = labels.view(-1, 1, 1).expand(-1, 1, k)
@@ -41,10 +42,11 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
             sims = emb[sl] @ protos.t()  # the autocast dtype under autocast
             sim_dtype = sims.dtype
             grouped = sims.view(-1, num_classes, k)
-            best[sl], arg[sl] = grouped.max(dim=-1)
+            best[sl], chunk_arg = grouped.max(dim=-1)
+            arg[sl] = chunk_arg
             own[sl] = grouped.gather(1, own_index[sl]).squeeze(1)
             lse[sl] = torch.logsumexp(sims.to(lse.dtype), dim=1)
-        ctx.save_for_backward(emb, protos, labels, arg.to(torch.uint8) if k <= 256 else arg, lse)
+        ctx.save_for_backward(emb, protos, labels, arg, lse)
         ctx.num_classes, ctx.k, ctx.budget, ctx.sim_dtype = num_classes, k, budget, sim_dtype
         return best, own, lse
 

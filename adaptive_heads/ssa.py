@@ -129,10 +129,8 @@ class SSAClassifier(CosineHead):
             class_softmax = torch.softmax(logits, dim=1)  # semantic: a class posterior per pixel
         pos_center = soft_class_pool(pixel_softmax, pos, eps=self.eps)
         sem_center = soft_class_pool(class_softmax, feat, eps=self.eps)
-        weight = self.classifier_weight.to(sem_center.dtype).expand(b, -1, -1)
-        basis = self.center_pos.weight.to(pos_center.dtype).expand(b, -1, -1)
-        semantic = self.center_content_proj(torch.cat([sem_center, weight], dim=-1))
-        position = self.center_pos_proj(torch.cat([basis, pos_center], dim=-1))
+        semantic = self._fuse(self.center_content_proj, sem_center, self.classifier_weight.expand(b, -1, -1))
+        position = self._fuse(self.center_pos_proj, self.center_pos.weight.expand(b, -1, -1), pos_center)
         return semantic, position
 
     def forward_logits(self, feat: Tensor) -> Tensor:
@@ -142,7 +140,7 @@ class SSAClassifier(CosineHead):
         classifier = self.center_proj(semantic + position)
         # without autograd the position map can absorb the features in place (one C×N map less)
         x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
-        return cosine_logits(x, classifier, self.tau, eps=self.eps)
+        return cosine_logits(x, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
     def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
         """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""
@@ -155,16 +153,14 @@ class SSAClassifier(CosineHead):
             feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image,
             one_hot=one_hot,
         )  # fmt: skip
-        w = weight.to(sums.dtype)
-        sem_gt = class_means(sums, counts, w.detach())
-        semantic = self.gt_center_content_proj(torch.cat([sem_gt, w.expand_as(sem_gt)], dim=-1))
+        sem_gt = class_means(sums, counts, weight.detach())
+        semantic = self._fuse(self.gt_center_content_proj, sem_gt, weight.expand_as(sem_gt))
         semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
         psums, pcounts = hard_class_pool(
             pos, feature_target, self.num_classes, ignore_index=self.ignore_index, one_hot=one_hot
         )
-        e = basis.to(psums.dtype)
-        pos_gt = class_means(psums, pcounts, e.detach())
-        position = self.gt_center_pos_proj(torch.cat([pos_gt, e.expand_as(pos_gt)], dim=-1))
+        pos_gt = class_means(psums, pcounts, basis.detach())
+        position = self._fuse(self.gt_center_pos_proj, pos_gt, basis.expand_as(pos_gt))
         return semantic, position
 
     def forward_train(self, feat: Tensor, target: Tensor) -> SSAOutput:
@@ -174,10 +170,12 @@ class SSAClassifier(CosineHead):
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
         x = feat + pos
-        logits = cosine_logits(x, self.center_proj(semantic + position), self.tau, eps=self.eps)
+        out_dtype = self.output_dtype(feat)
+        logits = cosine_logits(x, self.center_proj(semantic + position), self.tau, eps=self.eps).to(out_dtype)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
         semantic_t, position_t = self.teacher_prototypes(feat, pos, feature_target)
         teacher = cosine_logits(x, self.gt_center_proj(semantic_t + position_t), self.tau, eps=self.eps)
+        teacher = teacher.to(out_dtype)
         return SSAOutput(
             logits=logits,
             coarse=coarse,

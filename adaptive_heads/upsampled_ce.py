@@ -13,16 +13,22 @@ forward + backward costs about one plain forward. Results equal the plain versio
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._precision import float32_math, upcast_half
 from .validation import check_choice
 
 __all__ = ["bilinear_source_rows", "upsampled_cross_entropy"]
 
 #: elements of one upsampled tile (``B·n·rows·W``); ~64 MB in float32
 TILE_ELEMENTS = 1 << 24
+
+#: one row tile: ``(start, stop)`` output rows and the ``[lo, hi)`` source rows they read
+RowTile = tuple[int, int, int, int]
 
 
 def bilinear_source_rows(out_size: int, in_size: int, align_corners: bool, device: torch.device):
@@ -41,33 +47,58 @@ def bilinear_source_rows(out_size: int, in_size: int, align_corners: bool, devic
     return i0, i1, (src - i0).clamp(0.0, 1.0)
 
 
-def _upsample_tile(src: Tensor, i0: Tensor, i1: Tensor, w1: Tensor, width: int, align_corners: bool) -> Tensor:
-    """Bilinear upsampling of the output rows ``i0/i1/w1`` describe, channels last: ``[B, h, w, n]`` → ``[B, t, W, n]``.
+def _source_window(start: int, stop: int, out_size: int, in_size: int, align_corners: bool) -> tuple[int, int]:
+    """Source rows ``[lo, hi)`` that output rows ``[start, stop)`` read, from the sizes alone (no tensor is read):
+    :func:`bilinear_source_rows` in double precision on the host, widened by one row on each side to cover float32
+    rounding on the device."""
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        first, last = start * scale, (stop - 1) * scale
+    else:
+        scale = in_size / out_size
+        first, last = max((start + 0.5) * scale - 0.5, 0.0), max((stop - 0.5) * scale - 0.5, 0.0)
+    return max(0, math.floor(first) - 1), min(in_size, math.floor(last) + 3)
 
-    Channels-last keeps the class axis contiguous: the width resize, the reductions over classes and the adjoint
-    in backward all run on CPU's (and CUDA's) channels-last kernels, several times faster than on ``[B, n, t, W]``.
+
+def _row_matrix(i0: Tensor, i1: Tensor, w1: Tensor, tile: RowTile, dtype: torch.dtype) -> Tensor:
+    """``[t, hi − lo]`` bilinear weights of the tile's output rows over its source window: one GEMM applies the row
+    resize (``R @ src``) and its adjoint (``Rᵀ @ g``), so no index scatter (atomics on CUDA, miscompiled by
+    inductor on CPU) is needed."""
+    start, stop, lo, hi = tile
+    cols = torch.arange(hi - lo, device=i0.device)
+    weight = w1[start:stop, None].to(dtype)
+    first = (i0[start:stop, None] - lo == cols).to(dtype)
+    second = (i1[start:stop, None] - lo == cols).to(dtype)
+    return first * (1 - weight) + second * weight
+
+
+def _upsample_tile(src: Tensor, rows: Tensor, tile: RowTile, width: int, align_corners: bool) -> Tensor:
+    """Bilinear upsampling of one tile of output rows, channels last: ``[B, h, w, n]`` → ``[B, t, W, n]``.
+
+    ``rows`` is the tile's :func:`_row_matrix`. Channels-last keeps the class axis contiguous: the width resize,
+    the reductions over classes and the adjoint in backward all run on CPU's (and CUDA's) channels-last kernels,
+    several times faster than on ``[B, n, t, W]``.
     """
-    rows = torch.lerp(src.index_select(1, i0), src.index_select(1, i1), w1.view(1, -1, 1, 1).to(src.dtype))
-    if rows.shape[2] != width:  # rows map to themselves (scale 1), only the width is resized
-        rows = F.interpolate(
-            rows.permute(0, 3, 1, 2), size=(rows.shape[1], width), mode="bilinear", align_corners=align_corners
+    b, _, w, n = src.shape
+    _, _, lo, hi = tile
+    out = torch.matmul(rows, src[:, lo:hi].reshape(b, hi - lo, w * n)).view(b, rows.shape[0], w, n)
+    if w != width:
+        out = F.interpolate(
+            out.permute(0, 3, 1, 2), size=(out.shape[1], width), mode="bilinear", align_corners=align_corners
         ).permute(0, 2, 3, 1)
-    return rows
+    return out
 
 
-def _add_upsample_adjoint_(
-    grad: Tensor, g: Tensor, i0: Tensor, i1: Tensor, w1: Tensor, width: int, align_corners: bool
-) -> None:
+def _add_upsample_adjoint_(grad: Tensor, g: Tensor, rows: Tensor, tile: RowTile, align_corners: bool) -> None:
     """``grad += upsampleᵀ(g)``: the adjoint of :func:`_upsample_tile`; ``grad [B, h, w, n]``, ``g [B, t, W, n]``."""
     b, _, w, n = grad.shape
-    t = g.shape[1]
+    t, width = g.shape[1:3]
+    _, _, lo, hi = tile
     if width != w:
         g = torch.ops.aten.upsample_bilinear2d_backward(
             g.permute(0, 3, 1, 2), [t, width], [b, n, t, w], align_corners
         ).permute(0, 2, 3, 1)
-    wt = w1.view(1, -1, 1, 1).to(g.dtype)
-    grad.index_add_(1, i0, g * (1 - wt))
-    grad.index_add_(1, i1, g * wt)
+    grad[:, lo:hi] += torch.matmul(rows.t(), g.reshape(b, t, w * n)).view(b, hi - lo, w, n)
 
 
 def _channels_last(logits: Tensor) -> Tensor:
@@ -80,19 +111,20 @@ def _channels_first(grad: Tensor) -> Tensor:
     return grad.permute(0, 3, 1, 2).contiguous()
 
 
-def _row_tiles(height: int, rows_per_tile: int):
-    return (slice(start, start + rows_per_tile) for start in range(0, height, rows_per_tile))
-
-
 def _tiling(logits: Tensor, target: Tensor, align_corners: bool, tile_elements: int | None) -> tuple:
-    """The arguments the tiled Functions share: ``(i0, i1, w1, W, align_corners, rows_per_tile, with_grad)``."""
+    """The arguments the tiled Functions share: ``(i0, i1, w1, tiles, align_corners, with_grad)``, with ``tiles``
+    the ``(start, stop, lo, hi)`` output rows and source window of each row tile (host integers)."""
     b, n, h, _ = logits.shape
     big_h, big_w = target.shape[-2:]
     i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
     budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    rows_per_tile = max(1, budget // max(1, b * n * big_w))
+    step = max(1, budget // max(1, b * n * big_w))
+    tiles = tuple(
+        (start, min(start + step, big_h), *_source_window(start, min(start + step, big_h), big_h, h, align_corners))
+        for start in range(0, big_h, step)
+    )
     with_grad = torch.is_grad_enabled() and logits.requires_grad
-    return i0, i1, w1, big_w, align_corners, rows_per_tile, with_grad
+    return i0, i1, w1, tiles, align_corners, with_grad
 
 
 class _TiledUpsampledCE(torch.autograd.Function):
@@ -103,14 +135,16 @@ class _TiledUpsampledCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, pixel_weight, i0, i1, w1, width, align_corners, rows_per_tile, with_grad):
+    def forward(ctx, logits, target, pixel_weight, i0, i1, w1, tiles, align_corners, with_grad):
         src = _channels_last(logits)
         grad = torch.zeros_like(src) if with_grad else None
         total = logits.new_zeros(())
-        for sl in _row_tiles(target.shape[1], rows_per_tile):
-            up = _upsample_tile(src, i0[sl], i1[sl], w1[sl], width, align_corners)
-            index = target[:, sl, :, None]
-            weight = pixel_weight[:, sl, :, None]
+        width = target.shape[-1]
+        for tile in tiles:
+            rows = _row_matrix(i0, i1, w1, tile, src.dtype)
+            up = _upsample_tile(src, rows, tile, width, align_corners)
+            index = target[:, tile[0] : tile[1], :, None]
+            weight = pixel_weight[:, tile[0] : tile[1], :, None]
             peak = up.amax(dim=-1, keepdim=True)
             shifted = up.sub_(peak)
             picked = shifted.gather(-1, index)
@@ -119,7 +153,7 @@ class _TiledUpsampledCE(torch.autograd.Function):
             total += ((mass.log() - picked) * weight).sum()
             if with_grad:
                 prob.div_(mass).scatter_add_(-1, index, torch.full_like(picked, -1.0)).mul_(weight)
-                _add_upsample_adjoint_(grad, prob, i0[sl], i1[sl], w1[sl], width, align_corners)
+                _add_upsample_adjoint_(grad, prob, rows, tile, align_corners)
         if with_grad:
             ctx.save_for_backward(_channels_first(grad))
         return total
@@ -128,7 +162,7 @@ class _TiledUpsampledCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None, None, None, None, None, None
+        return grad * grad_total, None, None, None, None, None, None, None, None
 
 
 def upsampled_cross_entropy(
@@ -166,9 +200,13 @@ def upsampled_cross_entropy(
     check_choice("reduction", reduction, ("mean", "sum"))
     check_choice("average", average, ("valid", "all"))
     n = logits.shape[1]
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
+    if class_weight is not None and (class_weight.shape != (n,) or class_weight.device != logits.device):
+        raise ValueError(
+            f"class_weight must be a [{n}] tensor on the logits' device {logits.device}, got shape "
+            f"{tuple(class_weight.shape)} on {class_weight.device} (a copy per call would synchronise the host)"
+        )
+    with float32_math(logits.device):
+        logits = upcast_half(logits)
         valid = (target >= 0) & (target < n)
         if ignore_index is not None:
             valid &= target != ignore_index
@@ -176,7 +214,7 @@ def upsampled_cross_entropy(
         if class_weight is None:
             pixel_weight = valid.to(logits.dtype)
         else:
-            pixel_weight = class_weight.to(logits)[safe] * valid
+            pixel_weight = class_weight.to(logits.dtype)[safe] * valid
         total = _TiledUpsampledCE.apply(
             logits, safe, pixel_weight, *_tiling(logits, target, align_corners, tile_elements)
         )
@@ -196,25 +234,27 @@ class _TiledSigmoidStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, valid, i0, i1, w1, width, align_corners, rows_per_tile, with_grad):
+    def forward(ctx, logits, target, valid, i0, i1, w1, tiles, align_corners, with_grad):
         src = _channels_last(logits)
         b, n = logits.shape[:2]
+        width = target.shape[-1]
         total = logits.new_zeros(b, n)
         own = logits.new_zeros(b, n)
         grad_total = torch.zeros_like(src) if with_grad else None
         grad_own = torch.zeros_like(src) if with_grad else None
-        for sl in _row_tiles(target.shape[1], rows_per_tile):
-            prob = torch.sigmoid(_upsample_tile(src, i0[sl], i1[sl], w1[sl], width, align_corners))
-            index = target[:, sl, :, None]
-            mask = valid[:, sl, :, None].to(prob.dtype)
+        for tile in tiles:
+            rows = _row_matrix(i0, i1, w1, tile, src.dtype)
+            prob = torch.sigmoid(_upsample_tile(src, rows, tile, width, align_corners))
+            index = target[:, tile[0] : tile[1], :, None]
+            mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
             picked = prob.gather(-1, index)
             total += prob.sum(dim=(1, 2))
             own.scatter_add_(1, index.reshape(b, -1), (picked * mask).reshape(b, -1))
             if with_grad:
                 slope = prob.mul_(1 - prob)  # dσ/dz
                 own_slope = torch.zeros_like(slope).scatter_(-1, index, slope.gather(-1, index) * mask)
-                _add_upsample_adjoint_(grad_total, slope, i0[sl], i1[sl], w1[sl], width, align_corners)
-                _add_upsample_adjoint_(grad_own, own_slope, i0[sl], i1[sl], w1[sl], width, align_corners)
+                _add_upsample_adjoint_(grad_total, slope, rows, tile, align_corners)
+                _add_upsample_adjoint_(grad_own, own_slope, rows, tile, align_corners)
         if with_grad:
             ctx.save_for_backward(_channels_first(grad_total), _channels_first(grad_own))
         return total, own
@@ -224,7 +264,7 @@ class _TiledSigmoidStats(torch.autograd.Function):
     def backward(ctx, grad_total, grad_own):
         jac_total, jac_own = ctx.saved_tensors
         grad = jac_total * grad_total[:, :, None, None] + jac_own * grad_own[:, :, None, None]
-        return grad, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
 def upsampled_sigmoid_stats(
@@ -245,7 +285,6 @@ def upsampled_sigmoid_stats(
     Returns:
         ``(total, own)``, each ``[B, n]``: ``Σ_p σ(z_bcp)`` over all pixels, and over the valid pixels labelled c.
     """
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
+    with float32_math(logits.device):
+        logits = upcast_half(logits)
         return _TiledSigmoidStats.apply(logits, target, valid, *_tiling(logits, target, align_corners, tile_elements))

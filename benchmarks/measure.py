@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LIBC = None
@@ -122,11 +123,13 @@ def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1,
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
+            with torch.cuda.device(device):  # events on the measured device's stream (cuda:1 too)
+                stream = torch.cuda.current_stream(device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                fn()
+                end.record(stream)
+                end.synchronize()
             times.append(start.elapsed_time(end) / 1000.0)
         else:
             t0 = time.perf_counter()
@@ -169,18 +172,39 @@ def _inside_sync(event) -> bool:
     return False
 
 
+class _CrossDeviceCopies(TorchDispatchMode):
+    """Counts the ops that copy a tensor between devices (``.to(device)``, ``copy_`` from another device): on
+    CUDA a host-to-device copy from pageable memory blocks the host, a device-to-host copy waits for the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_", "to") and isinstance(args[0], torch.Tensor):
+            source = args[1] if name == "copy_" else args[0]
+            target = args[0] if name == "copy_" else out
+            if isinstance(source, torch.Tensor) and isinstance(target, torch.Tensor) and source.device != target.device:
+                self.copies += 1
+        return out
+
+
 def count_ops(fn: Callable[[], object]) -> dict[str, int]:
     """Kernel-launching aten ops and host-synchronising ops of one call of ``fn`` (torch profiler, CPU).
 
     ``ops`` counts the leaf aten ops that compute (views and allocations excluded): on CUDA each is at least one
-    kernel launch. ``syncs`` counts the :data:`SYNC_OPS` calls: on CUDA each waits for the device to drain.
-    Device-independent, so a CPU run already tells how a step will behave on a GPU.
+    kernel launch. ``syncs`` counts the :data:`SYNC_OPS` calls (on CUDA each waits for the device to drain) and
+    the copies between devices. Device-independent, so a CPU run already tells how a step will behave on a GPU.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    copies = _CrossDeviceCopies()
+    with profile(activities=[ProfilerActivity.CPU]) as prof, copies:
         fn()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     ops = sum(1 for e in events if not e.cpu_children and e.name not in _NO_KERNEL)
     syncs = sum(1 for e in events if e.name in SYNC_OPS and not _inside_sync(e))
-    return {"ops": ops, "syncs": syncs}
+    return {"ops": ops, "syncs": syncs + copies.copies}

@@ -40,7 +40,7 @@ def oracle_logits(head, feat: torch.Tensor, y: torch.Tensor, ignore: int = 255) 
     for k in classes:
         mask = (y_small == k).float()
         pooled = (feat * mask).sum((0, 2, 3)) / (mask.sum() + 1e-12)
-        e_k = torch.zeros(n, 1, dtype=feat.dtype)
+        e_k = torch.zeros(n, 1, dtype=feat.dtype, device=feat.device)
         e_k[k] = 1
         new_proto = new_proto * (1 - e_k) + pooled[None] * e_k
     a = head.apd_proj(torch.cat([new_proto, proto], dim=-1))

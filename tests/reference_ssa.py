@@ -26,7 +26,9 @@ def forward(head, feat: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> dic
     gt_sem = weight.detach().clone()
     for k in [int(v) for v in y_s.unique() if int(v) != ignore]:
         mask = (y_s == k)[:, None].to(feat.dtype)
-        gt_sem = gt_sem.index_copy(0, torch.tensor([k]), ((feat * mask).sum((0, 2, 3)) / (mask.sum() + 1e-12))[None])
+        gt_sem = gt_sem.index_copy(
+            0, torch.tensor([k], device=feat.device), ((feat * mask).sum((0, 2, 3)) / (mask.sum() + 1e-12))[None]
+        )
     sem_t = head.gt_center_content_proj(torch.cat([gt_sem, weight], -1))
 
     out = {k: [] for k in ("logits", "teacher", "semantic", "position", "position_teacher")}
@@ -45,7 +47,9 @@ def forward(head, feat: torch.Tensor, y: torch.Tensor, ignore: int = 255) -> dic
         gt_pos = basis.detach().clone()
         for k in [int(v) for v in y_s[i].unique() if int(v) != ignore]:
             mask = (y_s[i] == k).reshape(-1).to(feat.dtype)
-            gt_pos = gt_pos.index_copy(0, torch.tensor([k]), ((pf * mask).sum(-1) / (mask.sum() + 1e-12))[None])
+            gt_pos = gt_pos.index_copy(
+                0, torch.tensor([k], device=feat.device), ((pf * mask).sum(-1) / (mask.sum() + 1e-12))[None]
+            )
         pos_t = head.gt_center_pos_proj(torch.cat([gt_pos, basis], -1))
         out["teacher"].append(_cos15(x, head.gt_center_proj(sem_t + pos_t)).view(n, h, w))
         out["semantic"].append(sem_p)

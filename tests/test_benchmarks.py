@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 
 def test_bench_quick_runs_and_writes_results(tmp_path):
@@ -11,7 +12,18 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
 
     out = tmp_path / "quick.json"
     rows = bench_heads.main(
-        ["--quick", "--sizes", "64", "--no-progress", "--no-plot", "--out", str(out), "--loop-reference"]
+        [
+            "--quick",
+            "--sizes",
+            "64",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-plot",
+            "--out",
+            str(out),
+            "--loop-reference",
+        ]
     )
     heads = {r["head"] for r in rows}
     assert heads == {"conv", "conv+plainCE", "cac", "ssa", "proto"}
@@ -32,10 +44,31 @@ def test_bench_model_mode_quick(tmp_path):
     from benchmarks import bench_heads
 
     rows = bench_heads.main(
-        ["--quick", "--model", "--sizes", "64", "--no-progress", "--no-plot", "--out", str(tmp_path / "m.json")]
+        [
+            "--quick",
+            "--model",
+            "--sizes",
+            "64",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-plot",
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
     )
     assert {r["head"] for r in rows} == {"conv", "cac", "ssa", "proto"}
     assert all(r["train_s"] > 0 for r in rows)
     training_only = [{k: v for k, v in r.items() if not k.startswith("infer")} for r in rows]
     header = bench_heads.markdown_table(training_only).splitlines()[0]
     assert "train ms" in header and "infer" not in header  # unmeasured columns are left out
+
+
+def test_count_ops_counts_cross_device_copies_as_syncs():
+    from benchmarks.measure import count_ops
+
+    x = torch.randn(3, device="meta")
+    host = torch.randn(3)
+    assert count_ops(lambda: x + 1)["syncs"] == 0
+    assert count_ops(lambda: x + host.to("meta"))["syncs"] == 1
+    assert count_ops(lambda: x.copy_(host))["syncs"] == 1

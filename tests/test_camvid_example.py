@@ -10,10 +10,10 @@ import pytest
 import torch
 
 pytest.importorskip("PIL", reason="the CamVid example needs Pillow (the examples extra)")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from examples import camvid_data, train_camvid  # noqa: E402
-from examples.segmentation_net import SegmentationNet  # noqa: E402
+from examples import camvid_data, train_camvid
+from examples.segmentation_net import SegmentationNet
 
 
 def write_camvid(root, splits=("train", "val"), frames=3, size=(36, 48), seed=0):
