@@ -3,6 +3,11 @@
 Data: CamVid in the 360×480 layout of the SegNet tutorial (``train/``, ``trainannot/``, ``val/``, ``valannot/``,
 ``test/``, ``testannot/``; any of them present), 11 classes, Unlabelled ignored. See ``camvid_data.py``.
 
+Budget (the defaults): 4 classifiers × 3 seeds in about 90 minutes on 2 CPU cores. Frames are used at half
+resolution (``--scale 0.5``: 180×240, then mmseg's random rescale ×0.5–2.0 and 128-px crops), 30 epochs of 45
+steps at batch 8; validation runs on whole frames (180×240 input, logits upsampled bilinearly to the full
+360×480 label maps, so every labelled pixel is scored). ``--scale 1 --crop 360`` trains at full resolution.
+
 Model: a ResNet-style encoder (from scratch; ``--timm-encoder resnet18`` takes timm's ImageNet weights where
 they can be downloaded) with a semantic-FPN decoder whose classifier is ``nn.Conv2d(64, 11, 1)``
 (``segmentation_net.py``). Each head replaces that conv with ``replace_classifier`` and trains through
@@ -440,10 +445,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "env CAMVID_ROOT)")  # fmt: skip
     p.add_argument("--classifiers", nargs="+", default=list(HEADS), choices=list(HEADS), help="default: all four")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=192, help="square training crop (default 192)")
-    p.add_argument("--scale", type=float, default=1.0, help="base scale of the frames (1 = 360×480)")
+    p.add_argument("--crop", type=int, default=128, help="square training crop (default 128)")
+    p.add_argument(
+        "--scale", type=float, default=0.5, help="base scale of the frames (default 0.5: 180×240; 1 = 360×480)"
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (default 2e-3)")
     p.add_argument("--head-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the classifier")
     p.add_argument("--weight-decay", type=float, default=1e-2)
@@ -454,7 +461,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timm-encoder", help="a timm model name (e.g. resnet18) with ImageNet weights; needs timm")
     p.add_argument("--holdout-sequence", help="move this sequence's frames (e.g. 0001TP, dusk) out of train into a "
                    "'holdout' split that is evaluated at the end")  # fmt: skip
-    p.add_argument("--eval-every", type=int, default=2, help="validate every N epochs (and at the end)")
+    p.add_argument("--eval-every", type=int, default=3, help="validate every N epochs (and at the end)")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
