@@ -6,24 +6,25 @@ Swap the final ``nn.Conv2d(C, n, 1)`` of a segmentation model for
 - :class:`SSAClassifier` (SSA-Seg, Ma et al., NeurIPS 2024) + :class:`SSALoss`,
 - :class:`PrototypeClassifier` (ProtoSeg, Zhou et al., CVPR 2022) + :class:`PrototypeLoss`,
 
-and train it with :func:`supervise` (labels side channel) or by calling the head directly.
+and train it with :func:`supervise` (labels side channel) or by calling the head directly. The stateless math
+lives in :mod:`adaptive_heads.functional`; :data:`adaptive_heads.registry.HEADS` lists the heads.
 """
 
 from . import functional
+from ._validation import set_debug
 from .base import AdaptiveHead, HeadLoss, HeadOutput
-from .cac import CACOutput, ContextAwareClassifier
-from .cac_loss import ContextAwareLoss, context_aware_distillation, context_aware_loss
-from .protoseg import PrototypeClassifier, PrototypeOutput
-from .protoseg_loss import PrototypeLoss, prototype_loss
+from .cac import CACOutput, ContextAwareClassifier, ContextAwareLoss, context_aware_loss
+from .functional import context_aware_distillation
+from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput, prototype_loss
+from .registry import HEADS
 from .replace import find_classifier, replace_classifier
-from .ssa import SSAClassifier, SSAOutput
-from .ssa_loss import SSALoss, ssa_loss
+from .ssa import SSAClassifier, SSALoss, SSAOutput, ssa_loss
 from .supervise import Supervision, supervise
-from .validation import set_debug
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HEADS",
     "AdaptiveHead",
     "CACOutput",
     "ContextAwareClassifier",

@@ -4,14 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .validation import check_choice, check_features, check_target
+from ._validation import check_choice, check_features, check_target
+from .functional.cosine import pointwise_conv
+from .functional.labels import resize_labels_nearest
 
 __all__ = ["AdaptiveHead", "CosineHead", "HeadLoss", "HeadOutput"]
+
+if TYPE_CHECKING:
+    pass
+
+HeadT = TypeVar("HeadT", bound="AdaptiveHead")
+Reduction = Literal["mean", "sum"]
+
+
+class LossOptions(TypedDict, total=False):
+    """The options every loss takes (see :class:`HeadLoss`); a loss's own options come on top."""
+
+    ignore_index: int | None
+    weights: Mapping[str, float] | None
+    reduction: Reduction
+    main_average: Literal["valid", "all"]
+
+
+class CosineHeadOptions(TypedDict, total=False):
+    """The options every cosine-classifier head takes (see :class:`CosineHead`)."""
+
+    tau: float
+    dropout: float
+    ignore_index: int | None
+    eps: float
+    init_std: float
 
 
 @dataclass
@@ -19,6 +46,14 @@ class HeadOutput:
     """Training output of a head. ``logits`` ``[B, n, h, w]`` is what the head predicts at inference."""
 
     logits: Tensor
+
+
+def feature_resolution_target(feature_target: Tensor | None, target: Tensor, logits: Tensor) -> Tensor:
+    """The labels at the logits' resolution: the head's own ``feature_target`` when it matches, otherwise
+    ``target [B, H, W]`` nearest-resized to ``logits [B, n, h, w]``."""
+    if feature_target is not None and feature_target.shape[-2:] == logits.shape[-2:]:
+        return feature_target
+    return resize_labels_nearest(target, tuple(logits.shape[-2:]))
 
 
 class AdaptiveHead(nn.Module):
@@ -31,7 +66,14 @@ class AdaptiveHead(nn.Module):
     - inside :func:`adaptive_heads.supervise`, a training-mode ``head(feat)`` picks its target from the
       context, records the structured output for the loss and returns the logits, so models that pass only
       features to their classifier need no change.
+
+    A subclass implements :meth:`forward_logits` and :meth:`forward_train` and declares ``loss_type`` (its loss
+    module, built by :meth:`default_loss`) and ``training_only`` (the submodules :meth:`strip_training_layers`
+    drops for deployment).
     """
+
+    loss_type: ClassVar[type[HeadLoss]]
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
         super().__init__()
@@ -44,6 +86,7 @@ class AdaptiveHead(nn.Module):
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        self.stripped = False
         self._supervisor: Any = None
 
     @property
@@ -55,21 +98,28 @@ class AdaptiveHead(nn.Module):
         check_features(feat, self.in_channels)
         supervisor = self._supervisor
         if target is None and supervisor is not None and self.training:
-            out = self.forward_train(feat, self._check_target(supervisor.target, feat))
+            out = self._train(feat, supervisor.target)
             supervisor.record(self, out)
             return out.logits
         if target is None:
             return self.forward_logits(feat)
-        return self.forward_train(feat, self._check_target(target, feat))
+        return self._train(feat, target)
 
-    def _check_target(self, target: Tensor, feat: Tensor) -> Tensor:
-        return check_target(
+    def _train(self, feat: Tensor, target: Tensor) -> HeadOutput:
+        if self.stripped:
+            raise RuntimeError(
+                f"{type(self).__name__} was stripped of its training-only layers "
+                f"({', '.join(self.training_only) or 'none'}) by strip_training_layers(); training needs them: "
+                "build a new head and load the state dict saved before stripping"
+            )
+        checked = check_target(
             target,
             batch_size=feat.shape[0],
             num_classes=self.num_classes,
             ignore_index=self.ignore_index,
             device=feat.device,
         )
+        return self.forward_train(feat, checked)
 
     def output_dtype(self, feat: Tensor) -> torch.dtype:
         """dtype of the logits: that of the features and the head's parameters together.
@@ -81,14 +131,26 @@ class AdaptiveHead(nn.Module):
         return feat.dtype if param is None else torch.promote_types(feat.dtype, param.dtype)
 
     def forward_logits(self, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Inference: ``feat [B, C, h, w]`` → logits ``[B, n, h, w]``."""
         raise NotImplementedError
 
     def forward_train(self, feat: Tensor, target: Tensor) -> HeadOutput:  # pragma: no cover - abstract
+        """Training: ``feat [B, C, h, w]`` and a checked ``target [B, H, W]`` → the structured output."""
         raise NotImplementedError
 
-    def default_loss(self) -> HeadLoss:  # pragma: no cover - abstract
-        """A loss module with the official defaults for this head."""
-        raise NotImplementedError
+    def default_loss(self) -> HeadLoss:
+        """The head's loss module (``loss_type``) with the official defaults and this head's ``ignore_index``."""
+        return self.loss_type(ignore_index=self.ignore_index)
+
+    def strip_training_layers(self: HeadT) -> HeadT:
+        """Drop the layers only training uses (``training_only``) for deployment; inference is unchanged.
+
+        Training a stripped head raises a ``RuntimeError`` saying so. Returns the head.
+        """
+        for name in self.training_only:
+            setattr(self, name, None)
+        self.stripped = True
+        return self
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_classes={self.num_classes}, ignore_index={self.ignore_index}"
@@ -101,18 +163,28 @@ class AdaptiveHead(nn.Module):
 
 class CosineHead(AdaptiveHead):
     """Common part of the cosine-classifier heads (CAC, SSA-Seg): the coarse 1×1 classifier ``conv_seg``
-    (mmseg's init: N(0, ``init_std``²) weight, zero bias), ``Dropout2d`` on its input only, the scale ``tau``."""
+    (mmseg's init: N(0, ``init_std``²) weight, zero bias), ``Dropout2d`` on its input only, the scale ``tau``.
+
+    Args:
+        in_channels: C, channels of the decoder feature map.
+        num_classes: n.
+        tau: cosine scale (official 15).
+        dropout: ``Dropout2d`` probability before ``conv_seg`` (official 0.1; 0 disables).
+        ignore_index: label ignored by the label-built branch (and default of the loss).
+        eps: added to norms and soft areas (official 1e-12).
+        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+    """
 
     def __init__(
         self,
         in_channels: int,
         num_classes: int,
         *,
-        tau: float,
-        dropout: float,
-        ignore_index: int | None,
-        eps: float,
-        init_std: float,
+        tau: float = 15.0,
+        dropout: float = 0.1,
+        ignore_index: int | None = 255,
+        eps: float = 1e-12,
+        init_std: float = 0.01,
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
         if not 0.0 <= dropout < 1.0:
@@ -131,6 +203,11 @@ class CosineHead(AdaptiveHead):
         """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
         return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
 
+    def coarse_logits(self, feat: Tensor) -> Tensor:
+        """``conv_seg(dropout(feat))`` ``[B, n, h, w]``, the dropout folded into the weight (no feature copy)."""
+        p = float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
+        return pointwise_conv(feat, self.conv_seg.weight, self.conv_seg.bias, p)
+
     @staticmethod
     def _fuse(mlp: nn.Module, first: Tensor, second: Tensor) -> Tensor:
         """``mlp([first, second])`` (concatenated on the last axis) in the projector's own dtype: the pooled
@@ -138,37 +215,52 @@ class CosineHead(AdaptiveHead):
         dtype = next(mlp.parameters()).dtype
         return mlp(torch.cat([first.to(dtype), second.to(dtype)], dim=-1))
 
-    def _channel_dropout(self) -> float:
-        """``Dropout2d`` probability in effect (applied inside ``pointwise_conv``, no feature copy)."""
-        return float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
-
 
 class HeadLoss(nn.Module):
     """Base of the loss modules: named terms, per-term weights and their weighted total.
 
     ``loss_fn(out, target)`` returns ``{term: value, ..., "loss": Σ weight·term}``. Subclasses implement
     :meth:`terms`, and set ``default_weights`` (the official weights; ``weights=`` overrides some),
-    ``output_type`` (the head output they read) and ``main_term``, the CE on the logits the head returns (what a
-    model that computes its own CE on the head output already covers).
+    ``output_type`` (the head output they read), ``main_term`` (the CE on the logits the head returns, what a
+    model that computes its own CE on the head output already covers) and ``options`` (the names of their own
+    options, shown by ``repr``).
+
+    Args (shared by every loss):
+        ignore_index: label ignored by every term.
+        weights: per-term weights, merged into ``default_weights``.
+        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
+        main_average: denominator of the main CE: ``"valid"`` pixels (default) or ``"all"`` pixels (what mmseg
+            0.x's main loss does in the official CAC and SSA-Seg code).
     """
 
-    main_term: str = "ce"
-    default_weights: Mapping[str, float] = {}
-    output_type: type = HeadOutput
+    main_term: ClassVar[str] = "ce"
+    default_weights: ClassVar[Mapping[str, float]] = {}
+    output_type: ClassVar[type[HeadOutput]] = HeadOutput
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
-        self, weights: Mapping[str, float] | None = None, reduction: str = "mean", ignore_index: int | None = 255
+        self,
+        *,
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: Reduction = "mean",
+        main_average: Literal["valid", "all"] = "valid",
     ) -> None:
         super().__init__()
         check_choice("reduction", reduction, ("mean", "sum"))
+        check_choice("main_average", main_average, ("valid", "all"))
+        if ignore_index is not None and not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
         unknown = set(weights or {}) - set(self.default_weights)
         if unknown:
             raise ValueError(f"unknown loss terms in weights: {sorted(unknown)}; known: {list(self.default_weights)}")
+        self.ignore_index = ignore_index
         self.weights = {**self.default_weights, **(weights or {})}
         self.reduction = reduction
-        self.ignore_index = ignore_index
+        self.main_average = main_average
 
     def terms(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        """Every named loss term of ``out`` against ``target`` (no total)."""
         raise NotImplementedError
 
     def checked_target(self, out: HeadOutput, target: Tensor) -> Tensor:
@@ -212,4 +304,5 @@ class HeadLoss(nn.Module):
         return terms
 
     def extra_repr(self) -> str:
-        return f"weights={self.weights}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        shared = ("ignore_index", "weights", "reduction", "main_average")
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in (*shared, *self.options))

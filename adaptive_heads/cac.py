@@ -11,26 +11,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
 
-from .base import CosineHead, HeadOutput
-from .checkpoint import load_prefixed_state_dict
+from ._checkpoint import load_prefixed_state_dict
+from ._deprecation import loss_function, renamed_method, warn
+from ._layers import prototype_mlp
+from ._precision import float32_math, upcast_half
+from ._validation import check_choice, check_unit_interval
+from .base import CosineHead, CosineHeadOptions, HeadLoss, HeadOutput, LossOptions, feature_resolution_target
 from .functional import (
     class_means,
+    context_aware_distillation,
     cosine_logits,
-    float32_math,
     hard_class_pool,
-    pointwise_conv,
-    prototype_mlp,
     resize_labels_nearest,
     soft_class_pool,
-    upcast_half,
+    upsampled_cross_entropy,
 )
-from .validation import check_choice
 
-__all__ = ["CACOutput", "ContextAwareClassifier"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["CACOutput", "ContextAwareClassifier", "ContextAwareLoss"]
+
+DEFAULT_WEIGHTS = {"ce": 1.0, "ce_context": 1.0, "ce_oracle": 1.0, "distill": 1.0}
 
 
 @dataclass
@@ -47,6 +55,78 @@ class CACOutput(HeadOutput):
     coarse: Tensor
     oracle: Tensor
     feature_target: Tensor
+
+
+class ContextAwareLoss(HeadLoss):
+    """All CAC training terms, as the official code computes them.
+
+    ``loss_fn(out, target)`` with ``out`` the :class:`~adaptive_heads.cac.CACOutput` of
+    ``head(feat, target)`` and ``target [B, H, W]`` returns:
+
+    - ``ce``: CE of the plain logits ``p`` (bilinear upsampling with ``align_corners=True``, mean over valid
+      pixels) — official ``PreSelfLoss``;
+    - ``ce_context``: CE of the context-aware logits ``p_p`` (``align_corners=False``) — official main loss;
+    - ``ce_oracle``: CE of the oracle logits ``p_y`` (``align_corners=True``) — official ``PreLoss``;
+    - ``distill``: :func:`context_aware_distillation` of ``p_y`` (detached) into ``p_p`` at feature resolution;
+    - ``loss``: ``Σ weights[k]·term_k`` (all weights 1, as hard-coded officially).
+
+    CE terms are means over non-ignored pixels. The official main term (mmseg 0.x) divided by *all*
+    pixels; ``main_average="all"`` reproduces that. An all-ignored batch gives a finite 0.
+
+    Args:
+        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
+            (``main_average`` applies to ``ce_context``; the distillation is class-balanced).
+        distill_mode: ``"mixed"`` (official 0.5 label-mixed soft CE) or ``"kl"`` (paper).
+        distill_mix: teacher share of the mixed target (official 0.5).
+        class_average: ``"present"`` (official) or ``"all"`` (paper Eq. 11).
+    """
+
+    default_weights = DEFAULT_WEIGHTS
+    output_type = CACOutput
+    main_term = "ce_context"
+    options = ("distill_mode", "distill_mix", "class_average")
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        *,
+        distill_mode: Literal["mixed", "kl"] = "mixed",
+        distill_mix: float = 0.5,
+        class_average: Literal["present", "all"] = "present",
+        **options: Unpack[LossOptions],
+    ) -> None:
+        super().__init__(**options)
+        if num_classes is not None:
+            warn("ContextAwareLoss(num_classes=...)", "ContextAwareLoss() (the argument was never used)")
+        check_choice("distill_mode", distill_mode, ("mixed", "kl"))
+        check_choice("class_average", class_average, ("present", "all"))
+        check_unit_interval("distill_mix", distill_mix)
+        self.distill_mode = distill_mode
+        self.distill_mix = distill_mix
+        self.class_average = class_average
+
+    def terms(self, out: CACOutput, target: Tensor) -> dict[str, Tensor]:
+        target = self.checked_target(out, target)
+        n = out.logits.shape[1]
+        ce_kwargs = {"ignore_index": self.ignore_index, "reduction": self.reduction}
+        feature_target = feature_resolution_target(out.feature_target, target, out.logits)
+        return {
+            "ce": upsampled_cross_entropy(out.coarse, target, align_corners=True, **ce_kwargs),
+            "ce_context": upsampled_cross_entropy(
+                out.logits, target, align_corners=False, average=self.main_average, **ce_kwargs
+            ),
+            "ce_oracle": upsampled_cross_entropy(out.oracle, target, align_corners=True, **ce_kwargs),
+            "distill": context_aware_distillation(
+                out.logits,
+                out.oracle,
+                feature_target,
+                n,
+                ignore_index=self.ignore_index,
+                mix=self.distill_mix,
+                mode=self.distill_mode,
+                class_average=self.class_average,
+            ),
+        }
 
 
 class ContextAwareClassifier(CosineHead):
@@ -72,14 +152,9 @@ class ContextAwareClassifier(CosineHead):
     Paper variants: ``oracle_pooling="image"`` pools the oracle prototypes per image (the paper's Eq. 1).
 
     Args:
-        in_channels: C, channels of the decoder feature map.
-        num_classes: n.
-        tau: cosine scale (official 15).
-        dropout: ``Dropout2d`` probability before ``conv_seg`` (official 0.1; 0 disables).
-        ignore_index: label ignored by the oracle pooling (and default of the loss).
+        in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
+            :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1``, ``eps=1e-12``).
         oracle_pooling: ``"batch"`` (official) or ``"image"`` (paper).
-        eps: added to norms and soft areas (official 1e-12).
-        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
     """
 
     def __init__(
@@ -87,20 +162,17 @@ class ContextAwareClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        tau: float = 15.0,
-        dropout: float = 0.1,
-        ignore_index: int | None = 255,
-        oracle_pooling: str = "batch",
-        eps: float = 1e-12,
-        init_std: float = 0.01,
+        oracle_pooling: Literal["batch", "image"] = "batch",
+        **options: Unpack[CosineHeadOptions],
     ) -> None:
-        super().__init__(
-            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps, init_std=init_std
-        )
+        super().__init__(in_channels, num_classes, **options)
         check_choice("oracle_pooling", oracle_pooling, ("batch", "image"))
         self.oracle_pooling = oracle_pooling
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
+
+    loss_type = ContextAwareLoss
+    training_only = ("apd_proj",)
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
@@ -111,7 +183,7 @@ class ContextAwareClassifier(CosineHead):
         return cosine_logits(feat, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
+        coarse = self.coarse_logits(feat)
         return self._context_logits(feat, coarse)
 
     def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
@@ -125,26 +197,18 @@ class ContextAwareClassifier(CosineHead):
         return self._fuse(self.apd_proj, prototypes, weight.expand_as(sums))
 
     def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:
-        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
+        coarse = self.coarse_logits(feat)
         logits = self._context_logits(feat, coarse)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
         oracle = cosine_logits(feat, self.oracle_classifier(feat, feature_target), self.tau, eps=self.eps)
         oracle = oracle.to(logits.dtype)
         return CACOutput(logits=logits, coarse=coarse, oracle=oracle, feature_target=feature_target)
 
-    def default_loss(self):
-        from .cac_loss import ContextAwareLoss
-
-        return ContextAwareLoss(num_classes=self.num_classes, ignore_index=self.ignore_index)
-
-    def strip_oracle(self) -> ContextAwareClassifier:
-        """Drop the training-only oracle projector ``apd_proj`` (inference output is unchanged)."""
-        self.apd_proj = None  # type: ignore[assignment]
-        return self
+    strip_oracle = renamed_method("strip_training_layers", "strip_oracle")
 
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
-    ):
+    ) -> _IncompatibleKeys:
         """Load the head weights from an official CAC (mmseg 0.x) checkpoint.
 
         Args:
@@ -166,3 +230,6 @@ class ContextAwareClassifier(CosineHead):
             candidates=("decode_head.", "decode_head.1.", ""),
             strict=strict,
         )
+
+
+context_aware_loss = loss_function(ContextAwareLoss, "context_aware_loss")

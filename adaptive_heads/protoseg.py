@@ -10,27 +10,41 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 from torch.utils.checkpoint import checkpoint
 
-from ._precision import HALF_DTYPES
-from .base import AdaptiveHead, HeadOutput
-from .checkpoint import load_prefixed_state_dict
-from .distributed import all_reduce_, is_distributed
-from .functional import pointwise_conv, resize_labels_nearest, upcast_half
-from .pixel_embedding import unit_layer_norm
-from .prototype_ops import prototype_similarity_stats
-from .sinkhorn import classwise_sinkhorn
-from .validation import check_choice
+from ._checkpoint import load_prefixed_state_dict
+from ._deprecation import loss_function
+from ._distributed import all_reduce_, is_distributed
+from ._precision import HALF_DTYPES, float32_math, upcast_half
+from ._validation import check_choice
+from .base import AdaptiveHead, HeadLoss, HeadOutput, LossOptions
+from .functional import (
+    classwise_sinkhorn,
+    pointwise_conv,
+    prototype_contrast_from_stats,
+    prototype_contrast_sums,
+    prototype_similarity_stats,
+    resize_labels_nearest,
+    unit_layer_norm,
+    upsampled_cross_entropy,
+)
 
-__all__ = ["PrototypeClassifier", "PrototypeOutput"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["PrototypeClassifier", "PrototypeLoss", "PrototypeOutput"]
 
 #: buffers that stay float32 (or wider) when the module is cast to a half type
 _FLOAT32_BUFFERS = ("prototypes", "usage_counts")
+
+DEFAULT_WEIGHTS = {"ce": 1.0, "ppc": 0.01, "ppd": 0.001}
 
 
 @dataclass
@@ -66,6 +80,74 @@ class PrototypeOutput(HeadOutput):
         return self.embeddings @ self.prototypes.t().to(self.embeddings.dtype)
 
 
+class PrototypeLoss(HeadLoss):
+    """ProtoSeg's ``PixelPrototypeCELoss``: ``ce + 0.01·ppc + 0.001·ppd``.
+
+    - ``ce``: CE of the segmentation logits upsampled bilinearly (``align_corners=True``, as the official code)
+      to the label size, mean over valid pixels (class-weighted mean with ``class_weight``, e.g. the official
+      Cityscapes weights);
+    - ``ppc``: pixel–prototype contrast, CE over all ``n·K`` prototype cosines,
+      ``logsumexp_j(s_ij/T) − s_{i,t_i}/T``, mean over valid pixels at feature resolution
+      (``ppc_temperature`` T, official 1 — the paper writes a temperature);
+    - ``ppd``: pixel–prototype distance ``(1 − s_{i,t_i})²``, mean over valid pixels.
+
+    The ``[N, n·K]`` similarities are never kept for backward. At T = 1 PPC and PPD come from the per-pixel
+    statistics the head's single chunked similarity pass already produced (``contrast_lse``, ``own_similarity``);
+    other temperatures run their own chunked pass (:func:`~adaptive_heads.functional.prototype_contrast_sums`).
+
+    All-ignored batches give finite zeros (the official code gives NaN).
+
+    Args:
+        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
+            (``main_average`` applies to ``ce``; the official code averages over valid pixels).
+        ppc_temperature: temperature T of PPC (official 1).
+        class_weight: optional ``[n]`` CE class weights (moved to the logits' device once, at the first call).
+    """
+
+    default_weights = DEFAULT_WEIGHTS
+    output_type = PrototypeOutput
+    main_term = "ce"
+    options = ("ppc_temperature",)
+
+    def __init__(
+        self, *, ppc_temperature: float = 1.0, class_weight: Tensor | None = None, **options: Unpack[LossOptions]
+    ) -> None:
+        super().__init__(**options)
+        if ppc_temperature <= 0:
+            raise ValueError(f"ppc_temperature must be positive, got {ppc_temperature}")
+        self.ppc_temperature = ppc_temperature
+        self.class_weight: Tensor | None
+        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight))
+
+    def terms(self, out: PrototypeOutput, target: Tensor) -> dict[str, Tensor]:
+        target = self.checked_target(out, target)
+        n = out.logits.shape[1]
+        if self.class_weight is not None and self.class_weight.shape != (n,):
+            raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
+        if self.class_weight is not None and self.class_weight.device != out.logits.device:
+            self.class_weight = self.class_weight.to(out.logits.device)  # once, not a copy per step
+        with float32_math(out.embeddings.device):
+            if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
+                ppc_sum, ppd_sum = prototype_contrast_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)
+            else:
+                emb = upcast_half(out.embeddings)
+                ppc_sum, ppd_sum = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
+        count = (out.proto_target >= 0).sum().clamp_min(1)
+        return {
+            "ce": upsampled_cross_entropy(
+                out.logits,
+                target,
+                ignore_index=self.ignore_index,
+                align_corners=True,
+                average=self.main_average,
+                reduction=self.reduction,
+                class_weight=self.class_weight,
+            ),
+            "ppc": ppc_sum / count,
+            "ppd": ppd_sum / count,
+        }
+
+
 class ProjectionHead(nn.Module):
     """``1×1 conv (C→C) → ReLU → 1×1 conv (C→D)``; named ``proj`` like the official ``proj_head.proj``."""
 
@@ -77,7 +159,7 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         conv1, relu, conv2 = self.proj
-        return pointwise_conv(relu(pointwise_conv(x, conv1)), conv2)
+        return pointwise_conv(relu(pointwise_conv(x, conv1.weight, conv1.bias)), conv2.weight, conv2.bias)
 
 
 class PrototypeClassifier(AdaptiveHead):
@@ -90,7 +172,7 @@ class PrototypeClassifier(AdaptiveHead):
 
     Training (``head(feat, target)`` → :class:`PrototypeOutput`): the labels are nearest-resized to the
     feature map; each class's pixels are assigned to its K prototypes with class-wise Sinkhorn–Knopp
-    (``sinkhorn_iters``, ``sinkhorn_eps``; see :func:`~adaptive_heads.sinkhorn.classwise_sinkhorn`); the
+    (``sinkhorn_iters``, ``sinkhorn_eps``; see :func:`~adaptive_heads.functional.classwise_sinkhorn`); the
     Sinkhorn argmax gives the PPC/PPD targets. Then, in training mode with ``update_prototypes``, the
     prototypes (a buffer, never a Parameter) move by the momentum update
     ``p ← L2(γ·p + (1−γ)·L2(Σ assigned embeddings))``, using only **correctly classified** pixels, and only
@@ -130,6 +212,8 @@ class PrototypeClassifier(AdaptiveHead):
             C = 512).
     """
 
+    loss_type = PrototypeLoss
+
     def __init__(
         self,
         in_channels: int,
@@ -141,8 +225,8 @@ class PrototypeClassifier(AdaptiveHead):
         sinkhorn_iters: int = 3,
         sinkhorn_eps: float = 0.05,
         update_prototypes: bool = True,
-        update_assignment: str = "gumbel",
-        projection_norm: str = "channel",
+        update_assignment: Literal["gumbel", "argmax"] = "gumbel",
+        projection_norm: Literal["channel", "width"] = "channel",
         sync: bool = True,
         ignore_index: int | None = 255,
         init_std: float = 0.02,
@@ -314,14 +398,9 @@ class PrototypeClassifier(AdaptiveHead):
         """Zero ``usage_counts`` (``[n, K]``: training pixels assigned to each prototype since the last reset)."""
         self.usage_counts.zero_()
 
-    def default_loss(self):
-        from .protoseg_loss import PrototypeLoss
-
-        return PrototypeLoss(ignore_index=self.ignore_index)
-
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
-    ):
+    ) -> _IncompatibleKeys:
         """Load ``prototypes``, ``proj_head.proj.*``, ``feat_norm.*`` and ``mask_norm.*`` from an official
         ``HRNet_W48_Proto`` checkpoint (``module.`` prefix optional). The duplicate ``proj_head.mlp2.*`` keys are
         skipped; the backbone and ``cls_head`` belong to the user's model. Prototypes are re-normalised.
@@ -348,3 +427,6 @@ class PrototypeClassifier(AdaptiveHead):
             f"{super().extra_repr()}, num_prototypes={self.num_prototypes}, embed_dim={self.embed_dim}, "
             f"gamma={self.gamma}, update_assignment={self.update_assignment!r}"
         )
+
+
+prototype_loss = loss_function(PrototypeLoss, "prototype_loss")

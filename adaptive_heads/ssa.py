@@ -12,27 +12,47 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from .base import CosineHead, HeadOutput
-from .checkpoint import load_prefixed_state_dict
+from ._checkpoint import load_prefixed_state_dict
+from ._deprecation import loss_function, renamed_method
+from ._layers import prototype_mlp
+from ._precision import float32_math, upcast_half
+from ._validation import check_choice, check_unit_interval
+from .base import CosineHead, CosineHeadOptions, HeadLoss, HeadOutput, LossOptions, feature_resolution_target
 from .functional import (
+    boundary_distillation,
     class_means,
     cosine_logits,
-    float32_math,
     hard_class_pool,
     label_one_hot,
-    pointwise_conv,
-    prototype_mlp,
+    position_distillation,
+    relation_distillation,
     resize_labels_nearest,
+    sigmoid_dice_loss,
     soft_class_pool,
-    upcast_half,
+    upsampled_cross_entropy,
 )
-from .validation import check_choice
 
-__all__ = ["SSAClassifier", "SSAOutput"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["SSAClassifier", "SSALoss", "SSAOutput"]
+
+DEFAULT_WEIGHTS = {
+    "ce": 1.0,
+    "ce_coarse": 1.0,
+    "ce_teacher": 1.0,
+    "distill": 1.0,
+    "dice": 1.0,
+    "dice_teacher": 1.0,
+    "relation": 10.0,
+    "position": 0.4,
+}
 
 
 @dataclass
@@ -59,6 +79,60 @@ class SSAOutput(HeadOutput):
     feature_target: Tensor
 
 
+class SSALoss(HeadLoss):
+    """Every SSA-Seg training term, as the official code computes them; ``loss`` is their weighted sum.
+
+    - ``ce``: CE of the SSA logits (main term), ``ce_coarse``: CE of the coarse mask, ``ce_teacher``: CE of the
+      teacher (not detached — it trains the ``gt_*`` layers); all upsampled bilinearly with
+      ``align_corners=True`` and averaged over valid pixels (``main_average="all"``: the official mmseg main
+      term divides by all pixels);
+    - ``distill``: :func:`~adaptive_heads.functional.boundary_distillation` (feature resolution);
+    - ``dice`` / ``dice_teacher``: :func:`~adaptive_heads.functional.sigmoid_dice_loss` on student / teacher;
+    - ``relation`` (×10): :func:`~adaptive_heads.functional.relation_distillation` of ``S_p`` toward ``S_p^T``;
+    - ``position`` (×0.4): :func:`~adaptive_heads.functional.position_distillation` of ``P_p`` toward ``P_p^T``.
+
+    The official sigmoid focal loss, computed and then discarded, is not computed. Everything is float32 and
+    finite on all-ignored batches (the official code returns float64, and NaN there).
+
+    Args:
+        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
+            (``main_average`` applies to ``ce``).
+        distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
+        tau: scale of the relation matrices of ``relation`` (official 15).
+    """
+
+    default_weights = DEFAULT_WEIGHTS
+    output_type = SSAOutput
+    main_term = "ce"
+    options = ("distill_mix", "tau")
+
+    def __init__(self, *, distill_mix: float = 0.5, tau: float = 15.0, **options: Unpack[LossOptions]) -> None:
+        super().__init__(**options)
+        check_unit_interval("distill_mix", distill_mix)
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.distill_mix = distill_mix
+        self.tau = tau
+
+    def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
+        target = self.checked_target(out, target)
+        n = out.logits.shape[1]
+        feature_target = feature_resolution_target(out.feature_target, target, out.logits)
+        ce = {"ignore_index": self.ignore_index, "reduction": self.reduction, "align_corners": True}
+        return {
+            "ce": upsampled_cross_entropy(out.logits, target, average=self.main_average, **ce),
+            "ce_coarse": upsampled_cross_entropy(out.coarse, target, **ce),
+            "ce_teacher": upsampled_cross_entropy(out.teacher, target, **ce),
+            "distill": boundary_distillation(
+                out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
+            ),
+            "dice": sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
+            "dice_teacher": sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
+            "relation": relation_distillation(out.semantic, out.semantic_teacher, self.tau),
+            "position": position_distillation(out.position, out.position_teacher),
+        }
+
+
 class SSAClassifier(CosineHead):
     """Drop-in replacement for ``nn.Conv2d(in_channels, num_classes, 1)`` implementing SSA-Seg.
 
@@ -80,17 +154,13 @@ class SSAClassifier(CosineHead):
     ``gt_center_content_proj([G, W])``, ``gt_center_pos_proj([H, E])`` (note the concat orders), the same
     cosine with ``gt_center_proj``. ``semantic_gt_pooling="image"`` pools the semantic GT centres per image.
 
-    Teacher layers (``gt_*``) are training-only: :meth:`strip_teacher` drops them for deployment.
+    Teacher layers (``gt_*``) are training-only: :meth:`strip_training_layers` drops them for deployment.
 
     Args:
-        in_channels: C.
-        num_classes: n.
-        tau: cosine scale (official 15).
-        dropout: ``Dropout2d`` before ``conv_seg`` (official 0.1; 0 disables, as the OCR head).
-        ignore_index: ignored label.
+        in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
+            :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1`` — 0 in the OCR head —
+            and ``eps=1e-12``).
         semantic_gt_pooling: ``"batch"`` (official) or ``"image"``.
-        eps: added to norms and soft areas (official 1e-12).
-        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
     """
 
     def __init__(
@@ -98,16 +168,10 @@ class SSAClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        tau: float = 15.0,
-        dropout: float = 0.1,
-        ignore_index: int | None = 255,
-        semantic_gt_pooling: str = "batch",
-        eps: float = 1e-12,
-        init_std: float = 0.01,
+        semantic_gt_pooling: Literal["batch", "image"] = "batch",
+        **options: Unpack[CosineHeadOptions],
     ) -> None:
-        super().__init__(
-            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps, init_std=init_std
-        )
+        super().__init__(in_channels, num_classes, **options)
         check_choice("semantic_gt_pooling", semantic_gt_pooling, ("batch", "image"))
         c = in_channels
         self.semantic_gt_pooling = semantic_gt_pooling
@@ -119,6 +183,9 @@ class SSAClassifier(CosineHead):
         self.gt_center_content_proj = prototype_mlp(c)
         self.gt_center_pos_proj = prototype_mlp(c)
         self.gt_center_proj = nn.Linear(c, c, bias=False)
+
+    loss_type = SSALoss
+    training_only = ("gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj")
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
@@ -134,7 +201,7 @@ class SSAClassifier(CosineHead):
         return semantic, position
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
+        coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
         classifier = self.center_proj(semantic + position)
@@ -164,9 +231,7 @@ class SSAClassifier(CosineHead):
         return semantic, position
 
     def forward_train(self, feat: Tensor, target: Tensor) -> SSAOutput:
-        if self.gt_center_proj is None:
-            raise RuntimeError("the teacher layers were stripped (strip_teacher()); training needs them")
-        coarse = pointwise_conv(feat, self.conv_seg, self._channel_dropout())
+        coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
         x = feat + pos
@@ -187,21 +252,11 @@ class SSAClassifier(CosineHead):
             feature_target=feature_target,
         )
 
-    def strip_teacher(self) -> SSAClassifier:
-        """Drop the training-only ``gt_*`` layers (inference output is bit-identical)."""
-        self.gt_center_content_proj = None  # type: ignore[assignment]
-        self.gt_center_pos_proj = None  # type: ignore[assignment]
-        self.gt_center_proj = None  # type: ignore[assignment]
-        return self
-
-    def default_loss(self):
-        from .ssa_loss import SSALoss
-
-        return SSALoss(ignore_index=self.ignore_index)
+    strip_teacher = renamed_method("strip_training_layers", "strip_teacher")
 
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
-    ):
+    ) -> _IncompatibleKeys:
         """Load the head weights from an official SSA-Seg (mmseg 0.x ``*_ssa`` head) checkpoint.
 
         Keys under ``decode_head.`` (OCRNet cascade: ``decode_head.1.``; DDP ``module.`` optional): ``conv_seg``,
@@ -218,3 +273,6 @@ class SSAClassifier(CosineHead):
             strict=strict,
             ignored=("ssa_loss.criterion.empty_weight",),
         )
+
+
+ssa_loss = loss_function(SSALoss, "ssa_loss")

@@ -43,11 +43,8 @@ from torch import nn  # noqa: E402
 import adaptive_heads as ah  # noqa: E402
 from benchmarks.measure import CPU_MEMORY_METHOD, count_ops, median_time, memory_mode, peak_memory  # noqa: E402
 
-HEADS = {
-    "cac": (ah.ContextAwareClassifier, ah.ContextAwareLoss),
-    "ssa": (ah.SSAClassifier, ah.SSALoss),
-    "proto": (ah.PrototypeClassifier, ah.PrototypeLoss),
-}
+#: every registered head with its loss
+HEADS = {name: (cls, cls.loss_type) for name, cls in ah.HEADS.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIB = 2**20
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from adaptive_heads.ssa_loss import label_boundary, position_distillation, relation_distillation
+from adaptive_heads.functional import label_boundary, position_distillation, relation_distillation
 from tests import reference_cac, reference_protoseg, reference_ssa
 
 

@@ -56,11 +56,6 @@ def make_batch(batch: int, num_classes: int, size: int, generator: torch.Generat
     return images, target
 
 
-def available_heads() -> dict[str, type]:
-    names = ("ContextAwareClassifier", "SSAClassifier", "PrototypeClassifier")
-    return {name: getattr(ah, name) for name in names if hasattr(ah, name)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="training steps per head (default 20)")
@@ -70,7 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args()
 
-    for name, head_cls in {"Conv2d (baseline)": None, **available_heads()}.items():
+    for name, head_cls in {"Conv2d (baseline)": None, **{c.__name__: c for c in ah.HEADS.values()}}.items():
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         model = make_model(args.classes)

@@ -59,12 +59,8 @@ from segmentation_net import ResNetEncoder, SegmentationNet, timm_encoder  # noq
 
 import adaptive_heads as ah  # noqa: E402
 
-HEADS = {
-    "conv": None,
-    "cac": ah.ContextAwareClassifier,
-    "ssa": ah.SSAClassifier,
-    "proto": ah.PrototypeClassifier,
-}
+#: the plain 1×1 conv and every registered head
+HEADS = {"conv": None, **ah.HEADS}
 CLASSIFIER_PATH = "decoder.classifier"
 NUM_CLASSES = len(CLASSES)
 

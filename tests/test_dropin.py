@@ -9,6 +9,7 @@ from torch import nn
 
 from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, find_classifier, replace_classifier, supervise
 
+from .conftest import make_head
 from .models import PlainSegmenter, TinyFCN
 
 
@@ -148,3 +149,23 @@ def test_hf_segformer_end_to_end():
     with torch.no_grad():
         logits = model(pixel_values=images).logits
     assert logits.shape == (2, 5, 8, 8) and logits.abs().max() <= 15 + 1e-4
+
+
+def test_supervise_and_replace_every_head(head_name):
+    """Each head inside a torchvision-shaped model: its named terms, the extra-terms total, gradients everywhere."""
+    torch.manual_seed(0)
+    model = replace_classifier(TinyFCN(num_classes=5), lambda c, n: make_head(head_name, c, n))
+    head = model.classifier[4]
+    images, target = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2, 16, 16))
+    with supervise(model, target) as sup:
+        logits = model(images)["out"]
+        loss = F.cross_entropy(logits, target) + sup.loss()
+        terms = sup.losses()
+    loss_fn = head.default_loss()
+    assert set(terms) == {f"classifier.4.{k}" for k in loss_fn.default_weights} | {"loss"}
+    expected = sum(w * terms[f"classifier.4.{k}"] for k, w in loss_fn.weights.items() if k != loss_fn.main_term)
+    torch.testing.assert_close(terms["loss"], expected)
+    assert all(torch.isfinite(v) for v in terms.values())
+    loss.backward()
+    for name, p in head.named_parameters():  # the label-built branches (oracle, teacher) are trained too
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name

@@ -6,26 +6,20 @@ import io
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier, PrototypeClassifier, SSAClassifier
-
-HEADS = {"cac": ContextAwareClassifier, "ssa": SSAClassifier, "proto": PrototypeClassifier}
+from .conftest import make_head
 
 
 def _head(name):
     torch.manual_seed(0)
-    head = HEADS[name](8, 5)
-    if name == "ssa":
-        head.strip_teacher()
-    return head.eval()
+    return make_head(name, 8, 5).strip_training_layers().eval()
 
 
 def _inputs():
     return torch.randn(2, 8, 6, 7).relu(), torch.randn(3, 8, 9, 5).relu()
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_torch_export_dynamic_shapes(name):
-    head = _head(name)
+def test_torch_export_dynamic_shapes(head_name):
+    head = _head(head_name)
     feat, other = _inputs()
     dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("h", min=2, max=1024),
             3: torch.export.Dim("w", min=2, max=1024)}  # fmt: skip
@@ -35,12 +29,11 @@ def test_torch_export_dynamic_shapes(name):
         torch.testing.assert_close(module(x), head(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_onnx_export_matches_onnxruntime(name):
+def test_onnx_export_matches_onnxruntime(head_name):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    head = _head(name)
+    head = _head(head_name)
     feat, other = _inputs()
     dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("h", min=2, max=1024),
             3: torch.export.Dim("w", min=2, max=1024)}  # fmt: skip
@@ -53,9 +46,8 @@ def test_onnx_export_matches_onnxruntime(name):
         torch.testing.assert_close(torch.from_numpy(onnx_out), head(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_torchscript_trace(name):
-    head = _head(name)
+def test_torchscript_trace(head_name):
+    head = _head(head_name)
     feat, other = _inputs()
     with torch.no_grad():
         traced = torch.jit.trace(head, (feat,), check_trace=False)

@@ -8,32 +8,20 @@ import pytest
 import torch
 
 import adaptive_heads as ah
-from adaptive_heads import (
-    ContextAwareClassifier,
-    ContextAwareLoss,
-    PrototypeClassifier,
-    PrototypeLoss,
-    SSAClassifier,
-    SSALoss,
-)
+
+from .conftest import make_head, make_loss
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-HEADS = {
-    "cac": (ContextAwareClassifier, ContextAwareLoss, {}),
-    "ssa": (SSAClassifier, SSALoss, {}),
-    "proto": (PrototypeClassifier, PrototypeLoss, {"num_prototypes": 3}),
-}
 # documented autocast tolerances on the logits (|Δ| against float32, tau = 15 for CAC/SSA)
 AUTOCAST_TOL = {torch.bfloat16: 0.25, torch.float16: 0.05}
 
 
 def build(name, c=6, n=4, seed=0, **kw):
-    head_cls, loss_cls, extra = HEADS[name]
     torch.manual_seed(seed)
-    return head_cls(c, n, **{**extra, **kw}), loss_cls()
+    return make_head(name, c, n, **kw), make_loss(name)
 
 
 def finite_step(head, loss_fn, feat, target):
@@ -50,9 +38,8 @@ def finite_step(head, loss_fn, feat, target):
 
 
 # ----------------------------------------------------------------------------- input contract
-@pytest.mark.parametrize("name", HEADS)
-def test_input_contract_messages(name):
-    head, loss_fn = build(name)
+def test_input_contract_messages(head_name):
+    head, loss_fn = build(head_name)
     feat = torch.randn(2, 6, 4, 5)
     cases = [
         (lambda: head(feat[0]), ValueError, "feat must have shape \\[B, C, h, w\\]"),
@@ -74,9 +61,8 @@ def test_input_contract_messages(name):
         loss_fn(out, torch.full((2, 8, 8), -3))
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_debug_mode_rejects_nan_features(name):
-    head, _ = build(name)
+def test_debug_mode_rejects_nan_features(head_name):
+    head, _ = build(head_name)
     feat = torch.randn(1, 6, 3, 3)
     feat[0, 0, 0, 0] = float("nan")
     head(feat)  # not checked by default (a full pass over the features)
@@ -88,9 +74,8 @@ def test_debug_mode_rejects_nan_features(name):
         ah.set_debug(False)
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_channels_last_and_non_contiguous_inputs(name):
-    head, loss_fn = build(name, dropout=0.0) if name != "proto" else build(name, update_prototypes=False)
+def test_channels_last_and_non_contiguous_inputs(head_name):
+    head, loss_fn = build(head_name, **({"update_prototypes": False} if head_name == "proto" else {"dropout": 0.0}))
     feat = torch.randn(2, 6, 5, 7)
     target = torch.randint(0, 4, (2, 10, 14))
     head.eval()
@@ -106,13 +91,12 @@ def test_channels_last_and_non_contiguous_inputs(name):
 
 
 # ----------------------------------------------------------------------------- numerical robustness
-@pytest.mark.parametrize("name", HEADS)
 @pytest.mark.parametrize(
     "case",
     ["all_ignored", "single_class", "absent_classes", "zero_features", "huge_features", "tiny_1x1", "tiny_2x3"],
 )
-def test_robust_cases_are_finite(name, case):
-    head, loss_fn = build(name)
+def test_robust_cases_are_finite(head_name, case):
+    head, loss_fn = build(head_name)
     h, w = {"tiny_1x1": (1, 1), "tiny_2x3": (2, 3)}.get(case, (6, 5))
     feat = torch.randn(2, 6, h, w)
     target = torch.randint(0, 4, (2, 4 * h + 1, 4 * w + 3))  # odd, non-multiple label size
@@ -131,20 +115,18 @@ def test_robust_cases_are_finite(name, case):
         assert terms["ce"].item() == 0.0
 
 
-@pytest.mark.parametrize("name", HEADS)
 @pytest.mark.parametrize("c,n", [(1, 1), (1, 2), (3, 1), (3, 2)])
-def test_degenerate_channel_and_class_counts(name, c, n):
-    head, loss_fn = build(name, c=c, n=n)
+def test_degenerate_channel_and_class_counts(head_name, c, n):
+    head, loss_fn = build(head_name, c=c, n=n)
     target = torch.randint(0, n, (2, 9, 7))
     finite_step(head, loss_fn, torch.randn(2, c, 3, 4), target)
     head.eval()
     assert head(torch.randn(2, c, 3, 4)).shape == (2, n, 3, 4)
 
 
-@pytest.mark.parametrize("name", HEADS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_within_documented_tolerance(name, dtype):
-    head, loss_fn = build(name, n=7)
+def test_autocast_within_documented_tolerance(head_name, dtype):
+    head, loss_fn = build(head_name, n=7)
     feat = torch.randn(2, 6, 8, 8).relu()
     target = torch.randint(0, 7, (2, 32, 32))
     head.eval()
@@ -153,6 +135,8 @@ def test_autocast_within_documented_tolerance(name, dtype):
         low = head(feat.to(dtype))
     assert torch.isfinite(low).all()
     assert (low.float() - reference).abs().max() <= AUTOCAST_TOL[dtype]
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.isfinite(head(feat.to(dtype) * 1e4)).all()
     head.train()
     with torch.autocast("cpu", dtype=dtype):
         terms = loss_fn(head(feat.to(dtype) * 1e3, target), target)
@@ -161,11 +145,10 @@ def test_autocast_within_documented_tolerance(name, dtype):
 
 
 # ----------------------------------------------------------------------------- determinism and state
-@pytest.mark.parametrize("name", HEADS)
-def test_deterministic_training_steps(name):
+def test_deterministic_training_steps(head_name):
     def run():
-        head, loss_fn = build(name, seed=3)
-        if name == "proto":
+        head, loss_fn = build(head_name, seed=3)
+        if head_name == "proto":
             head.generator = torch.Generator().manual_seed(0)
         opt = torch.optim.SGD(head.parameters(), lr=0.1)
         torch.manual_seed(7)
@@ -187,14 +170,13 @@ def test_deterministic_training_steps(name):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("name", HEADS)
-def test_state_round_trips(name):
-    head, loss_fn = build(name)
+def test_state_round_trips(head_name):
+    head, loss_fn = build(head_name)
     feat = torch.randn(2, 6, 4, 4)
     finite_step(head, loss_fn, feat, torch.randint(0, 4, (2, 8, 8)))
     head.eval()
     expected = head(feat)
-    fresh, _ = build(name, seed=99)
+    fresh, _ = build(head_name, seed=99)
     fresh.load_state_dict(head.state_dict())
     fresh.eval()
     for other in (fresh, pickle.loads(pickle.dumps(head)), copy.deepcopy(head)):
@@ -227,13 +209,12 @@ def _problem(b, c, n, h, w, scale, ignore_frac, seed):
     return feat, target
 
 
-@pytest.mark.parametrize("name", HEADS)
 @settings(max_examples=15, deadline=None)
 @given(p=problems())
-def test_property_finite_and_shaped(name, p):
+def test_property_finite_and_shaped(head_name, p):
     b, c, n, h, w, *_ = p
     feat, target = _problem(*p)
-    head, loss_fn = build(name, c=c, n=n)
+    head, loss_fn = build(head_name, c=c, n=n)
     finite_step(head, loss_fn, feat, target)
     head.eval()
     logits = head(feat)
@@ -265,17 +246,16 @@ def _permute_classes(name, head, perm):
             head.mask_norm.bias.copy_(head.mask_norm.bias[perm])
 
 
-@pytest.mark.parametrize("name", HEADS)
 @settings(max_examples=10, deadline=None)
 @given(p=problems(), perm_seed=st.integers(0, 1000))
-def test_property_class_permutation_equivariance(name, p, perm_seed):
+def test_property_class_permutation_equivariance(head_name, p, perm_seed):
     _b, c, n, *_ = p
     feat, target = _problem(*p)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed))
-    kw = {"dropout": 0.0} if name != "proto" else {"update_prototypes": False}
-    head, loss_fn = build(name, c=c, n=n, **kw)
+    kw = {"dropout": 0.0} if head_name != "proto" else {"update_prototypes": False}
+    head, loss_fn = build(head_name, c=c, n=n, **kw)
     permuted = copy.deepcopy(head)
-    _permute_classes(name, permuted, perm)
+    _permute_classes(head_name, permuted, perm)
     head.eval(), permuted.eval()
     torch.testing.assert_close(permuted(feat), head(feat)[:, perm], rtol=1e-4, atol=1e-4)
     # training losses are invariant when labels are renamed consistently

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_heads import SSAClassifier, SSALoss, SSAOutput, ssa_loss
-from adaptive_heads.ssa_loss import (
+from adaptive_heads import SSAClassifier, SSALoss, SSAOutput
+from adaptive_heads.functional import (
     boundary_distillation,
     label_boundary,
     position_distillation,
@@ -107,7 +107,7 @@ def test_loss_terms_match_reference():
     weights = {"ce": 1, "ce_coarse": 1, "ce_teacher": 1, "distill": 1, "dice": 1, "dice_teacher": 1}
     expected = sum(w * terms[k] for k, w in weights.items()) + 10 * terms["relation"] + 0.4 * terms["position"]
     torch.testing.assert_close(terms["loss"], expected)
-    official = ssa_loss(out, target, main_average="all")
+    official = SSALoss(main_average="all")(out, target)
     all_mean = F.cross_entropy(up(out.logits), target, ignore_index=255, reduction="sum") / target.numel()
     torch.testing.assert_close(official["ce"], all_mean)
 
@@ -194,15 +194,15 @@ def test_relation_hinge_is_one_sided():
     assert relation_distillation(flat, teacher) > 0
 
 
-def test_strip_teacher_bit_identical():
+def test_strip_training_layers_bit_identical():
     head, feat, _ = make()
     head.eval()
     before = head(feat)
-    head.strip_teacher()
+    head.strip_training_layers()
     assert not any(k.startswith("gt_") for k in head.state_dict())
     assert torch.equal(head(feat), before)
     head.train()
-    with pytest.raises(RuntimeError, match="strip_teacher"):
+    with pytest.raises(RuntimeError, match="strip_training_layers"):
         head(feat, torch.zeros(3, 14, 15, dtype=torch.long))
 
 
@@ -224,15 +224,6 @@ def test_all_ignored_batch_finite():
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
     assert torch.isfinite(feat.grad).all()
-
-
-def test_bf16_autocast_finite():
-    head, feat, target = make(dropout=0.1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = head(feat.bfloat16(), target)
-        terms = SSALoss()(out, target)
-    assert all(torch.isfinite(v) for v in terms.values())
-    terms["loss"].backward()
 
 
 def test_state_dict_keys_round_trip_and_official_load():
@@ -262,20 +253,3 @@ def test_bad_input_and_argument_errors():
         SSAClassifier(C, N, semantic_gt_pooling="pixel")
     with pytest.raises(ValueError, match="unknown loss terms"):
         SSALoss(weights={"focal": 1.0})
-
-
-def test_supervise_and_replace():
-    from adaptive_heads import replace_classifier, supervise
-
-    from .models import TinyFCN
-
-    model = TinyFCN(num_classes=N)
-    replace_classifier(model, SSAClassifier)
-    images, target = torch.randn(2, 3, 16, 16), torch.randint(0, N, (2, 16, 16))
-    with supervise(model, target) as sup:
-        logits = model(images)["out"]
-        loss = F.cross_entropy(logits, target) + sup.loss()
-        terms = sup.losses()
-    assert "classifier.4.relation" in terms and "classifier.4.ce" in terms
-    loss.backward()
-    assert model.classifier[4].gt_center_proj.weight.grad is not None

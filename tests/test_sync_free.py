@@ -17,28 +17,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from adaptive_heads import (
-    ContextAwareClassifier,
-    ContextAwareLoss,
     PrototypeClassifier,
     PrototypeLoss,
-    SSAClassifier,
-    SSALoss,
-    validation,
 )
-from adaptive_heads.upsampled_ce import upsampled_cross_entropy
+from adaptive_heads import _validation as validation
+from adaptive_heads.functional import upsampled_cross_entropy
 from benchmarks.measure import count_ops
 
-HEADS = {
-    "cac": (ContextAwareClassifier, ContextAwareLoss, {}),
-    "ssa": (SSAClassifier, SSALoss, {}),
-    "proto": (PrototypeClassifier, PrototypeLoss, {"num_prototypes": 3}),
-}
+from .conftest import make_head, make_loss
 
 
-@pytest.mark.parametrize("name", list(HEADS))
-def test_training_step_and_inference_have_no_host_sync(name, monkeypatch):
-    head_cls, loss_cls, kwargs = HEADS[name]
-    head, loss_fn = head_cls(16, 7, **kwargs), loss_cls()
+def test_training_step_and_inference_have_no_host_sync(head_name, monkeypatch):
+    head, loss_fn = make_head(head_name, 16, 7), make_loss(head_name)
     feat = torch.randn(2, 16, 12, 10, requires_grad=True)
     target = torch.randint(0, 7, (2, 48, 40))
     target[0, :5] = 255
@@ -83,12 +73,10 @@ class DeviceDiscipline(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("name", list(HEADS))
-def test_meta_device_training_and_inference_touch_no_host_tensor(name, monkeypatch):
+def test_meta_device_training_and_inference_touch_no_host_tensor(head_name, monkeypatch):
     monkeypatch.setattr(validation, "_value_checks", lambda t: False)  # what an accelerator does (no debug mode)
-    head_cls, loss_cls, kwargs = HEADS[name]
-    head = head_cls(16, 7, **kwargs).to("meta")
-    loss_fn = loss_cls().to("meta")
+    head = make_head(head_name, 16, 7).to("meta")
+    loss_fn = make_loss(head_name).to("meta")
     feat = torch.randn(2, 16, 12, 10, device="meta", requires_grad=True)
     target = torch.randint(0, 7, (2, 48, 40), device="meta")
     mode = DeviceDiscipline()

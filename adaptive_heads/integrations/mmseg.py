@@ -29,18 +29,13 @@ import torch
 from mmseg.models import decode_heads as _decode_heads
 from mmseg.registry import MODELS
 
-from ..cac import ContextAwareClassifier
-from ..protoseg import PrototypeClassifier
-from ..ssa import SSAClassifier
+from ..registry import HEADS
 from ..supervise import supervise
 
 __all__ = ["ADAPTIVE_HEADS", "make_adaptive_decode_head"]
 
-ADAPTIVE_HEADS = {
-    "ContextAwareClassifier": ContextAwareClassifier,
-    "SSAClassifier": SSAClassifier,
-    "PrototypeClassifier": PrototypeClassifier,
-}
+#: the heads a config names in ``adaptive=dict(type=...)``, by class name
+ADAPTIVE_HEADS = {cls.__name__: cls for cls in HEADS.values()}
 _BASES = (
     "FCNHead", "UPerHead", "ASPPHead", "DepthwiseSeparableASPPHead", "PSPHead", "FPNHead", "SegformerHead",
     "OCRHead", "LightHamHead", "DAHead", "DNLHead", "EMAHead", "EncHead", "GCHead", "NLHead", "PSAHead",
@@ -71,11 +66,7 @@ def make_adaptive_decode_head(base_cls: type) -> type:
                     inner.weight.copy_(conv.weight)
                     inner.bias.copy_(conv.bias)
             self.conv_seg = head
-            self.adaptive_loss = head.default_loss()
-            if adaptive_loss_weights:
-                self.adaptive_loss = type(self.adaptive_loss)(
-                    weights=dict(adaptive_loss_weights), ignore_index=self.ignore_index
-                )
+            self.adaptive_loss = head.loss_type(ignore_index=self.ignore_index, weights=adaptive_loss_weights)
 
         def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
             return self.conv_seg(feat)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["prototype_contrast_sums", "prototype_similarity_stats"]
+from .._precision import upcast_half
+
+__all__ = ["prototype_contrast_from_stats", "prototype_contrast_sums", "prototype_similarity_stats"]
 
 #: elements of one ``[chunk, n·K]`` similarity block (~64 MB in float32)
 CHUNK_ELEMENTS = 1 << 24
@@ -143,3 +145,22 @@ def prototype_contrast_sums(
         ``(ppc_sum, ppd_sum)`` scalars.
     """
     return _PrototypeContrast.apply(emb, protos.detach().to(emb.dtype), target, temperature, budget)
+
+
+def prototype_contrast_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor) -> tuple[Tensor, Tensor]:
+    """PPC and PPD sums at temperature 1 from the statistics of :func:`prototype_similarity_stats` (no new pass).
+
+    Args:
+        own: ``[N, K]`` cosines to the prototypes of each pixel's own class.
+        lse: ``[N]`` log-sum-exp over all ``n·K`` prototype cosines.
+        proto_target: ``[N]`` prototype index ``c·K + k`` (``-1`` = ignored).
+
+    Returns:
+        ``(ppc_sum, ppd_sum)``: ``Σ (lse_i − s_{i,t_i})`` and ``Σ (1 − s_{i,t_i})²`` over the valid pixels.
+    """
+    keep = proto_target >= 0
+    within = proto_target.clamp_min(0) % own.shape[1]
+    picked = upcast_half(own).gather(1, within.unsqueeze(1)).squeeze(1)
+    ppc = torch.where(keep, lse - picked, torch.zeros_like(picked)).sum()
+    ppd = torch.where(keep, (1 - picked).pow(2), torch.zeros_like(picked)).sum()
+    return ppc, ppd

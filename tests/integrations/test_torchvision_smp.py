@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptive_heads import ContextAwareClassifier, PrototypeClassifier, SSAClassifier, replace_classifier, supervise
+from adaptive_heads import ContextAwareClassifier, replace_classifier, supervise
+from adaptive_heads.registry import HEADS
 
 
 def _train_step(model, images, target, key=None):
@@ -17,7 +18,7 @@ def _train_step(model, images, target, key=None):
     return logits
 
 
-@pytest.mark.parametrize("head_cls", [ContextAwareClassifier, SSAClassifier, PrototypeClassifier])
+@pytest.mark.parametrize("head_cls", list(HEADS.values()), ids=list(HEADS))
 def test_torchvision_deeplabv3_with_aux(head_cls):
     segmentation = pytest.importorskip("torchvision.models.segmentation")
     torch.manual_seed(0)

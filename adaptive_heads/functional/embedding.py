@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import _is_channels_last, float32_math
+from .._layout import is_channels_last
+from .._precision import float32_math
 
 __all__ = ["unit_layer_norm"]
 
@@ -58,7 +59,7 @@ class _UnitLayerNorm(torch.autograd.Function):
         saved = _unit_layer_norm_forward(_channels_last_float(y), weight, bias, eps, normalize_input)
         ctx.save_for_backward(*saved)
         ctx.dtypes = (y.dtype, None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.y_format = torch.channels_last if _is_channels_last(y) else torch.contiguous_format
+        ctx.y_format = torch.channels_last if is_channels_last(y) else torch.contiguous_format
         return saved[0]
 
     @staticmethod

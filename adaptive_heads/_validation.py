@@ -17,7 +17,15 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["check_choice", "check_features", "check_target", "is_debug", "is_tracing", "set_debug"]
+__all__ = [
+    "check_choice",
+    "check_features",
+    "check_target",
+    "check_unit_interval",
+    "is_debug",
+    "is_tracing",
+    "set_debug",
+]
 
 _DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "False")
 
@@ -49,6 +57,12 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         options = " or ".join(repr(c) for c in choices) if len(choices) <= 2 else f"one of {list(choices)}"
         raise ValueError(f"{name} must be {options}, got {value!r}")
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    """``value`` must be a number in ``[0, 1]``: ``ValueError("name must be in [0, 1], got v")`` otherwise."""
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
 
 def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from .distributed import all_reduce_
-from .functional import upcast_half
+from .._distributed import all_reduce_
+from .._precision import upcast_half
 
 __all__ = ["classwise_sinkhorn"]
 

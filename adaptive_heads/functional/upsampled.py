@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._precision import float32_math, upcast_half
-from .validation import check_choice
+from .._precision import float32_math, upcast_half
+from .._validation import check_choice
 
 __all__ = ["bilinear_source_rows", "upsampled_cross_entropy"]
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier, PrototypeClassifier, SSAClassifier
+from adaptive_heads import ContextAwareClassifier
+from adaptive_heads.registry import HEADS
 
 transformers = pytest.importorskip("transformers")
 from adaptive_heads.integrations.hf import AdaptiveSegmentationModel  # noqa: E402
@@ -31,7 +32,7 @@ def _upernet():
     return transformers.UperNetForSemanticSegmentation(config)
 
 
-@pytest.mark.parametrize("head_cls", [ContextAwareClassifier, SSAClassifier, PrototypeClassifier])
+@pytest.mark.parametrize("head_cls", list(HEADS.values()), ids=list(HEADS))
 def test_segformer_loss_includes_adaptive_terms(head_cls):
     base = _segformer()
     model = AdaptiveSegmentationModel(base, head_cls)

@@ -1,0 +1,114 @@
+"""Class-wise pooling of a feature map: soft (under a probability map) and hard (under labels).
+
+Pixel sums run in float32 whatever the input dtype (a sum over 400k pixels overflows float16).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._precision import float32_math, upcast_half
+
+__all__ = ["class_means", "class_pixel_counts", "hard_class_pool", "label_one_hot", "soft_class_pool"]
+
+
+def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
+    """Soft-area-weighted class means: one batched matmul.
+
+    ``out[b, k] = Σ_i probs[b, k, i] · feat[b, :, i] / (Σ_i probs[b, k, i] + eps)``
+
+    Args:
+        probs: ``[B, n, h, w]`` or ``[B, n, N]`` non-negative weights (e.g. ``softmax(p, dim=1)``).
+        feat: ``[B, C, h, w]`` or ``[B, C, N]`` features, same pixel count.
+        eps: added to the soft area (the official ``1e-12``).
+
+    Returns:
+        ``[B, n, C]`` in float32 (float64 if the inputs are float64).
+    """
+    probs = upcast_half(probs.flatten(2))
+    feat = upcast_half(feat.flatten(2))
+    with float32_math(feat.device):
+        probs = probs.to(feat.dtype)
+        area = probs.sum(dim=-1, keepdim=True)  # [B, n, 1]
+        return torch.bmm(probs, feat.transpose(1, 2)) / (area + eps)
+
+
+def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:
+    """One-hot class masks with ignored (and out-of-range) pixels all zero.
+
+    Args:
+        labels: ``[B, h, w]`` or ``[B, N]`` integer labels.
+
+    Returns:
+        ``[B, n, N]`` tensor of ``dtype`` with ``out[b, k, i] = 1[labels[b, i] == k]``.
+    """
+    flat = labels.flatten(1)
+    classes = torch.arange(num_classes, device=labels.device)
+    mask = flat.unsqueeze(1) == classes.view(1, -1, 1)
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        mask = mask & (flat != ignore_index).unsqueeze(1)
+    return mask.to(dtype)
+
+
+def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tensor:
+    """Pixels of each class in each image, ``[B, n]`` float32, without an ``[B, n, N]`` one-hot.
+
+    Args:
+        labels: ``[B, ...]`` integer labels.
+        valid: ``[B, ...]`` bool; invalid pixels are not counted.
+    """
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1)
+    slot = torch.where(valid.reshape(b, -1), flat, torch.full_like(flat, num_classes))
+    slot = slot + (num_classes + 1) * torch.arange(b, device=labels.device).unsqueeze(1)
+    counts = torch.zeros(b * (num_classes + 1), device=labels.device)
+    counts.index_add_(0, slot.reshape(-1), torch.ones(slot.numel(), device=labels.device))
+    return counts.view(b, num_classes + 1)[:, :num_classes]
+
+
+def hard_class_pool(
+    feat: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    ignore_index: int | None = 255,
+    per_image: bool = True,
+    one_hot: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-class sums and pixel counts of ``feat`` under hard labels (one one-hot matmul).
+
+    Args:
+        feat: ``[B, C, h, w]`` features.
+        labels: ``[B, h, w]`` integer labels at the feature resolution (ignored pixels join no class).
+        num_classes: n.
+        ignore_index: label value to skip (``None``: nothing is ignored).
+        per_image: ``True`` → statistics per image; ``False`` → pooled over the whole batch.
+        one_hot: the ``[B, n, N]`` output of :func:`label_one_hot` for these labels, to share it between
+            several poolings of the same labels.
+
+    Returns:
+        ``(sums, counts)``: ``[B, n, C]`` and ``[B, n]`` if ``per_image`` else ``[n, C]`` and ``[n]``;
+        float32 (float64 for float64 input). The mean is ``sums / counts`` where ``counts > 0``.
+    """
+    x = upcast_half(feat.flatten(2))
+    with float32_math(x.device):
+        if one_hot is None:
+            one_hot = label_one_hot(labels, num_classes, ignore_index, x.dtype)  # [B, n, N]
+        one_hot = one_hot.to(x.dtype)
+        sums = torch.bmm(one_hot, x.transpose(1, 2))  # [B, n, C]
+        counts = one_hot.sum(dim=-1)  # [B, n]
+        if not per_image:
+            sums, counts = sums.sum(dim=0), counts.sum(dim=0)
+    return sums, counts
+
+
+def class_means(sums: Tensor, counts: Tensor, fallback: Tensor) -> Tensor:
+    """Per-class means from :func:`hard_class_pool`, with ``fallback`` rows for classes without pixels.
+
+    Args:
+        sums: ``[..., n, C]``; counts: ``[..., n]``; fallback: ``[n, C]`` (broadcast; the official heads pass a
+            detached classifier or basis row).
+    """
+    fallback = fallback.to(sums.dtype).expand_as(sums)
+    return torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), fallback)

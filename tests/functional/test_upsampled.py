@@ -1,0 +1,118 @@
+"""Cross-entropy and sigmoid statistics at label resolution, tiled, against F.interpolate + the plain losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptive_heads import functional as AF
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_upsampled_cross_entropy_matches_torch(align):
+    logits = torch.randn(2, 4, 5, 6)
+    target = torch.randint(0, 4, (2, 20, 24))
+    target[0, :3] = 255
+    up = F.interpolate(logits, size=(20, 24), mode="bilinear", align_corners=align)
+    expected = F.cross_entropy(up, target, ignore_index=255)
+    out = AF.upsampled_cross_entropy(logits, target, ignore_index=255, align_corners=align)
+    torch.testing.assert_close(out, expected)
+    out_all = AF.upsampled_cross_entropy(logits, target, ignore_index=255, align_corners=align, average="all")
+    torch.testing.assert_close(out_all, F.cross_entropy(up, target, ignore_index=255, reduction="sum") / target.numel())
+    w = torch.rand(4)
+    torch.testing.assert_close(
+        AF.upsampled_cross_entropy(logits, target, ignore_index=255, align_corners=align, class_weight=w),
+        F.cross_entropy(up, target, weight=w, ignore_index=255),
+    )
+
+
+def test_upsampled_cross_entropy_all_ignored_is_zero():
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    out = AF.upsampled_cross_entropy(logits, torch.full((1, 8, 8), 255), ignore_index=255)
+    out.backward()
+    assert out.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("src,dst", [((5, 6), (20, 24)), ((7, 3), (29, 10)), ((8, 8), (8, 8)), ((9, 11), (4, 5))])
+@pytest.mark.parametrize("tile", [None, 64])
+def test_tiled_upsampled_ce_equals_plain_value_and_gradient(align, src, dst, tile):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, *src, requires_grad=True)
+    target = torch.randint(0, 5, (2, *dst))
+    target[1, : dst[0] // 2] = 255
+    weight = torch.rand(5)
+    for w in (None, weight):
+        up = F.interpolate(logits, size=dst, mode="bilinear", align_corners=align)
+        plain = F.cross_entropy(up, target, weight=w, ignore_index=255)
+        (g_plain,) = torch.autograd.grad(plain, logits)
+        fused = AF.upsampled_cross_entropy(logits, target, align_corners=align, class_weight=w, tile_elements=tile)
+        (g_fused,) = torch.autograd.grad(fused, logits)
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_upsampled_ce_gradcheck_and_bad_arguments():
+    logits = torch.randn(1, 3, 2, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (1, 5, 7))
+    assert torch.autograd.gradcheck(lambda z: AF.upsampled_cross_entropy(z, target, tile_elements=8), (logits,))
+    with pytest.raises(ValueError, match="reduction"):
+        AF.upsampled_cross_entropy(logits, target, reduction="none")
+    with pytest.raises(ValueError, match="average"):
+        AF.upsampled_cross_entropy(logits, target, average="some")
+
+
+def test_tiled_upsampled_ce_gradient_scales_and_no_grad_value():
+    """The gradient is computed in the forward pass: it must still follow the incoming gradient, and a
+    no-grad call (evaluation) must give the same value without it."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6, requires_grad=True)
+    target = torch.randint(0, 4, (2, 17, 23))
+    loss = AF.upsampled_cross_entropy(logits, target, tile_elements=100)
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g_scaled,) = torch.autograd.grad(-2.5 * loss, logits)
+    torch.testing.assert_close(g_scaled, -2.5 * g1)
+    with torch.no_grad():
+        torch.testing.assert_close(AF.upsampled_cross_entropy(logits, target, tile_elements=100), loss.detach())
+    frozen = AF.upsampled_cross_entropy(logits.detach(), target, tile_elements=100)
+    assert not frozen.requires_grad and torch.equal(frozen, loss.detach())
+
+
+def test_tiled_sigmoid_stats_gradcheck():
+
+    logits = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 7, 5))
+    valid = torch.rand(2, 7, 5) > 0.3
+    assert torch.autograd.gradcheck(
+        lambda z: AF.upsampled_sigmoid_stats(z, target, valid, align_corners=False, tile_elements=20), (logits,)
+    )
+
+
+def test_bilinear_source_rows_match_interpolate():
+    for align in (False, True):
+        for out_size, in_size in ((17, 5), (4, 9), (1, 3), (6, 1)):
+            x = torch.randn(1, 1, in_size, 1)
+            i0, i1, w1 = AF.bilinear_source_rows(out_size, in_size, align, x.device)
+            manual = x[0, 0, i0, 0] * (1 - w1) + x[0, 0, i1, 0] * w1
+            ref = F.interpolate(x, size=(out_size, 1), mode="bilinear", align_corners=align)[0, 0, :, 0]
+            torch.testing.assert_close(manual, ref)
+
+
+@pytest.mark.parametrize("src,dst,tile", [((5, 6), (20, 24), None), ((7, 3), (29, 10), 50), ((4, 4), (4, 4), None)])
+def test_tiled_sigmoid_stats_equal_plain(src, dst, tile):
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, *src, requires_grad=True)
+    target = torch.randint(0, 4, (2, *dst))
+    valid = torch.rand(2, *dst) > 0.3
+    prob = torch.sigmoid(F.interpolate(logits, size=dst, mode="bilinear", align_corners=True))
+    mask = F.one_hot(target, 4).permute(0, 3, 1, 2) * valid[:, None]
+    plain = (prob.sum((2, 3)), (prob * mask).sum((2, 3)))
+    fused = AF.upsampled_sigmoid_stats(logits, target, valid, align_corners=True, tile_elements=tile)
+    gt, go = torch.randn(2, 4), torch.randn(2, 4)
+    g_plain = torch.autograd.grad((plain[0] * gt).sum() + (plain[1] * go).sum(), logits)[0]
+    g_fused = torch.autograd.grad((fused[0] * gt).sum() + (fused[1] * go).sum(), logits)[0]
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)

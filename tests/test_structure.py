@@ -1,0 +1,192 @@
+"""The package's structure: one-way imports, one registry of heads, one API for every head and loss, and the
+deprecated 0.1 names still working (with a warning) for one release."""
+
+from __future__ import annotations
+
+import ast
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import adaptive_heads as ah
+from adaptive_heads import functional as AF
+from adaptive_heads.registry import HEADS, head_by_name
+
+from .conftest import make_head, make_loss
+
+PACKAGE = Path(ah.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Package modules that ``path`` imports at module level (relative and absolute)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("adaptive_heads"):
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("adaptive_heads"))
+    return found
+
+
+def test_no_import_cycles_inside_the_package():
+    files = [p for p in PACKAGE.rglob("*.py") if "integrations" not in p.parts]
+    modules = {_module_name(p): p for p in files}
+    graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    # a package's __init__ re-exporting its submodules is not a cycle of theirs: drop edges into a package's
+    # own __init__ from its submodules' view
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not (modules[m].name == "__init__.py" and name.startswith(m + "."))}
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join([*stack, node, nxt]))
+            if nxt not in state:
+                visit(nxt, [*stack, node])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [])
+
+
+def test_functional_layer_imports_no_head_or_loss():
+    heads = {"adaptive_heads.cac", "adaptive_heads.ssa", "adaptive_heads.protoseg", "adaptive_heads.base"}
+    for path in (PACKAGE / "functional").glob("*.py"):
+        assert not (_imports(path) & heads), path.name
+
+
+def test_registry_lists_every_head_once_and_each_declares_its_loss():
+    assert list(HEADS) == ["cac", "ssa", "proto"]
+    assert set(HEADS.values()) == {ah.ContextAwareClassifier, ah.SSAClassifier, ah.PrototypeClassifier}
+    assert ah.HEADS is HEADS
+    for name, cls in HEADS.items():
+        assert head_by_name(name) is cls and head_by_name(cls.__name__) is cls
+        assert issubclass(cls.loss_type, ah.HeadLoss)
+    with pytest.raises(ValueError, match="unknown head 'fcn'; known: \\['cac'"):
+        head_by_name("fcn")
+
+
+def test_default_loss_reads_what_the_head_returns(head_name):
+    head = make_head(head_name, 6, 4, ignore_index=7)
+    loss_fn = head.default_loss()
+    assert type(loss_fn) is HEADS[head_name].loss_type and loss_fn.ignore_index == 7
+    target = torch.randint(0, 4, (2, 8, 8))
+    out = head(torch.randn(2, 6, 4, 4), target)
+    assert isinstance(out, loss_fn.output_type)
+    terms = loss_fn(out, target)
+    assert set(terms) == {*loss_fn.default_weights, "loss"} and loss_fn.main_term in terms
+
+
+def test_loss_options_shared_and_shown_once(head_name):
+    loss_fn = make_loss(head_name, ignore_index=-1, weights={next(iter(HEADS[head_name].loss_type.default_weights)): 2})
+    text = repr(loss_fn)
+    for option in ("ignore_index=-1", "reduction='mean'", "main_average='valid'", *loss_fn.options):
+        assert text.count(option.split("=")[0] + "=") == 1, (option, text)
+    with pytest.raises(ValueError, match="main_average must be 'valid' or 'all'"):
+        make_loss(head_name, main_average="none")
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        make_loss(head_name, weights={"nope": 1.0})
+
+
+@pytest.mark.parametrize("loss_type", [ah.ContextAwareLoss, ah.SSALoss])
+def test_distill_mix_is_range_checked_by_every_loss_that_has_it(loss_type):
+    with pytest.raises(ValueError, match=r"distill_mix must be in \[0, 1\], got 1\.5"):
+        loss_type(distill_mix=1.5)
+
+
+def test_strip_training_layers_keeps_inference_and_refuses_training(head_name):
+    torch.manual_seed(0)
+    head = make_head(head_name, 6, 4).eval()
+    feat = torch.randn(2, 6, 5, 5)
+    before = head(feat)
+    assert head.strip_training_layers() is head
+    for name in head.training_only:
+        assert getattr(head, name) is None and not any(k.startswith(name) for k in head.state_dict())
+    assert torch.equal(head(feat), before)
+    head.train()
+    with pytest.raises(RuntimeError, match=r"stripped of its training-only layers .* strip_training_layers"):
+        head(feat, torch.zeros(2, 10, 10, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("head_type", "old"), [(ah.ContextAwareClassifier, "strip_oracle"), (ah.SSAClassifier, "strip_teacher")]
+)
+def test_deprecated_strip_methods(head_type, old):
+    head = head_type(6, 4)
+    with pytest.warns(DeprecationWarning, match=f"{old}\\(\\) is deprecated .* strip_training_layers"):
+        assert getattr(head, old)() is head
+    assert head.stripped
+
+
+@pytest.mark.parametrize(
+    ("function", "loss_type", "options"),
+    [
+        (ah.context_aware_loss, ah.ContextAwareLoss, {"main_average": "all"}),
+        (ah.ssa_loss, ah.SSALoss, {"distill_mix": 0.3}),
+        (ah.prototype_loss, ah.PrototypeLoss, {"ppc_temperature": 0.5}),
+    ],
+)
+def test_deprecated_loss_functions_equal_the_modules(function, loss_type, options):
+    name = next(k for k, v in HEADS.items() if v.loss_type is loss_type)
+    torch.manual_seed(0)
+    head = make_head(name, 6, 4, **({"update_prototypes": False} if name == "proto" else {}))
+    target = torch.randint(0, 4, (2, 8, 8))
+    out = head(torch.randn(2, 6, 4, 4), target)
+    with pytest.warns(DeprecationWarning, match=f"{function.__name__}\\(\\) is deprecated"):
+        old = function(out, target, **options)
+    new = loss_type(**options)(out, target)
+    assert old.keys() == new.keys()
+    for key in new:
+        torch.testing.assert_close(old[key], new[key])
+
+
+def test_context_aware_loss_num_classes_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="num_classes"):
+        ah.ContextAwareLoss(num_classes=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ah.ContextAwareLoss()
+
+
+@pytest.mark.parametrize("name", ["float32_math", "upcast_half", "prototype_mlp"])
+def test_moved_functional_names_still_resolve_with_a_warning(name):
+    with pytest.warns(DeprecationWarning, match=f"functional.{name} is deprecated"):
+        assert callable(getattr(AF, name))
+    assert name not in AF.__all__
+    with pytest.raises(AttributeError):
+        AF.no_such_function  # noqa: B018
+
+
+def test_functional_all_is_complete_and_tensor_only():
+    import inspect
+
+    for name in AF.__all__:
+        obj = getattr(AF, name)
+        assert inspect.isfunction(obj), name
+        assert obj.__module__.startswith("adaptive_heads.functional."), name
+    public = {
+        n
+        for module in (AF.cosine, AF.pooling, AF.labels, AF.reductions, AF.distillation, AF.dice, AF.upsampled)
+        for n in module.__all__
+    }
+    assert public <= set(AF.__all__)
