@@ -10,7 +10,7 @@ sum over 400k pixels overflows float16.
 
 - :mod:`.pooling` — class-wise soft and hard pooling of features;
 - :mod:`.cosine` — cosine logits, the channel norm, the 1×1 conv as a matmul;
-- :mod:`.labels` — nearest label resizing, the boundary band;
+- :mod:`.labels` — nearest label resizing, OpenCV's Canny, the boundary band;
 - :mod:`.reductions`, :mod:`.distillation`, :mod:`.dice` — the loss terms of CAC and SSA-Seg;
 - :mod:`.upsampled` — cross-entropy and sigmoid statistics at label resolution without the full-size copy;
 - :mod:`.sinkhorn`, :mod:`.embedding`, :mod:`.prototypes` — ProtoSeg's clustering, pixel embedding tail and
@@ -31,7 +31,7 @@ from .distillation import (
     soft_distillation,
 )
 from .embedding import unit_layer_norm
-from .labels import label_boundary, resize_labels_nearest
+from .labels import canny_edges, label_boundary, resize_labels_nearest
 from .pooling import class_means, class_pixel_counts, hard_class_pool, label_one_hot, soft_class_pool
 from .prototypes import prototype_contrast_from_stats, prototype_contrast_sums, prototype_similarity_stats
 from .reductions import classwise_weighted_mean
@@ -41,6 +41,7 @@ from .upsampled import bilinear_source_rows, upsampled_cross_entropy, upsampled_
 __all__ = [
     "bilinear_source_rows",
     "boundary_distillation",
+    "canny_edges",
     "channel_norm",
     "class_means",
     "class_pixel_counts",
