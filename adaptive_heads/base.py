@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ._distributed import all_reduce_class_statistics
 from ._validation import check_choice, check_features, check_target
 from .functional.cosine import pointwise_conv
 from .functional.labels import resize_labels_nearest
+from .functional.pooling import hard_class_pool
 
 __all__ = ["AdaptiveHead", "CosineHead", "HeadLoss", "HeadOutput"]
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
 Reduction = Literal["mean", "sum"]
+#: where a head pools its label-built class statistics: over each image, this process's batch, every rank's batch
+LabelPooling = Literal["batch", "image", "global"]
+LABEL_POOLINGS: tuple[str, ...] = ("batch", "image", "global")
 
 
 class LossOptions(TypedDict, total=False):
@@ -207,6 +212,25 @@ class CosineHead(AdaptiveHead):
         """``conv_seg(dropout(feat))`` ``[B, n, h, w]``, the dropout folded into the weight (no feature copy)."""
         p = float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
         return pointwise_conv(feat, self.conv_seg.weight, self.conv_seg.bias, p)
+
+    def label_class_statistics(
+        self, feat: Tensor, feature_target: Tensor, pooling: LabelPooling, one_hot: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Class sums and pixel counts of ``feat [B, C, h, w]`` under ``feature_target [B, h, w]``.
+
+        ``pooling``: ``"image"`` → ``[B, n, C]``, ``[B, n]``; ``"batch"`` → ``[n, C]``, ``[n]`` over this process's
+        batch (what the official code does on each GPU); ``"global"`` → the same over every rank's batch, summed by
+        one autograd-aware all-reduce of ``[n, C + 1]`` floats in forward and its adjoint in backward
+        (``4·n·(C + 1)`` bytes each: 0.3 MB at n = 150, C = 512), so the label-built branch equals one process
+        on the concatenated global batch. Without an initialised process group ``"global"`` is ``"batch"``.
+        """
+        sums, counts = hard_class_pool(
+            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=pooling == "image",
+            one_hot=one_hot,
+        )  # fmt: skip
+        if pooling == "global":
+            sums, counts = all_reduce_class_statistics(sums, counts)
+        return sums, counts
 
     @staticmethod
     def _fuse(mlp: nn.Module, first: Tensor, second: Tensor) -> Tensor:

@@ -22,12 +22,20 @@ from ._deprecation import loss_function, renamed_method, warn
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
 from ._validation import check_choice, check_unit_interval
-from .base import CosineHead, CosineHeadOptions, HeadLoss, HeadOutput, LossOptions, feature_resolution_target
+from .base import (
+    LABEL_POOLINGS,
+    CosineHead,
+    CosineHeadOptions,
+    HeadLoss,
+    HeadOutput,
+    LabelPooling,
+    LossOptions,
+    feature_resolution_target,
+)
 from .functional import (
     class_means,
     context_aware_distillation,
     cosine_logits,
-    hard_class_pool,
     resize_labels_nearest,
     soft_class_pool,
     upsampled_cross_entropy,
@@ -154,7 +162,9 @@ class ContextAwareClassifier(CosineHead):
     Args:
         in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
             :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1``, ``eps=1e-12``).
-        oracle_pooling: ``"batch"`` (official) or ``"image"`` (paper).
+        oracle_pooling: ``"batch"`` (official: this process's batch), ``"image"`` (paper) or ``"global"`` (every
+            rank's batch under ``torch.distributed``: the oracle of one process on the global batch; see
+            :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost).
     """
 
     def __init__(
@@ -162,11 +172,11 @@ class ContextAwareClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        oracle_pooling: Literal["batch", "image"] = "batch",
+        oracle_pooling: LabelPooling = "batch",
         **options: Unpack[CosineHeadOptions],
     ) -> None:
         super().__init__(in_channels, num_classes, **options)
-        check_choice("oracle_pooling", oracle_pooling, ("batch", "image"))
+        check_choice("oracle_pooling", oracle_pooling, LABEL_POOLINGS)
         self.oracle_pooling = oracle_pooling
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
@@ -187,11 +197,8 @@ class ContextAwareClassifier(CosineHead):
         return self._context_logits(feat, coarse)
 
     def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
-        """Oracle classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch pooling) or ``[B, n, C]``."""
-        per_image = self.oracle_pooling == "image"
-        sums, counts = hard_class_pool(
-            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image
-        )
+        """Oracle classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global pooling) or ``[B, n, C]``."""
+        sums, counts = self.label_class_statistics(feat, feature_target, self.oracle_pooling)
         weight = self.classifier_weight
         prototypes = class_means(sums, counts, weight.detach())
         return self._fuse(self.apd_proj, prototypes, weight.expand_as(sums))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,16 @@ from ._deprecation import loss_function, renamed_method
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
 from ._validation import check_choice, check_unit_interval
-from .base import CosineHead, CosineHeadOptions, HeadLoss, HeadOutput, LossOptions, feature_resolution_target
+from .base import (
+    LABEL_POOLINGS,
+    CosineHead,
+    CosineHeadOptions,
+    HeadLoss,
+    HeadOutput,
+    LabelPooling,
+    LossOptions,
+    feature_resolution_target,
+)
 from .functional import (
     boundary_distillation,
     class_means,
@@ -160,7 +169,10 @@ class SSAClassifier(CosineHead):
         in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
             :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1`` — 0 in the OCR head —
             and ``eps=1e-12``).
-        semantic_gt_pooling: ``"batch"`` (official) or ``"image"``.
+        semantic_gt_pooling: ``"batch"`` (official: this process's batch), ``"image"`` or ``"global"`` (every
+            rank's batch under ``torch.distributed``: the teacher of one process on the global batch; see
+            :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost). The spatial GT centres
+            are per image in every mode.
     """
 
     def __init__(
@@ -168,11 +180,11 @@ class SSAClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        semantic_gt_pooling: Literal["batch", "image"] = "batch",
+        semantic_gt_pooling: LabelPooling = "batch",
         **options: Unpack[CosineHeadOptions],
     ) -> None:
         super().__init__(in_channels, num_classes, **options)
-        check_choice("semantic_gt_pooling", semantic_gt_pooling, ("batch", "image"))
+        check_choice("semantic_gt_pooling", semantic_gt_pooling, LABEL_POOLINGS)
         c = in_channels
         self.semantic_gt_pooling = semantic_gt_pooling
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
@@ -214,12 +226,8 @@ class SSAClassifier(CosineHead):
         b = feat.shape[0]
         weight = self.classifier_weight
         basis = self.center_pos.weight
-        per_image = self.semantic_gt_pooling == "image"
         one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, torch.float32)  # shared
-        sums, counts = hard_class_pool(
-            feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=per_image,
-            one_hot=one_hot,
-        )  # fmt: skip
+        sums, counts = self.label_class_statistics(feat, feature_target, self.semantic_gt_pooling, one_hot)
         sem_gt = class_means(sums, counts, weight.detach())
         semantic = self._fuse(self.gt_center_content_proj, sem_gt, weight.expand_as(sem_gt))
         semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
