@@ -18,6 +18,7 @@ from .functional import context_aware_distillation
 from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput, prototype_loss
 from .registry import HEADS
 from .replace import find_classifier, replace_classifier
+from .slide import slide_inference
 from .ssa import SSAClassifier, SSALoss, SSAOutput, ssa_loss
 from .supervise import Supervision, supervise
 
@@ -45,6 +46,7 @@ __all__ = [
     "prototype_loss",
     "replace_classifier",
     "set_debug",
+    "slide_inference",
     "ssa_loss",
     "supervise",
 ]

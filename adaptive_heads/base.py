@@ -93,6 +93,7 @@ class AdaptiveHead(nn.Module):
         self.ignore_index = ignore_index
         self.stripped = False
         self._supervisor: Any = None
+        self._context_collector: Any = None  # set by slide_inference(context="image") during its first pass
 
     @property
     def out_channels(self) -> int:
@@ -107,6 +108,9 @@ class AdaptiveHead(nn.Module):
             supervisor.record(self, out)
             return out.logits
         if target is None:
+            collector = self._context_collector
+            if collector is not None and not self.training:
+                return collector.collect(feat)
             return self.forward_logits(feat)
         return self._train(feat, target)
 
@@ -163,6 +167,7 @@ class AdaptiveHead(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_supervisor"] = None
+        state["_context_collector"] = None
         return state
 
 

@@ -37,7 +37,7 @@ from .functional import (
     context_aware_distillation,
     cosine_logits,
     resize_labels_nearest,
-    soft_class_pool,
+    soft_class_sums,
     upsampled_cross_entropy,
 )
 
@@ -186,15 +186,43 @@ class ContextAwareClassifier(CosineHead):
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
+        return self.logits_from_context(feat, self._statistics(feat, coarse))
+
+    def _statistics(self, feat: Tensor, coarse: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         with float32_math(feat.device):
             probs = torch.softmax(upcast_half(coarse), dim=1)
-        prototypes = soft_class_pool(probs, feat, eps=self.eps)  # [B, n, C], float32
+            if pixel_weight is not None:
+                probs = probs * pixel_weight
+        sums, area = soft_class_sums(probs, feat)
+        return {"sums": sums, "area": area}
+
+    def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
+        """The image statistics the classifier is built from, additive over disjoint pixel sets (tiles).
+
+        Args:
+            feat: ``[B, C, h, w]`` features of an image or of one tile of it.
+            pixel_weight: optional ``[B or 1, 1, h, w]`` weight of each pixel (``1/coverage`` for overlapping
+                tiles, so every image pixel counts once).
+
+        Returns:
+            ``{"sums": [B, n, C], "area": [B, n]}``: soft class sums of the features under ``softmax(p)`` and the
+            soft areas (float32).
+        """
+        return self._statistics(feat, self.coarse_logits(feat), pixel_weight)
+
+    @staticmethod
+    def merge_context(first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The statistics of the union of two disjoint pixel sets."""
+        return {key: first[key] + second[key] for key in first}
+
+    def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
+        """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""
+        prototypes = context["sums"] / (context["area"].unsqueeze(-1) + self.eps)  # [B, n, C], float32
         classifier = self._fuse(self.proj, prototypes, self.classifier_weight.expand_as(prototypes))  # [B, n, C]
         return cosine_logits(feat, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = self.coarse_logits(feat)
-        return self._context_logits(feat, coarse)
+        return self.logits_from_context(feat, self.context_statistics(feat))
 
     def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
         """Oracle classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global pooling) or ``[B, n, C]``."""

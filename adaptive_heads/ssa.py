@@ -44,6 +44,7 @@ from .functional import (
     resize_labels_nearest,
     sigmoid_dice_loss,
     soft_class_pool,
+    soft_class_sums,
     upsampled_cross_entropy,
 )
 
@@ -201,25 +202,90 @@ class SSAClassifier(CosineHead):
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
-        b = feat.shape[0]
         with float32_math(feat.device):
             logits = upcast_half(coarse).flatten(2)
             pixel_softmax = torch.softmax(logits, dim=-1)  # spatial: one distribution per class over pixels
             class_softmax = torch.softmax(logits, dim=1)  # semantic: a class posterior per pixel
         pos_center = soft_class_pool(pixel_softmax, pos, eps=self.eps)
         sem_center = soft_class_pool(class_softmax, feat, eps=self.eps)
+        return self._prototypes(sem_center, pos_center)
+
+    def _prototypes(self, sem_center: Tensor, pos_center: Tensor) -> tuple[Tensor, Tensor]:
+        """``S_p = center_content_proj([semantic centre, W])``, ``P_p = center_pos_proj([E, spatial centre])``."""
+        b = sem_center.shape[0]
         semantic = self._fuse(self.center_content_proj, sem_center, self.classifier_weight.expand(b, -1, -1))
         position = self._fuse(self.center_pos_proj, self.center_pos.weight.expand(b, -1, -1), pos_center)
         return semantic, position
+
+    def _classify(self, feat: Tensor, pos: Tensor, semantic: Tensor, position: Tensor) -> Tensor:
+        classifier = self.center_proj(semantic + position)
+        # without autograd the position map can absorb the features in place (one C×N map less)
+        x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
+        return cosine_logits(x, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
     def forward_logits(self, feat: Tensor) -> Tensor:
         coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
-        classifier = self.center_proj(semantic + position)
-        # without autograd the position map can absorb the features in place (one C×N map less)
-        x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
-        return cosine_logits(x, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
+        return self._classify(feat, pos, semantic, position)
+
+    def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
+        """The image statistics the classifier is built from, mergeable over disjoint pixel sets (tiles).
+
+        The semantic centre's soft class sums and areas (class softmax), and the spatial centre's pixel-softmax
+        pooling as a running log-sum-exp: per class the peak coarse logit ``m``, ``Σ_i w_i e^{M_i − m} P_i`` and
+        ``Σ_i w_i e^{M_i − m}`` (:meth:`merge_context` rescales both to the common peak).
+
+        Args:
+            feat: ``[B, C, h, w]`` features of an image or of one tile of it.
+            pixel_weight: optional ``[B or 1, 1, h, w]`` weight of each pixel (``1/coverage``).
+
+        Returns:
+            ``{"sem_sums": [B, n, C], "sem_area": [B, n], "pos_peak": [B, n], "pos_sums": [B, n, C],
+            "pos_norm": [B, n]}`` (float32).
+        """
+        coarse = self.coarse_logits(feat)
+        pos = self.get_feat_pos(feat)
+        with float32_math(feat.device):
+            logits = upcast_half(coarse).flatten(2)
+            class_softmax = torch.softmax(logits, dim=1)
+            peak = logits.amax(dim=-1)
+            spatial = (logits - peak.unsqueeze(-1)).exp()
+            if pixel_weight is not None:
+                weight = upcast_half(pixel_weight).flatten(2)
+                class_softmax, spatial = class_softmax * weight, spatial * weight
+        sem_sums, sem_area = soft_class_sums(class_softmax, feat)
+        pos_sums, pos_norm = soft_class_sums(spatial, pos)
+        return {
+            "sem_sums": sem_sums,
+            "sem_area": sem_area,
+            "pos_peak": peak,
+            "pos_sums": pos_sums,
+            "pos_norm": pos_norm,
+        }
+
+    @staticmethod
+    def merge_context(first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The statistics of the union of two disjoint pixel sets (log-sum-exp merge of the spatial part)."""
+        peak = torch.maximum(first["pos_peak"], second["pos_peak"])
+        scale_a, scale_b = (first["pos_peak"] - peak).exp(), (second["pos_peak"] - peak).exp()
+        return {
+            "sem_sums": first["sem_sums"] + second["sem_sums"],
+            "sem_area": first["sem_area"] + second["sem_area"],
+            "pos_peak": peak,
+            "pos_sums": first["pos_sums"] * scale_a.unsqueeze(-1) + second["pos_sums"] * scale_b.unsqueeze(-1),
+            "pos_norm": first["pos_norm"] * scale_a + second["pos_norm"] * scale_b,
+        }
+
+    def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
+        """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say).
+
+        The position features ``P_f`` are those of ``feat`` itself (a 3×3 depthwise conv: within one pixel of the
+        border of a tile they see the tile's zero padding, not the neighbouring tile)."""
+        sem_center = context["sem_sums"] / (context["sem_area"].unsqueeze(-1) + self.eps)
+        pos_center = context["pos_sums"] / context["pos_norm"].unsqueeze(-1)
+        semantic, position = self._prototypes(sem_center, pos_center)
+        return self._classify(feat, self.get_feat_pos(feat), semantic, position)
 
     def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
         """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""

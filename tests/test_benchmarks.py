@@ -72,3 +72,15 @@ def test_count_ops_counts_cross_device_copies_as_syncs():
     assert count_ops(lambda: x + 1)["syncs"] == 0
     assert count_ops(lambda: x + host.to("meta"))["syncs"] == 1
     assert count_ops(lambda: x.copy_(host))["syncs"] == 1
+
+
+def test_bench_slide_quick(tmp_path):
+    from benchmarks import bench_slide
+
+    out = tmp_path / "slide.json"
+    args = ["--quick", "--size", "96", "--crop", "48", "--stride", "32", "--out", str(out)]
+    rows = bench_slide.main(args)
+    assert [r["mode"] for r in rows] == ["whole image", "slide, tile context", "slide, image context"]
+    assert [r["tiles"] for r in rows] == [1, 9, 9] and all(r["seconds"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "| slide, image context | 9 |" in bench_slide.table(rows)

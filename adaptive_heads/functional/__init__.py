@@ -32,7 +32,14 @@ from .distillation import (
 )
 from .embedding import unit_layer_norm
 from .labels import canny_edges, label_boundary, resize_labels_nearest
-from .pooling import class_means, class_pixel_counts, hard_class_pool, label_one_hot, soft_class_pool
+from .pooling import (
+    class_means,
+    class_pixel_counts,
+    hard_class_pool,
+    label_one_hot,
+    soft_class_pool,
+    soft_class_sums,
+)
 from .prototypes import prototype_contrast_from_stats, prototype_contrast_sums, prototype_similarity_stats
 from .reductions import classwise_weighted_mean
 from .sinkhorn import classwise_sinkhorn
@@ -61,6 +68,7 @@ __all__ = [
     "resize_labels_nearest",
     "sigmoid_dice_loss",
     "soft_class_pool",
+    "soft_class_sums",
     "soft_distillation",
     "unit_layer_norm",
     "upsampled_cross_entropy",

@@ -10,7 +10,34 @@ from torch import Tensor
 
 from .._precision import float32_math, upcast_half
 
-__all__ = ["class_means", "class_pixel_counts", "hard_class_pool", "label_one_hot", "soft_class_pool"]
+__all__ = [
+    "class_means",
+    "class_pixel_counts",
+    "hard_class_pool",
+    "label_one_hot",
+    "soft_class_pool",
+    "soft_class_sums",
+]
+
+
+def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft class sums and soft areas, the additive statistics behind :func:`soft_class_pool` (one batched matmul).
+
+    ``sums[b, k] = Σ_i probs[b, k, i] · feat[b, :, i]``, ``area[b, k] = Σ_i probs[b, k, i]``: sums over disjoint
+    pixel sets add up, so an image's statistics can be gathered tile by tile.
+
+    Args:
+        probs: ``[B, n, h, w]`` or ``[B, n, N]`` non-negative weights.
+        feat: ``[B, C, h, w]`` or ``[B, C, N]`` features, same pixel count.
+
+    Returns:
+        ``(sums [B, n, C], area [B, n])`` in float32 (float64 if the inputs are float64).
+    """
+    probs = upcast_half(probs.flatten(2))
+    feat = upcast_half(feat.flatten(2))
+    with float32_math(feat.device):
+        probs = probs.to(feat.dtype)
+        return torch.bmm(probs, feat.transpose(1, 2)), probs.sum(dim=-1)
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
@@ -25,13 +52,16 @@ def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tenso
 
     Returns:
         ``[B, n, C]`` in float32 (float64 if the inputs are float64).
+
+    Example:
+        >>> probs = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])  # 2 classes, 2 pixels
+        >>> feat = torch.tensor([[[2.0, 4.0]]])  # 1 channel
+        >>> soft_class_pool(probs, feat).squeeze(-1)
+        tensor([[2., 3.]])
     """
-    probs = upcast_half(probs.flatten(2))
-    feat = upcast_half(feat.flatten(2))
-    with float32_math(feat.device):
-        probs = probs.to(feat.dtype)
-        area = probs.sum(dim=-1, keepdim=True)  # [B, n, 1]
-        return torch.bmm(probs, feat.transpose(1, 2)) / (area + eps)
+    sums, area = soft_class_sums(probs, feat)
+    with float32_math(sums.device):
+        return sums / (area.unsqueeze(-1) + eps)
 
 
 def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:

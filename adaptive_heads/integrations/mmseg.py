@@ -16,6 +16,11 @@ a few lines::
         )
     )
 
+Sliding-window inference with whole-image context: use the segmentor ``AdaptiveEncoderDecoder`` (an
+``EncoderDecoder``) with ``test_cfg=dict(mode="slide", crop_size=..., stride=..., context="image")``: each image's
+adaptive classifier is built from all of its tiles (:func:`adaptive_heads.slide_inference`); ``context="tile"``
+(or the plain ``EncoderDecoder``) is mmseg's own per-tile behaviour.
+
 The adaptive head applies its own dropout to the coarse logits only (as the official CAC/SSA heads), so the
 decode head's outer dropout before ``conv_seg`` is not applied. Its parameters live under
 ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier).
@@ -27,12 +32,14 @@ from collections.abc import Mapping
 
 import torch
 from mmseg.models import decode_heads as _decode_heads
+from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
 from ..registry import HEADS
+from ..slide import slide_inference
 from ..supervise import supervise
 
-__all__ = ["ADAPTIVE_HEADS", "make_adaptive_decode_head"]
+__all__ = ["ADAPTIVE_HEADS", "AdaptiveEncoderDecoder", "make_adaptive_decode_head"]
 
 #: the heads a config names in ``adaptive=dict(type=...)``, by class name
 ADAPTIVE_HEADS = {cls.__name__: cls for cls in HEADS.values()}
@@ -90,3 +97,35 @@ for _name in _BASES:
     _base = getattr(_decode_heads, _name, None)
     if _base is not None and f"Adaptive{_name}" not in MODELS.module_dict:
         MODELS.register_module(name=f"Adaptive{_name}", module=make_adaptive_decode_head(_base))
+
+
+class AdaptiveEncoderDecoder(EncoderDecoder):
+    """``EncoderDecoder`` whose slide inference builds the adaptive head's classifier from the whole image.
+
+    ``test_cfg=dict(mode="slide", crop_size=(h, w), stride=(h, w), context="image")``: the backbone and decode
+    head run once per tile (mmseg's grid), the adaptive head's image statistics are merged over the tiles, and
+    every tile is classified with the image's classifier (:func:`adaptive_heads.slide_inference`).
+    ``context="tile"`` gives mmseg's own slide inference. Other modes are ``EncoderDecoder``'s.
+    """
+
+    def slide_inference(self, inputs: torch.Tensor, batch_img_metas: list[dict]) -> torch.Tensor:
+        cfg = self.test_cfg
+
+        def encode_decode(crop: torch.Tensor) -> torch.Tensor:
+            metas = [{**meta, "img_shape": crop.shape[2:]} for meta in batch_img_metas]
+            return self.encode_decode(crop, metas)
+
+        return slide_inference(
+            self,
+            inputs,
+            tuple(cfg.crop_size),
+            tuple(cfg.stride),
+            context=cfg.get("context", "image"),
+            head="decode_head.conv_seg",
+            align_corners=self.align_corners,
+            forward=encode_decode,
+        )
+
+
+if "AdaptiveEncoderDecoder" not in MODELS.module_dict:
+    MODELS.register_module(name="AdaptiveEncoderDecoder", module=AdaptiveEncoderDecoder)

@@ -9,7 +9,7 @@ mmseg = pytest.importorskip("mmseg")
 pytest.importorskip("mmcv.ops")  # mmcv-lite lacks the compiled ops mmseg.models imports
 
 
-def _model(head_type: str, adaptive: dict):
+def _model(head_type: str, adaptive: dict, segmentor: str = "EncoderDecoder", test_cfg: dict | None = None):
     from mmengine.config import ConfigDict
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -18,7 +18,7 @@ def _model(head_type: str, adaptive: dict):
     import adaptive_heads.integrations.mmseg  # noqa: F401  (registers the Adaptive* heads)
 
     cfg = ConfigDict(
-        type="EncoderDecoder",
+        type=segmentor,
         data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3, size=(64, 64)),
         backbone=dict(type="ResNetV1c", depth=18, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
                       strides=(1, 2, 1, 1), norm_cfg=dict(type="BN"), contract_dilation=True),
@@ -26,7 +26,7 @@ def _model(head_type: str, adaptive: dict):
                          concat_input=False, dropout_ratio=0.1, num_classes=5, norm_cfg=dict(type="BN"),
                          align_corners=False, loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0)),
         train_cfg=dict(),
-        test_cfg=dict(mode="whole"),
+        test_cfg=test_cfg or dict(mode="whole"),
     )  # fmt: skip
     torch.manual_seed(0)
     return MODELS.build(cfg)
@@ -64,3 +64,27 @@ def test_adaptive_fcn_head_trains_and_predicts(kind):
     with torch.no_grad():
         preds = model.predict(images, _samples())
     assert preds[0].pred_sem_seg.data.shape == (1, 64, 64)
+
+
+@pytest.mark.parametrize("kind", ["ContextAwareClassifier", "SSAClassifier"])
+def test_adaptive_encoder_decoder_slide_with_image_context(kind):
+    from adaptive_heads import slide_inference
+
+    cfg = dict(mode="slide", crop_size=(48, 48), stride=(32, 32), context="image")
+    model = _model("AdaptiveFCNHead", dict(type=kind), "AdaptiveEncoderDecoder", cfg).eval()
+    images = torch.randn(1, 3, 80, 96)
+    metas = [dict(img_shape=(80, 96), ori_shape=(80, 96), pad_shape=(80, 96))]
+    with torch.no_grad():
+        image = model.slide_inference(images, metas)
+        model.test_cfg.context = "tile"
+        tile = model.slide_inference(images, metas)
+        plain = super(type(model), model).slide_inference(images, metas)  # mmseg's own
+
+        def run(crop):
+            return model.encode_decode(crop, [{**metas[0], "img_shape": crop.shape[2:]}])
+
+        ours = slide_inference(model, images, 48, 32, context="image", head="decode_head.conv_seg", forward=run)
+    assert image.shape == (1, 5, 80, 96)
+    torch.testing.assert_close(tile, plain, rtol=1e-5, atol=1e-5)  # "tile" is mmseg's slide inference
+    torch.testing.assert_close(image, ours)
+    assert (image - tile).abs().max() > 1e-4
