@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
@@ -25,6 +26,8 @@ Reduction = Literal["mean", "sum"]
 #: where a head pools its label-built class statistics: over each image, this process's batch, every rank's batch
 LabelPooling = Literal["batch", "image", "global"]
 LABEL_POOLINGS: tuple[str, ...] = ("batch", "image", "global")
+#: the ``[n, C]`` class direction of a k×k coarse classifier: the sum over its taps, or its centre tap
+ClassDirection = Literal["sum", "centre"]
 
 
 class LossOptions(TypedDict, total=False):
@@ -44,6 +47,8 @@ class CosineHeadOptions(TypedDict, total=False):
     ignore_index: int | None
     eps: float
     init_std: float
+    kernel_size: int
+    class_direction: ClassDirection
 
 
 @dataclass
@@ -151,6 +156,13 @@ class AdaptiveHead(nn.Module):
         """The head's loss module (``loss_type``) with the official defaults and this head's ``ignore_index``."""
         return self.loss_type(ignore_index=self.ignore_index)
 
+    def adopt_classifier(self, conv: nn.Conv2d, copy_weights: bool = True) -> None:
+        """Take over the classifier conv this head replaces (called by :func:`~adaptive_heads.replace_classifier`).
+
+        The base implementation uses nothing of it (ProtoSeg: its prototypes replace the learned class weights, so
+        a 1×1 and a k×k classifier are replaced alike); :class:`CosineHead` copies it into its coarse classifier.
+        """
+
     def strip_training_layers(self: HeadT) -> HeadT:
         """Drop the layers only training uses (``training_only``) for deployment; inference is unchanged.
 
@@ -172,8 +184,14 @@ class AdaptiveHead(nn.Module):
 
 
 class CosineHead(AdaptiveHead):
-    """Common part of the cosine-classifier heads (CAC, SSA-Seg): the coarse 1×1 classifier ``conv_seg``
-    (mmseg's init: N(0, ``init_std``²) weight, zero bias), ``Dropout2d`` on its input only, the scale ``tau``.
+    """Common part of the cosine-classifier heads (CAC, SSA-Seg): the coarse classifier ``conv_seg`` (1×1 as in the
+    official code, or the k×k conv of the model it replaces; mmseg's init: N(0, ``init_std``²) weight, zero bias),
+    ``Dropout2d`` on its input only, the scale ``tau``.
+
+    A k×k coarse classifier (smp's ``Unet``, ``PSPNet``, ``PAN``, ``MAnet`` end in a 3×3 conv) keeps the model's
+    coarse logits exactly; the projectors need one ``[n, C]`` class direction ``W`` per class, taken from the
+    kernel by ``class_direction``: ``"sum"`` over its taps (the classifier's response to a spatially constant
+    feature map) or its ``"centre"`` tap. For a 1×1 classifier both are its weight.
 
     Args:
         in_channels: C, channels of the decoder feature map.
@@ -183,6 +201,8 @@ class CosineHead(AdaptiveHead):
         ignore_index: label ignored by the label-built branch (and default of the loss).
         eps: added to norms and soft areas (official 1e-12).
         init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+        kernel_size: of ``conv_seg`` (odd; padded to keep the size): 1 (official) or the replaced classifier's.
+        class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
     """
 
     def __init__(
@@ -195,8 +215,14 @@ class CosineHead(AdaptiveHead):
         ignore_index: int | None = 255,
         eps: float = 1e-12,
         init_std: float = 0.01,
+        kernel_size: int = 1,
+        class_direction: ClassDirection = "sum",
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
+        check_choice("class_direction", class_direction, ("sum", "centre"))
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.class_direction = class_direction
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if tau <= 0:
@@ -204,19 +230,47 @@ class CosineHead(AdaptiveHead):
         self.tau = float(tau)
         self.eps = float(eps)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
         nn.init.normal_(self.conv_seg.weight, std=init_std)
         nn.init.zeros_(self.conv_seg.bias)
 
     @property
     def classifier_weight(self) -> Tensor:
-        """``W = conv_seg.weight`` as ``[n, C]`` (reshape, so n = 1 or C = 1 work)."""
-        return self.conv_seg.weight.reshape(self.num_classes, self.in_channels)
+        """The class directions ``W`` ``[n, C]`` the projectors fuse with the prototypes: ``conv_seg.weight`` of a
+        1×1 classifier (a reshape, so n = 1 or C = 1 work); of a k×k one, the sum over its taps or its centre tap
+        (``class_direction``)."""
+        weight = self.conv_seg.weight
+        if weight.shape[-2:] == (1, 1):
+            return weight.reshape(self.num_classes, self.in_channels)
+        if self.class_direction == "sum":
+            return weight.sum(dim=(2, 3))
+        return weight[:, :, weight.shape[2] // 2, weight.shape[3] // 2]
 
     def coarse_logits(self, feat: Tensor) -> Tensor:
-        """``conv_seg(dropout(feat))`` ``[B, n, h, w]``, the dropout folded into the weight (no feature copy)."""
+        """``conv_seg(dropout(feat))`` ``[B, n, h, w]``; for a 1×1 classifier the dropout is folded into the weight
+        (no feature copy)."""
         p = float(self.dropout.p) if self.training and isinstance(self.dropout, nn.Dropout2d) else 0.0
-        return pointwise_conv(feat, self.conv_seg.weight, self.conv_seg.bias, p)
+        conv = self.conv_seg
+        if conv.kernel_size == (1, 1):
+            return pointwise_conv(feat, conv.weight, conv.bias, p)
+        return conv(F.dropout2d(feat, p) if p > 0 else feat)
+
+    def adopt_classifier(self, conv: nn.Conv2d, copy_weights: bool = True) -> None:
+        """Take the replaced classifier's geometry (kernel, padding, dilation, padding mode) and, with
+        ``copy_weights``, its weight and bias: the coarse logits equal the model's original logits."""
+        if conv.kernel_size != self.conv_seg.kernel_size or conv.padding != self.conv_seg.padding:
+            old = self.conv_seg
+            self.conv_seg = nn.Conv2d(
+                self.in_channels, self.num_classes, conv.kernel_size, padding=conv.padding,
+                dilation=conv.dilation, padding_mode=conv.padding_mode,
+            ).to(device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
+        if copy_weights:
+            with torch.no_grad():
+                self.conv_seg.weight.copy_(conv.weight)
+                if conv.bias is not None:
+                    self.conv_seg.bias.copy_(conv.bias)
+                else:
+                    self.conv_seg.bias.zero_()
 
     def label_class_statistics(
         self, feat: Tensor, feature_target: Tensor, pooling: LabelPooling, one_hot: Tensor | None = None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 
 from .base import AdaptiveHead
@@ -114,6 +113,19 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
+def _check_classifier_geometry(path: str, conv: nn.Conv2d) -> None:
+    """The classifier must map each pixel to its own logits at the same size: stride 1, no groups, padding that
+    keeps the size (a 1×1 conv, or a k×k conv padded by ``dilation·(k − 1)/2``)."""
+    k, pad, dil = conv.kernel_size, conv.padding, conv.dilation
+    same = pad == "same" or (not isinstance(pad, str) and all(2 * p == d * (kk - 1) for p, d, kk in zip(pad, dil, k)))
+    if conv.groups != 1 or conv.stride != (1, 1) or not same:
+        raise ValueError(
+            f"{path!r} is a {k[0]}×{k[1]} conv with stride {conv.stride}, padding {pad!r}, groups {conv.groups}; "
+            "adaptive heads replace a classifier whose logits keep the feature map's size (stride 1, groups 1, "
+            "padding dilation·(k − 1)/2). Pass path= to the right conv."
+        )
+
+
 def replace_classifier(
     model: nn.Module,
     head_factory: HeadFactory,
@@ -131,7 +143,8 @@ def replace_classifier(
         path: the dotted path(s) of the conv(s) to replace; default: found by :func:`find_classifier`.
         num_classes: for the fallback search when the model class is not known.
         include_aux: also replace the known auxiliary classifier.
-        copy_weights: copy the original 1×1 conv's weight and bias into the new head's ``conv_seg``.
+        copy_weights: copy the original conv's weight and bias (1×1 or k×k) into the new head's coarse classifier
+            (:meth:`~adaptive_heads.base.AdaptiveHead.adopt_classifier`).
 
     Returns:
         ``model`` (modified in place); the replaced paths are in ``model.adaptive_head_paths``.
@@ -151,27 +164,13 @@ def replace_classifier(
             raise ValueError(f"{p!r} is already an adaptive head ({type(old).__name__})")
         if not isinstance(old, nn.Conv2d):
             raise TypeError(f"{p!r} is a {type(old).__name__}, expected the classifier nn.Conv2d")
-        if old.kernel_size != (1, 1) or old.groups != 1:
-            raise ValueError(
-                f"{p!r} is a {old.kernel_size[0]}×{old.kernel_size[1]} conv (groups={old.groups}); adaptive heads "
-                "replace a 1×1 classifier (their prototypes are built from its [n, C] weight). Replace it with a "
-                "1×1 conv first, or add a 1×1 adaptive head after a 3×3 feature conv."
-            )
+        _check_classifier_geometry(p, old)
         head = head_factory(old.in_channels, old.out_channels)
         if not isinstance(head, AdaptiveHead):
             raise TypeError(f"head_factory must return an AdaptiveHead, got {type(head).__name__}")
         param = old.weight
         head.to(device=param.device, dtype=param.dtype)
-        if copy_weights:
-            with torch.no_grad():
-                conv = getattr(head, "conv_seg", None)
-                if isinstance(conv, nn.Conv2d):
-                    conv.weight.copy_(old.weight.reshape(conv.weight.shape))
-                    if conv.bias is not None:
-                        if old.bias is not None:
-                            conv.bias.copy_(old.bias)
-                        else:
-                            conv.bias.zero_()
+        head.adopt_classifier(old, copy_weights)
         head.train(old.training)
         _set(model, p, head)
     model.adaptive_head_paths = paths  # type: ignore[assignment]

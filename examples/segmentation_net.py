@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FPNDecoder", "ResNetEncoder", "SegmentationNet", "timm_encoder"]
+__all__ = ["FPNDecoder", "ResNetEncoder", "SegmentationNet", "UNetDecoder", "timm_encoder"]
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -117,18 +117,50 @@ class FPNDecoder(nn.Module):
         return self.classifier(self.dropout(self.fuse(merged)))
 
 
-class SegmentationNet(nn.Module):
-    """Encoder + FPN decoder; ``forward`` returns logits ``[B, n, H, W]`` at the input size.
+class UNetDecoder(nn.Module):
+    """U-Net decoder (as smp's ``Unet``): from stride 32 up to stride 4, each step upsampling ×2, concatenating the
+    encoder's feature of that stride and applying two 3×3 conv-BN-ReLU; then the 3×3 classifier
+    ``nn.Conv2d(channels[-1], num_classes, 3, padding=1)`` (smp's ``segmentation_head``)."""
 
-    The classifier is ``decoder.classifier`` (``nn.Conv2d(channels, num_classes, 1)``); ``num_classes`` is an
-    attribute, so :func:`adaptive_heads.replace_classifier` also finds it without a path.
+    def __init__(
+        self, in_channels: Sequence[int], num_classes: int, channels: Sequence[int] = (128, 64, 32), kernel: int = 3
+    ) -> None:
+        super().__init__()
+        skips = list(in_channels[-2::-1])  # strides 16, 8, 4
+        blocks, cin = [], in_channels[-1]
+        for skip, cout in zip(skips, channels):
+            blocks.append(nn.Sequential(conv_bn_relu(cin + skip, cout), conv_bn_relu(cout, cout)))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.classifier = nn.Conv2d(cin, num_classes, kernel, padding=kernel // 2)
+
+    def forward(self, features: Sequence[Tensor]) -> Tensor:
+        x = features[-1]
+        for block, skip in zip(self.blocks, features[-2::-1]):
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+        return self.classifier(x)
+
+
+class SegmentationNet(nn.Module):
+    """Encoder + decoder (``"fpn"``, or ``"unet"`` with a 3×3 classifier); ``forward`` returns logits
+    ``[B, n, H, W]`` at the input size.
+
+    The classifier is ``decoder.classifier`` (FPN: ``nn.Conv2d(channels, num_classes, 1)``); ``num_classes`` is
+    an attribute, so :func:`adaptive_heads.replace_classifier` also finds it without a path.
     """
 
-    def __init__(self, num_classes: int, encoder: nn.Module | None = None, channels: int = 64) -> None:
+    def __init__(
+        self, num_classes: int, encoder: nn.Module | None = None, channels: int = 64, decoder: str = "fpn"
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.encoder = ResNetEncoder() if encoder is None else encoder
-        self.decoder = FPNDecoder(self.encoder.channels, num_classes, channels)
+        if decoder == "fpn":
+            self.decoder = FPNDecoder(self.encoder.channels, num_classes, channels)
+        elif decoder == "unet":
+            self.decoder = UNetDecoder(self.encoder.channels, num_classes, (2 * channels, channels, channels // 2))
+        else:
+            raise ValueError(f"decoder must be 'fpn' or 'unet', got {decoder!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.decoder(self.encoder(x))

@@ -27,6 +27,7 @@ checkpoints go to ``--checkpoints`` (``--resume`` continues interrupted runs).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -114,9 +115,11 @@ def evaluate(model: nn.Module, split: CamVidSplit, stats, args, device) -> dict:
 def build_model(name: str, args, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the same encoder/decoder initialisation for every classifier of a seed
     encoder = timm_encoder(args.timm_encoder) if args.timm_encoder else ResNetEncoder(args.widths, args.depths)
-    model = SegmentationNet(NUM_CLASSES, encoder, args.channels)
-    if HEADS[name] is not None:
-        ah.replace_classifier(model, HEADS[name], path=CLASSIFIER_PATH)
+    model = SegmentationNet(NUM_CLASSES, encoder, args.channels, decoder=args.decoder)
+    head = HEADS[name]
+    if head is not None:
+        options = {"class_direction": args.class_direction} if issubclass(head, ah.base.CosineHead) else {}
+        ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
     return model
 
 
@@ -454,6 +457,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="encoder stage widths")
     p.add_argument("--depths", type=int, nargs=4, default=[1, 1, 1, 1], help="basic blocks per stage")
     p.add_argument("--channels", type=int, default=64, help="decoder channels C (classifier input)")
+    p.add_argument("--decoder", default="fpn", choices=["fpn", "unet"], help="fpn (1×1 classifier) or unet (3×3)")
+    p.add_argument("--class-direction", default="sum", choices=["sum", "centre"],
+                   help="class direction of a 3×3 classifier for CAC/SSA (unet decoder)")  # fmt: skip
     p.add_argument("--timm-encoder", help="a timm model name (e.g. resnet18) with ImageNet weights; needs timm")
     p.add_argument("--holdout-sequence", help="move this sequence's frames (e.g. 0001TP, dusk) out of train into a "
                    "'holdout' split that is evaluated at the end")  # fmt: skip

@@ -135,3 +135,16 @@ def test_network_classifier_is_found_and_replaced():
     assert isinstance(net.decoder.classifier, ah.ContextAwareClassifier)
     net.eval()
     assert net(x).shape == (2, 11, 64, 96)
+
+
+def test_unet_decoder_has_a_3x3_classifier_every_head_replaces():
+    import adaptive_heads as ah
+
+    for name, head in ah.HEADS.items():
+        net = SegmentationNet(11, decoder="unet").eval()
+        assert net.decoder.classifier.kernel_size == (3, 3)
+        x = torch.randn(1, 3, 64, 64)
+        before = net(x)
+        ah.replace_classifier(net, head, path="decoder.classifier")
+        after = net(x)
+        assert after.shape == before.shape == (1, 11, 64, 64), name

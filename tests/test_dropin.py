@@ -42,10 +42,13 @@ def test_fallback_finds_last_conv_with_num_classes():
         replace_classifier(model, ContextAwareClassifier, path="decoder.cls")
 
 
-def test_replace_refuses_3x3_and_summed_heads():
+def test_replace_refuses_size_changing_convs_and_summed_heads():
     model = PlainSegmenter()
-    model.decoder["cls"] = nn.Conv2d(8, 4, 3, padding=1)
-    with pytest.raises(ValueError, match="3×3 conv"):
+    model.decoder["cls"] = nn.Conv2d(8, 4, 3, padding=0)  # logits smaller than the features
+    with pytest.raises(ValueError, match=r"3×3 conv with stride \(1, 1\), padding \(0, 0\).*keep the feature map"):
+        replace_classifier(model, ContextAwareClassifier, num_classes=4)
+    model.decoder["cls"] = nn.Conv2d(8, 4, 1, stride=2)
+    with pytest.raises(ValueError, match="stride \\(2, 2\\)"):
         replace_classifier(model, ContextAwareClassifier, num_classes=4)
 
     class LRASPP(nn.Module):
@@ -55,6 +58,72 @@ def test_replace_refuses_3x3_and_summed_heads():
         find_classifier(LRASPP())
     with pytest.raises(ValueError, match="no submodule"):
         replace_classifier(model, ContextAwareClassifier, path="decoder.nope")
+
+
+class UnetLike(nn.Module):
+    """A decoder ending in a 3×3 (or 5×5, dilated) classifier, as smp's Unet, PSPNet, PAN and MAnet."""
+
+    def __init__(self, num_classes: int = 4, width: int = 8, kernel: int = 3, dilation: int = 1) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.decoder = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        pad = dilation * (kernel - 1) // 2
+        self.segmentation_head = nn.Sequential(nn.Conv2d(width, num_classes, kernel, padding=pad, dilation=dilation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmentation_head(self.decoder(x))
+
+
+@pytest.mark.parametrize(("kernel", "dilation"), [(3, 1), (5, 1), (3, 2)])
+def test_kxk_classifier_swaps_with_exact_coarse_logits(head_name, kernel, dilation):
+    torch.manual_seed(0)
+    model = UnetLike(kernel=kernel, dilation=dilation).eval()
+    images = torch.randn(2, 3, 12, 14)
+    original = model(images)
+    conv = model.segmentation_head[0]
+    replace_classifier(model, lambda c, n: make_head(head_name, c, n), path="segmentation_head.0")
+    head = model.segmentation_head[0]
+    feat = model.decoder(images)
+    if head_name == "proto":  # no coarse classifier to copy into: replaced like a 1×1 conv
+        assert not hasattr(head, "conv_seg")
+    else:
+        assert head.conv_seg.kernel_size == conv.kernel_size and head.conv_seg.dilation == conv.dilation
+        torch.testing.assert_close(head.coarse_logits(feat), original, rtol=0, atol=0)
+        weight = conv.weight.detach()
+        c = kernel // 2
+        torch.testing.assert_close(head.classifier_weight, weight.sum(dim=(2, 3)))  # default: sum over the taps
+        head.class_direction = "centre"
+        torch.testing.assert_close(head.classifier_weight, weight[:, :, c, c])
+    assert model(images).shape == original.shape
+    model.train()
+    target = torch.randint(0, 4, (2, 12, 14))
+    with supervise(model, target) as sup:
+        loss = F.cross_entropy(model(images), target) + sup.loss()
+    loss.backward()
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if head_name != "proto":  # the class directions reach the whole kernel
+        assert (head.conv_seg.weight.grad != 0).all()
+
+
+def test_kxk_head_from_scratch_and_options():
+    head = ContextAwareClassifier(8, 3, kernel_size=3, class_direction="centre")
+    assert head.conv_seg.kernel_size == (3, 3) and head.conv_seg.padding == (1, 1)
+    assert head(torch.randn(1, 8, 5, 6)).shape == (1, 3, 5, 6)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 2"):
+        ContextAwareClassifier(8, 3, kernel_size=2)
+    with pytest.raises(ValueError, match="class_direction must be 'sum' or 'centre'"):
+        ContextAwareClassifier(8, 3, class_direction="mean")
+
+
+def test_one_by_one_behaviour_unchanged_by_the_kxk_support():
+    torch.manual_seed(0)
+    model = TinyFCN()
+    conv = model.classifier[4]
+    replace_classifier(model, ContextAwareClassifier)
+    head = model.classifier[4]
+    assert head.conv_seg.kernel_size == (1, 1)
+    torch.testing.assert_close(head.classifier_weight, conv.weight.detach().reshape(4, 8), rtol=0, atol=0)
 
 
 def test_eval_output_unchanged_shape_and_label_free():

@@ -9,17 +9,20 @@ import torch
 from .conftest import make_head
 
 
-def _head(name):
+def _head(name, **options):
     torch.manual_seed(0)
-    return make_head(name, 8, 5).strip_training_layers().eval()
+    return make_head(name, 8, 5, **options).strip_training_layers().eval()
 
 
 def _inputs():
     return torch.randn(2, 8, 6, 7).relu(), torch.randn(3, 8, 9, 5).relu()
 
 
-def test_torch_export_dynamic_shapes(head_name):
-    head = _head(head_name)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_torch_export_dynamic_shapes(head_name, kernel):
+    if kernel != 1 and head_name == "proto":
+        pytest.skip("ProtoSeg has no coarse classifier (a k×k model conv is replaced like a 1×1 one)")
+    head = _head(head_name, **({"kernel_size": kernel} if kernel != 1 else {}))
     feat, other = _inputs()
     dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("h", min=2, max=1024),
             3: torch.export.Dim("w", min=2, max=1024)}  # fmt: skip
