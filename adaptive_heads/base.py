@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypedDict, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from ._validation import check_choice, check_features, check_target
 from .functional.cosine import pointwise_conv
 from .functional.labels import resize_labels_nearest
 from .functional.pooling import hard_class_pool
+from .functional.upsampled import upsampled_cross_entropy
 
 __all__ = ["AdaptiveHead", "CosineHead", "HeadLoss", "HeadOutput"]
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     pass
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
+OutputT = TypeVar("OutputT", bound="HeadOutput")
 Reduction = Literal["mean", "sum"]
 #: where a head pools its label-built class statistics: over each image, this process's batch, every rank's batch
 LabelPooling = Literal["batch", "image", "global"]
@@ -82,7 +84,7 @@ class AdaptiveHead(nn.Module):
     drops for deployment).
     """
 
-    loss_type: ClassVar[type[HeadLoss]]
+    loss_type: ClassVar[type[HeadLoss[Any]]]
     training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
@@ -232,7 +234,7 @@ class CosineHead(AdaptiveHead):
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
         nn.init.normal_(self.conv_seg.weight, std=init_std)
-        nn.init.zeros_(self.conv_seg.bias)
+        nn.init.zeros_(cast(Tensor, self.conv_seg.bias))
 
     @property
     def classifier_weight(self) -> Tensor:
@@ -260,17 +262,19 @@ class CosineHead(AdaptiveHead):
         ``copy_weights``, its weight and bias: the coarse logits equal the model's original logits."""
         if conv.kernel_size != self.conv_seg.kernel_size or conv.padding != self.conv_seg.padding:
             old = self.conv_seg
+            pair = cast(tuple[int, int], conv.kernel_size)
             self.conv_seg = nn.Conv2d(
-                self.in_channels, self.num_classes, conv.kernel_size, padding=conv.padding,
-                dilation=conv.dilation, padding_mode=conv.padding_mode,
+                self.in_channels, self.num_classes, pair, padding=cast(tuple[int, int], conv.padding),
+                dilation=cast(tuple[int, int], conv.dilation), padding_mode=conv.padding_mode,
             ).to(device=old.weight.device, dtype=old.weight.dtype)  # fmt: skip
         if copy_weights:
+            bias = cast(Tensor, self.conv_seg.bias)
             with torch.no_grad():
                 self.conv_seg.weight.copy_(conv.weight)
                 if conv.bias is not None:
-                    self.conv_seg.bias.copy_(conv.bias)
+                    bias.copy_(conv.bias)
                 else:
-                    self.conv_seg.bias.zero_()
+                    bias.zero_()
 
     def label_class_statistics(
         self, feat: Tensor, feature_target: Tensor, pooling: LabelPooling, one_hot: Tensor | None = None
@@ -299,7 +303,7 @@ class CosineHead(AdaptiveHead):
         return mlp(torch.cat([first.to(dtype), second.to(dtype)], dim=-1))
 
 
-class HeadLoss(nn.Module):
+class HeadLoss(nn.Module, Generic[OutputT]):
     """Base of the loss modules: named terms, per-term weights and their weighted total.
 
     ``loss_fn(out, target)`` returns ``{term: value, ..., "loss": Σ weight·term}``. Subclasses implement
@@ -342,9 +346,19 @@ class HeadLoss(nn.Module):
         self.reduction = reduction
         self.main_average = main_average
 
-    def terms(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def terms(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
         """Every named loss term of ``out`` against ``target`` (no total)."""
         raise NotImplementedError
+
+    def cross_entropy(
+        self, logits: Tensor, target: Tensor, *, align_corners: bool, average: Literal["valid", "all"] = "valid"
+    ) -> Tensor:
+        """A CE term at label resolution with this loss's ``ignore_index`` and ``reduction``
+        (:func:`~adaptive_heads.functional.upsampled_cross_entropy`)."""
+        return upsampled_cross_entropy(
+            logits, target, ignore_index=self.ignore_index, align_corners=align_corners, average=average,
+            reduction=self.reduction,
+        )  # fmt: skip
 
     def checked_target(self, out: HeadOutput, target: Tensor) -> Tensor:
         """``out`` must be this loss's output type; ``target`` a valid ``[B, H, W]`` label map for its logits."""
@@ -376,7 +390,7 @@ class HeadLoss(nn.Module):
             total = anchor.new_zeros(())
         return total
 
-    def forward(self, out: HeadOutput, target: Tensor) -> dict[str, Tensor]:
+    def forward(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:
         if not isinstance(out, HeadOutput):
             raise TypeError(
                 f"out must be the structured output of head(feat, target), got {type(out).__name__}; "

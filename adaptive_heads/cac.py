@@ -38,7 +38,6 @@ from .functional import (
     cosine_logits,
     resize_labels_nearest,
     soft_class_sums,
-    upsampled_cross_entropy,
 )
 
 if TYPE_CHECKING:
@@ -65,7 +64,7 @@ class CACOutput(HeadOutput):
     feature_target: Tensor
 
 
-class ContextAwareLoss(HeadLoss):
+class ContextAwareLoss(HeadLoss[CACOutput]):
     """All CAC training terms, as the official code computes them.
 
     ``loss_fn(out, target)`` with ``out`` the :class:`~adaptive_heads.cac.CACOutput` of
@@ -116,14 +115,11 @@ class ContextAwareLoss(HeadLoss):
     def terms(self, out: CACOutput, target: Tensor) -> dict[str, Tensor]:
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
-        ce_kwargs = {"ignore_index": self.ignore_index, "reduction": self.reduction}
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
         return {
-            "ce": upsampled_cross_entropy(out.coarse, target, align_corners=True, **ce_kwargs),
-            "ce_context": upsampled_cross_entropy(
-                out.logits, target, align_corners=False, average=self.main_average, **ce_kwargs
-            ),
-            "ce_oracle": upsampled_cross_entropy(out.oracle, target, align_corners=True, **ce_kwargs),
+            "ce": self.cross_entropy(out.coarse, target, align_corners=True),
+            "ce_context": self.cross_entropy(out.logits, target, align_corners=False, average=self.main_average),
+            "ce_oracle": self.cross_entropy(out.oracle, target, align_corners=True),
             "distill": context_aware_distillation(
                 out.logits,
                 out.oracle,

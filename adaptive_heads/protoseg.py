@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,7 @@ class PrototypeOutput(HeadOutput):
         return self.embeddings @ self.prototypes.t().to(self.embeddings.dtype)
 
 
-class PrototypeLoss(HeadLoss):
+class PrototypeLoss(HeadLoss[PrototypeOutput]):
     """ProtoSeg's ``PixelPrototypeCELoss``: ``ce + 0.01·ppc + 0.001·ppd``.
 
     - ``ce``: CE of the segmentation logits upsampled bilinearly (``align_corners=True``, as the official code)
@@ -158,7 +158,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        conv1, relu, conv2 = self.proj
+        conv1, relu, conv2 = cast(tuple[nn.Conv2d, nn.Module, nn.Conv2d], tuple(self.proj))
         return pointwise_conv(relu(pointwise_conv(x, conv1.weight, conv1.bias)), conv2.weight, conv2.bias)
 
 
@@ -213,6 +213,8 @@ class PrototypeClassifier(AdaptiveHead):
     """
 
     loss_type = PrototypeLoss
+    prototypes: Tensor
+    usage_counts: Tensor
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ the classifier built from the whole image (``context="image"``), at the cost of 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,19 @@ __all__ = ["slide_inference", "tile_grid"]
 
 #: a tile: ``(y1, y2, x1, x2)`` rows and columns of the image
 Tile = tuple[int, int, int, int]
+
+
+class ContextHead(Protocol):
+    """What a head offers to build its classifier from the whole image (CAC and SSA-Seg do)."""
+
+    num_classes: int
+    _context_collector: Any
+
+    def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]: ...
+
+    def merge_context(self, first: dict[str, Tensor], second: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor: ...
 
 
 def tile_grid(height: int, width: int, crop_size: tuple[int, int], stride: tuple[int, int]) -> list[Tile]:
@@ -68,7 +81,8 @@ class _Stitcher:
 
     def __init__(self, images: Tensor, tiles: list[Tile]) -> None:
         b, _, h, w = images.shape
-        self.shape, self.device, self.preds = (b, h, w), images.device, None
+        self.shape, self.device = (b, h, w), images.device
+        self.preds: Tensor | None = None
         self.count = torch.zeros(1, 1, h, w, device=images.device)
         for y1, y2, x1, x2 in tiles:
             self.count[..., y1:y2, x1:x2] += 1
@@ -77,12 +91,13 @@ class _Stitcher:
         y1, y2, x1, x2 = tile
         if self.preds is None:
             b, h, w = self.shape
-            self.preds = logits.new_zeros(
-                b, logits.shape[1], h, w, dtype=torch.promote_types(logits.dtype, torch.float32)
-            )
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            self.preds = logits.new_zeros(b, logits.shape[1], h, w, dtype=dtype)
         self.preds[..., y1:y2, x1:x2] += logits
 
     def result(self) -> Tensor:
+        if self.preds is None:
+            raise ValueError("no tile was added")
         return self.preds / self.count
 
 
@@ -90,7 +105,7 @@ class _ContextCollector:
     """Pass 1 of ``context="image"``: while the model runs on a tile, the head's input is kept and its image
     statistics merged (each pixel weighted by ``1/coverage``); the head returns zeros, the model output is unused."""
 
-    def __init__(self, head: AdaptiveHead, stitcher: _Stitcher) -> None:
+    def __init__(self, head: ContextHead, stitcher: _Stitcher) -> None:
         self.head, self.stitcher = head, stitcher
         self.tile: Tile | None = None
         self.features: list[Tensor] = []
@@ -117,7 +132,7 @@ class _ContextCollector:
         self.head._context_collector = None
 
 
-def _context_head(model: nn.Module, head: str | None) -> AdaptiveHead | None:
+def _context_head(model: nn.Module, head: str | None) -> ContextHead | None:
     """The head whose logits the model returns: ``head`` (a path), the first path :func:`replace_classifier`
     recorded, or the model's only adaptive head; ``None`` if it builds no image context (ProtoSeg)."""
     if head is not None:
@@ -137,7 +152,7 @@ def _context_head(model: nn.Module, head: str | None) -> AdaptiveHead | None:
             raise ValueError(f"the model has several adaptive heads {sorted(heads)}; pass head= (the main one's path)")
     if not isinstance(found, AdaptiveHead):
         raise TypeError(f"head= must name an AdaptiveHead, got {type(found).__name__}")
-    return found if hasattr(found, "context_statistics") else None
+    return cast(ContextHead, found) if hasattr(found, "context_statistics") else None
 
 
 def _tiles(images: Tensor, tiles: list[Tile]) -> Iterator[tuple[Tile, Tensor]]:
@@ -215,7 +230,7 @@ def slide_inference(
     if context_head is None:
         for tile, crop_images in _tiles(images, tiles):
             logits = _model_logits(run(crop_images))
-            stitcher.add(tile, _resize(logits, crop_images.shape[-2:], align_corners))
+            stitcher.add(tile, _resize(logits, (crop_images.shape[-2], crop_images.shape[-1]), align_corners))
         return stitcher.result()
     collector = _ContextCollector(context_head, stitcher)
     with collector:
@@ -228,6 +243,6 @@ def slide_inference(
             "pass head= to name the one whose logits the model returns"
         )
     for tile, feat in zip(tiles, collector.features):
-        logits = context_head.logits_from_context(feat, collector.context)  # type: ignore[arg-type]
+        logits = context_head.logits_from_context(feat, cast(dict[str, Tensor], collector.context))
         stitcher.add(tile, _resize(logits, (tile[1] - tile[0], tile[3] - tile[2]), align_corners))
     return stitcher.result()

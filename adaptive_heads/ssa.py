@@ -45,7 +45,6 @@ from .functional import (
     sigmoid_dice_loss,
     soft_class_pool,
     soft_class_sums,
-    upsampled_cross_entropy,
 )
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ class SSAOutput(HeadOutput):
     feature_target: Tensor
 
 
-class SSALoss(HeadLoss):
+class SSALoss(HeadLoss[SSAOutput]):
     """Every SSA-Seg training term, as the official code computes them; ``loss`` is their weighted sum.
 
     - ``ce``: CE of the SSA logits (main term), ``ce_coarse``: CE of the coarse mask, ``ce_teacher``: CE of the
@@ -128,11 +127,10 @@ class SSALoss(HeadLoss):
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
-        ce = {"ignore_index": self.ignore_index, "reduction": self.reduction, "align_corners": True}
         return {
-            "ce": upsampled_cross_entropy(out.logits, target, average=self.main_average, **ce),
-            "ce_coarse": upsampled_cross_entropy(out.coarse, target, **ce),
-            "ce_teacher": upsampled_cross_entropy(out.teacher, target, **ce),
+            "ce": self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
+            "ce_coarse": self.cross_entropy(out.coarse, target, align_corners=True),
+            "ce_teacher": self.cross_entropy(out.teacher, target, align_corners=True),
             "distill": boundary_distillation(
                 out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
             ),

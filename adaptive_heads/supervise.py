@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -33,7 +34,7 @@ class Supervision:
         self,
         model: nn.Module,
         target: Tensor,
-        losses: HeadLoss | Mapping[str, HeadLoss] | None = None,
+        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -53,7 +54,7 @@ class Supervision:
         unknown = set(losses or {}) - set(self.heads)
         if unknown:
             raise ValueError(f"losses names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
-        self.loss_fns: dict[str, HeadLoss] = {
+        self.loss_fns: dict[str, HeadLoss[Any]] = {
             name: (losses or {}).get(name) or head.default_loss() for name, head in self.heads.items()
         }
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
@@ -108,7 +109,7 @@ class Supervision:
 def supervise(
     model: nn.Module,
     target: Tensor,
-    losses: HeadLoss | Mapping[str, HeadLoss] | None = None,
+    losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
 ) -> Supervision:
     """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
 

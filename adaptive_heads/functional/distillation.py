@@ -137,9 +137,12 @@ def boundary_distillation(
     beta = label_boundary(feature_target) if boundary is None else boundary
     with float32_math(student.device):
         beta = beta.to(loss.dtype)
-        kwargs = {"ignore_index": ignore_index, "eps": eps}
-        edge = classwise_weighted_mean(loss, entropy * beta, feature_target, num_classes, **kwargs)
-        inner = classwise_weighted_mean(loss, entropy * (1 - beta), feature_target, num_classes, **kwargs)
+        edge = classwise_weighted_mean(
+            loss, entropy * beta, feature_target, num_classes, ignore_index=ignore_index, eps=eps
+        )
+        inner = classwise_weighted_mean(
+            loss, entropy * (1 - beta), feature_target, num_classes, ignore_index=ignore_index, eps=eps
+        )
         return 0.5 * (edge + inner)
 
 

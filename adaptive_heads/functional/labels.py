@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ def _nearest_source_index(out_size: int, in_size: int, device: torch.device) -> 
     return idx.clamp_max(in_size - 1)
 
 
-def resize_labels_nearest(labels: Tensor, size: tuple[int, int]) -> Tensor:
+def resize_labels_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
     """Resize an integer label map like ``F.interpolate(labels.float(), size, mode="nearest")``.
 
     Legacy nearest takes the top-left sample of each block (source index ``floor(i·H/h)``) for

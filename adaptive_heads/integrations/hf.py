@@ -17,6 +17,7 @@ and, in training with labels, runs the model inside :func:`~adaptive_heads.super
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -47,7 +48,7 @@ class AdaptiveSegmentationModel(nn.Module):
         head_factory: Callable[[int, int], AdaptiveHead] | None = None,
         *,
         include_aux: bool = False,
-        losses: HeadLoss | Mapping[str, HeadLoss] | None = None,
+        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     ) -> None:
         super().__init__()
         if head_factory is not None:

@@ -65,7 +65,7 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             kind = cfg.pop("type")
             if kind not in ADAPTIVE_HEADS:
                 raise ValueError(f"adaptive.type must be one of {list(ADAPTIVE_HEADS)}, got {kind!r}")
-            conv = self.conv_seg
+            conv: torch.nn.Conv2d = getattr(self, "conv_seg")  # noqa: B009  (the base head's 1×1 classifier)
             head = ADAPTIVE_HEADS[kind](conv.in_channels, conv.out_channels, ignore_index=self.ignore_index, **cfg)
             inner = getattr(head, "conv_seg", None)
             if inner is not None:
