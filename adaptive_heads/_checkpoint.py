@@ -14,7 +14,7 @@ def _unwrap(checkpoint: Mapping[str, object]) -> Mapping[str, Tensor]:
     for key in ("state_dict", "model", "state_dict_ema"):
         inner = checkpoint.get(key)
         if isinstance(inner, Mapping):
-            return inner  # type: ignore[return-value]
+            return inner
     return checkpoint  # type: ignore[return-value]
 
 
@@ -69,7 +69,7 @@ def load_prefixed_state_dict(
                 continue
             sub = renamed
         if sub in own:
-            picked[sub] = value  # type: ignore[assignment]
+            picked[sub] = value
         elif prefix or "." not in sub or sub.split(".")[0] in dict(module.named_children()):
             unexpected.append(sub)
     missing = [k for k in own if k not in picked]

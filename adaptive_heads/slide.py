@@ -56,7 +56,7 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
         raise ValueError(f"{name} must be a positive int or a pair (h, w) of them, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return pair
 
 
 def _model_logits(output: Any) -> Tensor:

@@ -52,7 +52,7 @@ _BASES = (
 def make_adaptive_decode_head(base_cls: type) -> type:
     """Subclass of an mmseg decode head whose ``conv_seg`` is an adaptive classifier."""
 
-    class AdaptiveDecodeHead(base_cls):  # type: ignore[misc, valid-type]
+    class AdaptiveDecodeHead(base_cls):
         def __init__(
             self,
             *args,
