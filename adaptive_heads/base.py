@@ -50,6 +50,7 @@ class CosineHeadOptions(TypedDict, total=False):
     eps: float
     init_std: float
     kernel_size: int
+    dilation: int
     class_direction: ClassDirection
 
 
@@ -175,8 +176,14 @@ class AdaptiveHead(nn.Module):
         self.stripped = True
         return self
 
+    def options(self) -> dict[str, Any]:
+        """The keyword options that rebuild this head: ``type(head)(in_channels, num_classes, **head.options())``
+        has the same architecture (its weights come from the state dict); used to save models with their heads."""
+        return {"ignore_index": self.ignore_index}
+
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"in_channels={self.in_channels}, num_classes={self.num_classes}, {options}"
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -204,6 +211,7 @@ class CosineHead(AdaptiveHead):
         eps: added to norms and soft areas (official 1e-12).
         init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
         kernel_size: of ``conv_seg`` (odd; padded to keep the size): 1 (official) or the replaced classifier's.
+        dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
     """
 
@@ -218,6 +226,7 @@ class CosineHead(AdaptiveHead):
         eps: float = 1e-12,
         init_std: float = 0.01,
         kernel_size: int = 1,
+        dilation: int = 1,
         class_direction: ClassDirection = "sum",
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
@@ -232,9 +241,23 @@ class CosineHead(AdaptiveHead):
         self.tau = float(tau)
         self.eps = float(eps)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(in_channels, num_classes, kernel_size, padding=kernel_size // 2)
+        self.conv_seg = nn.Conv2d(
+            in_channels, num_classes, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation
+        )
         nn.init.normal_(self.conv_seg.weight, std=init_std)
         nn.init.zeros_(cast(Tensor, self.conv_seg.bias))
+
+    def options(self) -> dict[str, Any]:
+        conv = self.conv_seg
+        return {
+            **super().options(),
+            "tau": self.tau,
+            "dropout": float(self.dropout.p) if isinstance(self.dropout, nn.Dropout2d) else 0.0,
+            "eps": self.eps,
+            "kernel_size": conv.kernel_size[0],
+            "dilation": conv.dilation[0],
+            "class_direction": self.class_direction,
+        }
 
     @property
     def classifier_weight(self) -> Tensor:
@@ -260,7 +283,13 @@ class CosineHead(AdaptiveHead):
     def adopt_classifier(self, conv: nn.Conv2d, copy_weights: bool = True) -> None:
         """Take the replaced classifier's geometry (kernel, padding, dilation, padding mode) and, with
         ``copy_weights``, its weight and bias: the coarse logits equal the model's original logits."""
-        if conv.kernel_size != self.conv_seg.kernel_size or conv.padding != self.conv_seg.padding:
+        geometry = (conv.kernel_size, conv.padding, conv.dilation, conv.padding_mode)
+        if geometry != (
+            self.conv_seg.kernel_size,
+            self.conv_seg.padding,
+            self.conv_seg.dilation,
+            self.conv_seg.padding_mode,
+        ):
             old = self.conv_seg
             pair = cast(tuple[int, int], conv.kernel_size)
             self.conv_seg = nn.Conv2d(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -179,6 +179,9 @@ class ContextAwareClassifier(CosineHead):
 
     loss_type = ContextAwareLoss
     training_only = ("apd_proj",)
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "oracle_pooling": self.oracle_pooling}
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""

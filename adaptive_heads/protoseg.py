@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -424,11 +424,12 @@ class PrototypeClassifier(AdaptiveHead):
             self.prototypes.copy_(F.normalize(self.prototypes, dim=-1))
         return result
 
-    def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, num_prototypes={self.num_prototypes}, embed_dim={self.embed_dim}, "
-            f"gamma={self.gamma}, update_assignment={self.update_assignment!r}"
-        )
+    def options(self) -> dict[str, Any]:
+        names = (
+            "num_prototypes", "embed_dim", "gamma", "sinkhorn_iters", "sinkhorn_eps", "update_prototypes",
+            "update_assignment", "projection_norm", "sync", "checkpoint_embedding",
+        )  # fmt: skip
+        return {**super().options(), **{name: getattr(self, name) for name in names}}
 
 
 prototype_loss = loss_function(PrototypeLoss, "prototype_loss")

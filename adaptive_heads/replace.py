@@ -10,34 +10,35 @@ from .base import AdaptiveHead
 
 __all__ = ["KNOWN_CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
 
-# model class name -> (main classifier path, auxiliary classifier path or None)
-KNOWN_CLASSIFIER_PATHS: dict[str, tuple[str, str | None]] = {
+# model class name -> its (main classifier path, auxiliary classifier path or None) candidates, tried in order
+# (a class name can mean two libraries' models: torchvision's and smp's DeepLabV3)
+KNOWN_CLASSIFIER_PATHS: dict[str, list[tuple[str, str | None]]] = {
     # torchvision
-    "FCN": ("classifier.4", "aux_classifier.4"),
-    "DeepLabV3": ("classifier.4", "aux_classifier.4"),
+    "FCN": [("classifier.4", "aux_classifier.4")],
+    "DeepLabV3": [("classifier.4", "aux_classifier.4"), ("segmentation_head.0", None)],  # torchvision, smp
     # HF transformers
-    "SegformerForSemanticSegmentation": ("decode_head.classifier", None),
-    "UperNetForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
-    "BeitForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
-    "Data2VecVisionForSemanticSegmentation": ("decode_head.classifier", "auxiliary_head.classifier"),
-    "DPTForSemanticSegmentation": ("head.head.4", "auxiliary_head.head.4"),
-    "MobileViTForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
-    "MobileViTV2ForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
-    "MobileNetV2ForSemanticSegmentation": ("segmentation_head.classifier.convolution", None),
+    "SegformerForSemanticSegmentation": [("decode_head.classifier", None)],
+    "UperNetForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "BeitForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "Data2VecVisionForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "DPTForSemanticSegmentation": [("head.head.4", "auxiliary_head.head.4")],
+    "MobileViTForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
+    "MobileViTV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
+    "MobileNetV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
     # segmentation_models_pytorch
-    "Unet": ("segmentation_head.0", None),
-    "UnetPlusPlus": ("segmentation_head.0", None),
-    "MAnet": ("segmentation_head.0", None),
-    "PAN": ("segmentation_head.0", None),
-    "PSPNet": ("segmentation_head.0", None),
-    "FPN": ("segmentation_head.0", None),
-    "DeepLabV3Plus": ("segmentation_head.0", None),
-    "Linknet": ("segmentation_head.0", None),
-    "Segformer": ("segmentation_head.0", None),
-    "UPerNet": ("segmentation_head.0", None),
-    "DPT": ("segmentation_head.head.4", None),
+    "Unet": [("segmentation_head.0", None)],
+    "UnetPlusPlus": [("segmentation_head.0", None)],
+    "MAnet": [("segmentation_head.0", None)],
+    "PAN": [("segmentation_head.0", None)],
+    "PSPNet": [("segmentation_head.0", None)],
+    "FPN": [("segmentation_head.0", None)],
+    "DeepLabV3Plus": [("segmentation_head.0", None)],
+    "Linknet": [("segmentation_head.0", None)],
+    "Segformer": [("segmentation_head.0", None)],
+    "UPerNet": [("segmentation_head.0", None)],
+    "DPT": [("segmentation_head.head.4", None)],
     # mmseg 1.x
-    "EncoderDecoder": ("decode_head.conv_seg", "auxiliary_head.conv_seg"),
+    "EncoderDecoder": [("decode_head.conv_seg", "auxiliary_head.conv_seg")],
 }
 
 # models whose prediction is a sum of several classifiers: we refuse to guess
@@ -84,8 +85,7 @@ def find_classifier(model: nn.Module, num_classes: int | None = None, include_au
     cascade = _cascade_path(model)
     if cascade is not None and _get(model, cascade) is not None:
         return [cascade]
-    if name in KNOWN_CLASSIFIER_PATHS:
-        main, aux = KNOWN_CLASSIFIER_PATHS[name]
+    for main, aux in KNOWN_CLASSIFIER_PATHS.get(name, []):
         if _get(model, main) is not None:
             paths = [main]
             if include_aux and aux is not None and _get(model, aux) is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -197,6 +197,9 @@ class SSAClassifier(CosineHead):
 
     loss_type = SSALoss
     training_only = ("gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj")
+
+    def options(self) -> dict[str, Any]:
+        return {**super().options(), "semantic_gt_pooling": self.semantic_gt_pooling}
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""

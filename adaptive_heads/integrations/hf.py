@@ -12,20 +12,37 @@ and, in training with labels, runs the model inside :func:`~adaptive_heads.super
     model = AdaptiveSegmentationModel(SegformerForSemanticSegmentation(config), ContextAwareClassifier)
     out = model(pixel_values=images, labels=labels)   # out.loss includes the adaptive terms
     out.loss.backward()
+
+    model.save_pretrained("my-model")                  # config.json (with the heads) + model.safetensors
+    model = AdaptiveSegmentationModel.from_pretrained("my-model")
+
+It trains with ``transformers.Trainer`` (``Trainer(model=model, ...)``: its inputs are ``pixel_values`` and
+``labels``). Save the result with ``model.save_pretrained``: for a model that is not a ``PreTrainedModel``,
+``Trainer.save_model`` writes only a state dict. A plain ``SegformerForSemanticSegmentation.from_pretrained`` of a
+saved folder loads everything but the classifier, which it initialises afresh (transformers reports its keys as
+missing and the adaptive head's as unexpected): load such folders with
+:meth:`AdaptiveSegmentationModel.from_pretrained`.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
+from .. import __version__
 from ..base import AdaptiveHead, HeadLoss
+from ..registry import head_by_name
 from ..replace import replace_classifier
 from ..supervise import supervise
 
-__all__ = ["AdaptiveSegmentationModel"]
+__all__ = ["CONFIG_KEY", "AdaptiveSegmentationModel"]
+
+#: the key of the saved ``config.json`` that records the adaptive heads (their paths, kinds and options)
+CONFIG_KEY = "adaptive_heads"
 
 
 class AdaptiveSegmentationModel(nn.Module):
@@ -72,3 +89,70 @@ class AdaptiveSegmentationModel(nn.Module):
         self.last_losses = {k: v.detach() for k, v in terms.items()}
         out.loss = terms["loss"] if out.loss is None else out.loss + terms["loss"]
         return out
+
+    # ------------------------------------------------------------------ saving and loading
+    def heads_config(self) -> dict[str, Any]:
+        """What :meth:`save_pretrained` stores under ``config.adaptive_heads``: every adaptive head's path, class
+        name and options (:meth:`~adaptive_heads.base.AdaptiveHead.options`), and the library version."""
+        heads = {
+            path: {"type": type(module).__name__, "options": module.options()}
+            for path, module in self.model.named_modules()
+            if isinstance(module, AdaptiveHead)
+        }
+        return {"version": __version__, "heads": heads}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """The wrapped model's ``save_pretrained`` (safetensors), its config extended by :meth:`heads_config`."""
+        config = self.model.config
+        setattr(config, CONFIG_KEY, self.heads_config())
+        save = cast(Callable[..., None], self.model.save_pretrained)  # a transformers PreTrainedModel's
+        try:
+            save(save_directory, **kwargs)
+        finally:
+            delattr(config, CONFIG_KEY)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        model_class: type | None = None,
+        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+    ) -> AdaptiveSegmentationModel:
+        """Rebuild a model saved by :meth:`save_pretrained`: its HF class (``config.architectures[0]``, or
+        ``model_class``) from the config, each adaptive head at its path with its options, and every weight from
+        the safetensors file(s), loaded strictly."""
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(directory)
+        spec = getattr(config, CONFIG_KEY, None)
+        if not isinstance(spec, dict) or "heads" not in spec:
+            raise ValueError(
+                f"{directory} has no '{CONFIG_KEY}' entry in its config.json: it was not saved by "
+                "AdaptiveSegmentationModel.save_pretrained (load it with its transformers class instead)"
+            )
+        delattr(config, CONFIG_KEY)
+        if model_class is None:
+            if not config.architectures:
+                raise ValueError(f"{directory}/config.json names no architecture; pass model_class=")
+            model_class = getattr(transformers, config.architectures[0])
+        heads = spec["heads"]
+
+        class WithAdaptiveHeads(model_class):  # type: ignore[misc, valid-type]
+            """The HF class with the saved heads in place before transformers loads the weights (so its key
+            conversions, sharding and device handling apply to them too)."""
+
+            def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+                super().__init__(config, *args, **kwargs)
+                for path, head in heads.items():
+                    factory = functools.partial(head_by_name(head["type"]), **head["options"])
+                    replace_classifier(self, factory, path=path, copy_weights=False)
+
+        # the HF class's own name and module: transformers picks its checkpoint key conversions by them
+        WithAdaptiveHeads.__name__ = WithAdaptiveHeads.__qualname__ = model_class.__name__
+        WithAdaptiveHeads.__module__ = model_class.__module__
+        model, info = WithAdaptiveHeads.from_pretrained(directory, config=config, output_loading_info=True)
+        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if problems:
+            raise RuntimeError(f"loading {directory} left keys unmatched: {problems}")
+        return cls(model, losses=losses)

@@ -1,5 +1,7 @@
 """HF transformers integration (skips without transformers)."""
 
+import json
+
 import pytest
 import torch
 
@@ -69,3 +71,72 @@ def test_upernet_main_and_auxiliary_heads():
 def test_wrapper_requires_a_head():
     with pytest.raises(ValueError, match="no adaptive head"):
         AdaptiveSegmentationModel(_segformer())
+
+
+class _Scenes(torch.utils.data.Dataset):
+    """A tiny in-memory dataset in the form HF segmentation pipelines produce (``pixel_values``, ``labels``)."""
+
+    def __init__(self, count: int = 8, size: int = 32) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.randn(count, 3, size, size, generator=g)
+        self.labels = torch.randint(0, 5, (count, size, size), generator=g)
+        self.labels[:, :2] = 255
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+@pytest.mark.parametrize("head_cls", list(HEADS.values()), ids=list(HEADS))
+def test_trainer_trains_and_save_pretrained_round_trips(head_cls, tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    model = AdaptiveSegmentationModel(_upernet(), head_cls, include_aux=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Scenes())
+    result = trainer.train()
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    head_keys = [k for k in before if k.startswith("model.decode_head.classifier.")]
+    assert any(not torch.equal(before[k], model.state_dict()[k]) for k in head_keys)  # the head trained
+
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    assert (folder / "model.safetensors").exists()
+    config = json.loads((folder / "config.json").read_text())
+    heads = config["adaptive_heads"]["heads"]
+    assert set(heads) == {"decode_head.classifier", "auxiliary_head.classifier"}
+    assert heads["decode_head.classifier"]["type"] == head_cls.__name__
+    assert not hasattr(model.config, "adaptive_heads")  # the live config is left as it was
+
+    reloaded = AdaptiveSegmentationModel.from_pretrained(folder)
+    images = torch.randn(2, 3, 32, 32)
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(pixel_values=images).logits, model(pixel_values=images).logits, rtol=0, atol=0
+        )
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_plain_transformers_load_of_a_saved_folder_reinitialises_the_classifier(tmp_path):
+    model = AdaptiveSegmentationModel(_segformer(), ContextAwareClassifier)
+    model.save_pretrained(tmp_path)
+    plain, info = transformers.SegformerForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert {"decode_head.classifier.weight", "decode_head.classifier.bias"} <= set(info["missing_keys"])
+    assert any(k.startswith("decode_head.classifier.proj.") for k in info["unexpected_keys"])
+    assert isinstance(plain.decode_head.classifier, torch.nn.Conv2d)  # a fresh plain classifier
+    reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)  # the adaptive class loads it whole
+    images = torch.randn(1, 3, 32, 32)
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values=images).logits, model(pixel_values=images).logits)
+    fresh = tmp_path / "fresh"
+    _segformer().save_pretrained(fresh)
+    with pytest.raises(ValueError, match="not saved by AdaptiveSegmentationModel"):
+        AdaptiveSegmentationModel.from_pretrained(fresh)
