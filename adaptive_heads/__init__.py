@@ -22,7 +22,7 @@ from .slide import slide_inference
 from .ssa import SSAClassifier, SSALoss, SSAOutput, ssa_loss
 from .supervise import Supervision, supervise
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "HEADS",

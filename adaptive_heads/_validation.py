@@ -31,7 +31,13 @@ _DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "
 
 
 def set_debug(enabled: bool) -> None:
-    """Turn the value checks on for accelerator tensors and the NaN/Inf feature check everywhere."""
+    """Turn the value checks on for accelerator tensors and the NaN/Inf feature check everywhere.
+
+    Example:
+        >>> from adaptive_heads import set_debug
+        >>> set_debug(True)  # labels checked on accelerators too, NaN/Inf features rejected
+        >>> set_debug(False)
+    """
     global _DEBUG
     _DEBUG = bool(enabled)
 

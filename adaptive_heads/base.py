@@ -56,7 +56,12 @@ class CosineHeadOptions(TypedDict, total=False):
 
 @dataclass
 class HeadOutput:
-    """Training output of a head. ``logits`` ``[B, n, h, w]`` is what the head predicts at inference."""
+    """Training output of a head. ``logits`` ``[B, n, h, w]`` is what the head predicts at inference.
+
+    Example:
+        >>> HeadOutput(logits=torch.zeros(1, 3, 4, 4)).logits.shape
+        torch.Size([1, 3, 4, 4])
+    """
 
     logits: Tensor
 
@@ -83,6 +88,12 @@ class AdaptiveHead(nn.Module):
     A subclass implements :meth:`forward_logits` and :meth:`forward_train` and declares ``loss_type`` (its loss
     module, built by :meth:`default_loss`) and ``training_only`` (the submodules :meth:`strip_training_layers`
     drops for deployment).
+
+    Example:
+        >>> from adaptive_heads import HEADS
+        >>> head = HEADS["cac"](16, 5)
+        >>> isinstance(head, AdaptiveHead), head.out_channels, type(head.default_loss()).__name__
+        (True, 5, 'ContextAwareLoss')
     """
 
     loss_type: ClassVar[type[HeadLoss[Any]]]
@@ -213,6 +224,12 @@ class CosineHead(AdaptiveHead):
         kernel_size: of ``conv_seg`` (odd; padded to keep the size): 1 (official) or the replaced classifier's.
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
+
+    Example:
+        >>> from adaptive_heads import ContextAwareClassifier
+        >>> head = ContextAwareClassifier(16, 5, kernel_size=3, class_direction="centre")
+        >>> head.conv_seg.kernel_size, head.classifier_weight.shape
+        ((3, 3), torch.Size([5, 16]))
     """
 
     def __init__(
@@ -347,6 +364,12 @@ class HeadLoss(nn.Module, Generic[OutputT]):
         reduction: ``"mean"`` or ``"sum"`` of the CE terms.
         main_average: denominator of the main CE: ``"valid"`` pixels (default) or ``"all"`` pixels (what mmseg
             0.x's main loss does in the official CAC and SSA-Seg code).
+
+    Example:
+        >>> from adaptive_heads import SSALoss
+        >>> loss_fn = SSALoss(weights={"relation": 1.0})
+        >>> loss_fn.weights["relation"], loss_fn.main_term, loss_fn.options
+        (1.0, 'ce', ('distill_mix', 'tau'))
     """
 
     main_term: ClassVar[str] = "ce"

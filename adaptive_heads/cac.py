@@ -57,6 +57,11 @@ class CACOutput(HeadOutput):
         coarse: ``p`` ``[B, n, h, w]``, the plain 1×1-conv logits (with dropout, with bias).
         oracle: ``p_y`` ``[B, n, h, w]``, the oracle classifier's logits built from the labels.
         feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+
+    Example:
+        >>> out = ContextAwareClassifier(16, 5)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32)))
+        >>> out.logits.shape, out.oracle.shape, out.feature_target.shape
+        (torch.Size([2, 5, 8, 8]), torch.Size([2, 5, 8, 8]), torch.Size([2, 8, 8]))
     """
 
     coarse: Tensor
@@ -81,11 +86,18 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
     pixels; ``main_average="all"`` reproduces that. An all-ignored batch gives a finite 0.
 
     Args:
-        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
-            (``main_average`` applies to ``ce_context``; the distillation is class-balanced).
+        num_classes: deprecated, unused.
         distill_mode: ``"mixed"`` (official 0.5 label-mixed soft CE) or ``"kl"`` (paper).
         distill_mix: teacher share of the mixed target (official 0.5).
         class_average: ``"present"`` (official) or ``"all"`` (paper Eq. 11).
+        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
+            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce_context``).
+
+    Example:
+        >>> head = ContextAwareClassifier(16, 5)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> terms = ContextAwareLoss(distill_mode="kl")(head(feat, target), target)
+        >>> terms["loss"].backward()
     """
 
     default_weights = DEFAULT_WEIGHTS
@@ -156,11 +168,23 @@ class ContextAwareClassifier(CosineHead):
     Paper variants: ``oracle_pooling="image"`` pools the oracle prototypes per image (the paper's Eq. 1).
 
     Args:
-        in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
-            :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1``, ``eps=1e-12``).
+        in_channels: C, channels of the decoder feature map.
+        num_classes: n.
         oracle_pooling: ``"batch"`` (official: this process's batch), ``"image"`` (paper) or ``"global"`` (every
             rank's batch under ``torch.distributed``: the oracle of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost).
+        **options: the options of every cosine head, :class:`~adaptive_heads.base.CosineHeadOptions` (``tau``,
+            official 15; ``dropout``, official 0.1; ``ignore_index``; ``eps``, official 1e-12; ``init_std``;
+            ``kernel_size``, ``dilation`` and ``class_direction`` for a k×k coarse classifier).
+
+    Example:
+        >>> head = ContextAwareClassifier(in_channels=16, num_classes=5)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> losses = head.default_loss()(head(feat, target), target)  # training: structured output + its loss
+        >>> sorted(losses)
+        ['ce', 'ce_context', 'ce_oracle', 'distill', 'loss']
+        >>> head.eval()(feat).shape  # inference: logits, like the 1×1 conv it replaces
+        torch.Size([2, 5, 8, 8])
     """
 
     def __init__(

@@ -62,6 +62,11 @@ class PrototypeOutput(HeadOutput):
             PPC/PPD target cosine is ``own_similarity[i, proto_target[i] % K]``.
         contrast_lse: ``[N]`` ``log Σ_j exp(s_ij)`` over all ``n·K`` prototype cosines (with gradient), the PPC
             normaliser at temperature 1.
+
+    Example:
+        >>> out = PrototypeClassifier(16, 5, num_prototypes=3)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 8, 8)))
+        >>> out.embeddings.shape, out.prototypes.shape, out.proto_target.shape
+        (torch.Size([128, 16]), torch.Size([15, 16]), torch.Size([128]))
     """
 
     embeddings: Tensor
@@ -98,10 +103,16 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
     All-ignored batches give finite zeros (the official code gives NaN).
 
     Args:
-        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
-            (``main_average`` applies to ``ce``; the official code averages over valid pixels).
         ppc_temperature: temperature T of PPC (official 1).
         class_weight: optional ``[n]`` CE class weights (moved to the logits' device once, at the first call).
+        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
+            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce``).
+
+    Example:
+        >>> head = PrototypeClassifier(16, 5, num_prototypes=3)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> terms = PrototypeLoss(ppc_temperature=0.1)(head(feat, target), target)
+        >>> terms["loss"].backward()
     """
 
     default_weights = DEFAULT_WEIGHTS
@@ -198,7 +209,8 @@ class PrototypeClassifier(AdaptiveHead):
         num_prototypes: K per class (official 10).
         embed_dim: D (default C; official 720 = C).
         gamma: momentum (official 0.999).
-        sinkhorn_iters, sinkhorn_eps: official 3 and 0.05.
+        sinkhorn_iters: Sinkhorn iterations (official 3).
+        sinkhorn_eps: Sinkhorn's entropic regularisation (official 0.05).
         update_prototypes: run the momentum update in training mode.
         update_assignment: ``"gumbel"`` or ``"argmax"``.
         projection_norm: ``"channel"`` or ``"width"``.
@@ -210,6 +222,15 @@ class PrototypeClassifier(AdaptiveHead):
             for about 20 % more head step time. Off by default: for the head alone the peak falls inside
             backward, so it helps only at small sizes (222 vs 275 MiB at 512 px, equal at 1024 px; n = 150,
             C = 512).
+
+    Example:
+        >>> head = PrototypeClassifier(in_channels=16, num_classes=5, num_prototypes=3)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> losses = head.default_loss()(head(feat, target), target)  # also updates the prototypes
+        >>> sorted(losses)
+        ['ce', 'loss', 'ppc', 'ppd']
+        >>> head.eval()(feat).shape
+        torch.Size([2, 5, 8, 8])
     """
 
     loss_type = PrototypeLoss

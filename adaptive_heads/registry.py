@@ -21,7 +21,12 @@ HEADS: dict[str, type[AdaptiveHead]] = {
 
 
 def head_by_name(name: str) -> type[AdaptiveHead]:
-    """The head class for a short name (``"cac"``) or a class name (``"ContextAwareClassifier"``)."""
+    """The head class for a short name (``"cac"``) or a class name (``"ContextAwareClassifier"``).
+
+    Example:
+        >>> head_by_name("ssa").__name__, head_by_name("PrototypeClassifier").__name__
+        ('SSAClassifier', 'PrototypeClassifier')
+    """
     for key, cls in HEADS.items():
         if name in (key, cls.__name__):
             return cls

@@ -75,6 +75,11 @@ def find_classifier(model: nn.Module, num_classes: int | None = None, include_au
 
     Known model classes are looked up in :data:`KNOWN_CLASSIFIER_PATHS`; otherwise the last ``nn.Conv2d``
     in ``named_modules()`` order with ``out_channels == num_classes`` is taken.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
+        >>> find_classifier(model, num_classes=5)
+        ['1']
     """
     name = type(model).__name__
     if name in _SUMMED_CLASSIFIERS:
@@ -117,7 +122,9 @@ def _check_classifier_geometry(path: str, conv: nn.Conv2d) -> None:
     """The classifier must map each pixel to its own logits at the same size: stride 1, no groups, padding that
     keeps the size (a 1×1 conv, or a k×k conv padded by ``dilation·(k − 1)/2``)."""
     k, pad, dil = conv.kernel_size, conv.padding, conv.dilation
-    same = pad == "same" or (not isinstance(pad, str) and all(2 * p == d * (kk - 1) for p, d, kk in zip(pad, dil, k)))
+    same = pad == "same" or (
+        not isinstance(pad, str) and all(2 * p == d * (kk - 1) for p, d, kk in zip(pad, dil, k, strict=False))
+    )
     if conv.groups != 1 or conv.stride != (1, 1) or not same:
         raise ValueError(
             f"{path!r} is a {k[0]}×{k[1]} conv with stride {conv.stride}, padding {pad!r}, groups {conv.groups}; "
@@ -148,6 +155,13 @@ def replace_classifier(
 
     Returns:
         ``model`` (modified in place); the replaced paths are in ``model.adaptive_head_paths``.
+
+    Example:
+        >>> from adaptive_heads import ContextAwareClassifier
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
+        >>> model = replace_classifier(model, ContextAwareClassifier, num_classes=5)
+        >>> model.adaptive_head_paths, type(model[1]).__name__
+        (['1'], 'ContextAwareClassifier')
     """
     paths = (
         [path]

@@ -40,7 +40,12 @@ class ContextHead(Protocol):
 def tile_grid(height: int, width: int, crop_size: tuple[int, int], stride: tuple[int, int]) -> list[Tile]:
     """mmseg's slide grid: ``max(H − h_crop + h_stride − 1, 0) // h_stride + 1`` rows of tiles (and the same for
     columns); the last row and column are shifted back to end at the image border, and an image smaller than the
-    crop is one tile of its own size."""
+    crop is one tile of its own size.
+
+    Example:
+        >>> tile_grid(10, 25, crop_size=(10, 10), stride=(10, 10))  # the last column shifted back to the border
+        [(0, 10, 0, 10), (0, 10, 10, 20), (0, 10, 15, 25)]
+    """
     (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
     rows = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     cols = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
@@ -242,7 +247,7 @@ def slide_inference(
             f"the head {type(context_head).__name__} ran {len(collector.features)} times for {len(tiles)} tiles; "
             "pass head= to name the one whose logits the model returns"
         )
-    for tile, feat in zip(tiles, collector.features):
+    for tile, feat in zip(tiles, collector.features, strict=False):
         logits = context_head.logits_from_context(feat, cast(dict[str, Tensor], collector.context))
         stitcher.add(tile, _resize(logits, (tile[1] - tile[0], tile[3] - tile[2]), align_corners))
     return stitcher.result()

@@ -77,6 +77,11 @@ class SSAOutput(HeadOutput):
         position: student spatial prototypes ``P_p``.
         position_teacher: teacher spatial prototypes ``P_p^T``.
         feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
+
+    Example:
+        >>> out = SSAClassifier(16, 5)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32)))
+        >>> out.teacher.shape, out.semantic.shape, out.position_teacher.shape
+        (torch.Size([2, 5, 8, 8]), torch.Size([2, 5, 16]), torch.Size([2, 5, 16]))
     """
 
     coarse: Tensor
@@ -104,10 +109,16 @@ class SSALoss(HeadLoss[SSAOutput]):
     finite on all-ignored batches (the official code returns float64, and NaN there).
 
     Args:
-        ignore_index, weights, reduction, main_average: as every :class:`~adaptive_heads.base.HeadLoss`
-            (``main_average`` applies to ``ce``).
         distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
         tau: scale of the relation matrices of ``relation`` (official 15).
+        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
+            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce``).
+
+    Example:
+        >>> head = SSAClassifier(16, 5)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> loss_fn = SSALoss(weights={"relation": 0.0})  # switch one term off
+        >>> loss_fn(head(feat, target), target)["loss"].backward()
     """
 
     default_weights = DEFAULT_WEIGHTS
@@ -165,13 +176,24 @@ class SSAClassifier(CosineHead):
     Teacher layers (``gt_*``) are training-only: :meth:`strip_training_layers` drops them for deployment.
 
     Args:
-        in_channels, num_classes, tau, dropout, ignore_index, eps, init_std: as every
-            :class:`~adaptive_heads.base.CosineHead` (official ``tau=15``, ``dropout=0.1`` — 0 in the OCR head —
-            and ``eps=1e-12``).
+        in_channels: C.
+        num_classes: n.
         semantic_gt_pooling: ``"batch"`` (official: this process's batch), ``"image"`` or ``"global"`` (every
             rank's batch under ``torch.distributed``: the teacher of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost). The spatial GT centres
             are per image in every mode.
+        **options: the options of every cosine head, :class:`~adaptive_heads.base.CosineHeadOptions` (``tau``,
+            official 15; ``dropout``, official 0.1, 0 in the OCR head; ``ignore_index``; ``eps``, official 1e-12;
+            ``init_std``; ``kernel_size``, ``dilation`` and ``class_direction`` for a k×k coarse classifier).
+
+    Example:
+        >>> head = SSAClassifier(in_channels=16, num_classes=5)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> losses = head.default_loss()(head(feat, target), target)
+        >>> sorted(losses)
+        ['ce', 'ce_coarse', 'ce_teacher', 'dice', 'dice_teacher', 'distill', 'loss', 'position', 'relation']
+        >>> head.eval().strip_training_layers()(feat).shape
+        torch.Size([2, 5, 8, 8])
     """
 
     def __init__(

@@ -28,7 +28,15 @@ __all__ = ["Supervision", "supervise"]
 
 
 class Supervision:
-    """The collector returned by :func:`supervise` (use it as a context manager)."""
+    """The collector returned by :func:`supervise` (use it as a context manager).
+
+    Example:
+        >>> from adaptive_heads import ContextAwareClassifier
+        >>> model = torch.nn.Sequential(ContextAwareClassifier(8, 3))
+        >>> sup = Supervision(model, torch.zeros(1, 4, 4, dtype=torch.long))
+        >>> list(sup.heads), type(sup.loss_fns["0"]).__name__
+        (['0'], 'ContextAwareLoss')
+    """
 
     def __init__(
         self,
@@ -118,5 +126,17 @@ def supervise(
         target: the label map of the batch (any resolution; heads resize it themselves).
         losses: one loss module for all heads, or ``{head path: loss}``; default: each head's
             ``default_loss()``.
+
+    Example:
+        >>> from adaptive_heads import ContextAwareClassifier, replace_classifier
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
+        >>> model = replace_classifier(model, ContextAwareClassifier, num_classes=5)
+        >>> images, target = torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2, 8, 8))
+        >>> with supervise(model, target) as sup:
+        ...     logits = model(images)  # the model's own forward, untouched
+        ...     loss = torch.nn.functional.cross_entropy(logits, target) + sup.loss()
+        >>> loss.backward()
+        >>> sorted(sup.losses())
+        ['1.ce', '1.ce_context', '1.ce_oracle', '1.distill', 'loss']
     """
     return Supervision(model, target, losses)

@@ -297,7 +297,7 @@ def plot(rows: list[dict], path: Path) -> bool:
                      key=lambda r: r["size"])  # fmt: skip
         sizes = [r["size"] for r in sel]
         label = f"{head} s{stride} n{n} C{c}"
-        for ax, key in zip(axes, ("train_time_ratio", "train_extra_mib")):
+        for ax, key in zip(axes, ("train_time_ratio", "train_extra_mib"), strict=False):
             if all(key in r for r in sel):
                 ax.plot(sizes, [r[key] for r in sel], marker="o", label=label)
         if all("infer_time_ratio" in r for r in sel):
@@ -315,13 +315,15 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def update_readme(table: str, tag: str, command: str, meta: str) -> None:
-    readme = ROOT / "README.md"
+    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/)."""
     start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
-    text = readme.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"README.md has no {start} ... {end} block")
-    block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
-    readme.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        if start in text and end in text:
+            block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
+            page.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
+            return
+    raise SystemExit(f"no page holds a {start} ... {end} block")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -8,6 +8,8 @@ UPerNet's memory), a 3×3 ``fpn_bottleneck`` to ``C`` channels, dropout, and the
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +23,7 @@ class MiniUPerNet(nn.Module):
     def __init__(self, num_classes: int, channels: int = 512, widths: tuple[int, ...] = (64, 128, 256, 512)):
         super().__init__()
         stem = nn.Sequential(_cbr(3, widths[0], 3, 2), _cbr(widths[0], widths[0], 3, 2))  # stride 4
-        self.stages = nn.ModuleList([stem, *(_cbr(a, b, 3, 2) for a, b in zip(widths[:-1], widths[1:]))])
+        self.stages = nn.ModuleList([stem, *(_cbr(a, b, 3, 2) for a, b in itertools.pairwise(widths))])
         self.lateral = nn.ModuleList(_cbr(w, channels, 1) for w in widths)
         self.fpn = nn.ModuleList(_cbr(channels, channels) for _ in widths)
         self.fpn_bottleneck = _cbr(len(widths) * channels, channels)
@@ -34,10 +36,10 @@ class MiniUPerNet(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        lat = [lat(f) for lat, f in zip(self.lateral, feats)]
+        lat = [lat(f) for lat, f in zip(self.lateral, feats, strict=False)]
         for i in range(len(lat) - 1, 0, -1):
             lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="bilinear")
-        outs = [conv(t) for conv, t in zip(self.fpn, lat)]
+        outs = [conv(t) for conv, t in zip(self.fpn, lat, strict=False)]
         outs = [outs[0]] + [F.interpolate(o, size=outs[0].shape[-2:], mode="bilinear") for o in outs[1:]]
         feat = self.fpn_bottleneck(torch.cat(outs, dim=1))
         logits = self.cls_seg(self.dropout(feat))

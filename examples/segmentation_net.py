@@ -55,7 +55,7 @@ class ResNetEncoder(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(conv_bn_relu(3, widths[0] // 2, 3, 2), conv_bn_relu(widths[0] // 2, widths[0], 3, 2))
         stages, cin = [], widths[0]
-        for i, (width, depth) in enumerate(zip(widths, depths)):
+        for i, (width, depth) in enumerate(zip(widths, depths, strict=False)):
             blocks = [BasicBlock(cin, width, stride=1 if i == 0 else 2)]
             blocks += [BasicBlock(width, width) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
@@ -106,13 +106,13 @@ class FPNDecoder(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
-        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        laterals = [conv(f) for conv, f in zip(self.lateral, features, strict=False)]
         for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
             laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:])
         size = laterals[0].shape[-2:]
         merged = sum(
             F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False) if i else conv(x)
-            for i, (conv, x) in enumerate(zip(self.smooth, laterals))
+            for i, (conv, x) in enumerate(zip(self.smooth, laterals, strict=False))
         )
         return self.classifier(self.dropout(self.fuse(merged)))
 
@@ -128,7 +128,7 @@ class UNetDecoder(nn.Module):
         super().__init__()
         skips = list(in_channels[-2::-1])  # strides 16, 8, 4
         blocks, cin = [], in_channels[-1]
-        for skip, cout in zip(skips, channels):
+        for skip, cout in zip(skips, channels, strict=False):
             blocks.append(nn.Sequential(conv_bn_relu(cin + skip, cout), conv_bn_relu(cout, cout)))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
@@ -136,7 +136,7 @@ class UNetDecoder(nn.Module):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         x = features[-1]
-        for block, skip in zip(self.blocks, features[-2::-1]):
+        for block, skip in zip(self.blocks, features[-2::-1], strict=False):
             x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
         return self.classifier(x)
 

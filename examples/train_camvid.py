@@ -84,7 +84,7 @@ def scores(conf: torch.Tensor) -> dict:
     return {
         "miou": float(100 * iou[present].mean()) if present.any() else float("nan"),
         "pixel_acc": float(100 * tp.sum() / conf.sum().clamp_min(1)),
-        "per_class_iou": {c: (float(100 * v) if p else None) for c, v, p in zip(CLASSES, iou, present)},
+        "per_class_iou": {c: (float(100 * v) if p else None) for c, v, p in zip(CLASSES, iou, present, strict=False)},
     }
 
 
@@ -101,7 +101,7 @@ def evaluate(model: nn.Module, split: CamVidSplit, stats, args, device) -> dict:
         if logits.shape[-2:] != labels.shape[-2:]:
             logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
         pred = logits.argmax(1).cpu()
-        for p, t, i in zip(pred, labels, index.tolist()):
+        for p, t, i in zip(pred, labels, index.tolist(), strict=False):
             seq = sequences[i]
             per_sequence[seq] = per_sequence.get(seq, 0) + confusion_matrix(p, t)
     total = sum(per_sequence.values())

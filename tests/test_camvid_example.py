@@ -53,7 +53,7 @@ def test_quick_run_writes_results(tmp_path):
         ["--data", str(data), "--quick", "--no-progress", "--no-plots", "--resume", "--out", str(out),
          "--checkpoints", str(tmp_path / "ck")]
     )  # fmt: skip
-    for a, b in zip(again["runs"], result["runs"]):
+    for a, b in zip(again["runs"], result["runs"], strict=False):
         assert a["val_miou"] == b["val_miou"] and a["curve"] == b["curve"]
 
 

@@ -37,7 +37,7 @@ def _fresh_dynamo():
 
 
 def assert_grads_equal(compiled: torch.nn.Module, eager: torch.nn.Module) -> None:
-    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=False):
         if p.grad is None:
             assert q.grad is None, name
         else:
@@ -74,7 +74,7 @@ def test_inductor_eval_and_training_match_eager(head_name):
     torch.testing.assert_close(f_comp.grad, f_eager.grad, **TOL)
     assert f_comp.grad.stride() == f_eager.grad.stride()
     assert_grads_equal(twin, head)
-    for (key, a), b in zip(head.state_dict().items(), twin.state_dict().values()):
+    for (key, a), b in zip(head.state_dict().items(), twin.state_dict().values(), strict=False):
         torch.testing.assert_close(b, a, **TOL, msg=key)  # ProtoSeg: the momentum-updated prototypes
 
 
@@ -139,6 +139,6 @@ def test_custom_functions_under_inductor(name):
     compiled = torch.compile(fn, fullgraph=True)(*comp_in)
     compiled.backward()
     torch.testing.assert_close(compiled, eager, **TOL)
-    for a, b in zip(eager_in, comp_in):
+    for a, b in zip(eager_in, comp_in, strict=False):
         torch.testing.assert_close(b.grad, a.grad, **TOL)
         assert b.grad.stride() == a.grad.stride()

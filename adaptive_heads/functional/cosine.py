@@ -89,6 +89,10 @@ def channel_norm(x: Tensor) -> Tensor:
     Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` but several times faster on CPU (the strided
     reduction runs chunk by chunk in cache) and without an ``x²`` copy. The gradient at a zero vector is 0.
     Under ``torch.compile``/``torch.export``/tracing it is the single ``vector_norm`` op (shape-agnostic graphs).
+
+    Example:
+        >>> channel_norm(torch.tensor([[[3.0, 0.0], [4.0, 0.0]]]))  # [B=1, C=2, N=2]
+        tensor([[[5., 0.]]])
     """
     if is_tracing():
         return torch.linalg.vector_norm(x, dim=1, keepdim=True)
@@ -111,6 +115,11 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
 
     Returns:
         ``[B, n, h, w]`` logits in ``[-scale, scale]`` (float32, or float64 for float64 input).
+
+    Example:
+        >>> feat = torch.tensor([[[[1.0]], [[0.0]]]])  # [B=1, C=2, 1, 1]: the pixel points along channel 0
+        >>> cosine_logits(feat, torch.tensor([[2.0, 0.0], [0.0, 1.0]]), scale=15.0).flatten()
+        tensor([15.,  0.])
     """
     _b, _, h, w = feat.shape
     x = upcast_half(feat.flatten(2))  # [B, C, N]

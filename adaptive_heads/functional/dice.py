@@ -25,6 +25,13 @@ def sigmoid_dice_loss(
     Args:
         logits: ``[B, n, h, w]``.
         target: ``[B, H, W]`` labels.
+
+    Example:
+        >>> logits = torch.full((1, 2, 4, 4), -20.0)
+        >>> logits[:, 1] = 20.0  # confident class 1 everywhere
+        >>> target = torch.ones(1, 8, 8, dtype=torch.long)
+        >>> round(sigmoid_dice_loss(logits, target).item(), 4)  # a perfect mask for the one class present
+        0.0
     """
     n = logits.shape[1]
     valid = (target >= 0) & (target < n)

@@ -46,6 +46,13 @@ def soft_distillation(
     Returns:
         ``(loss, entropy, valid)``, each ``[B, h, w]``: ``ℓ``, the teacher entropy ``H(q)`` (0 on ignored
         pixels) and the valid-pixel mask; float32 (float64 for float64 input).
+
+    Example:
+        >>> student = torch.zeros(1, 2, 1, 1)
+        >>> teacher = torch.tensor([[[[5.0]], [[-5.0]]]])
+        >>> loss, entropy, valid = soft_distillation(student, teacher, torch.tensor([[[0]]]))
+        >>> round(loss.item(), 4)  # -log(1/2): any target against a uniform student
+        0.6931
     """
     check_choice("mode", mode, ("mixed", "kl"))
     n = student.shape[1]
@@ -94,6 +101,12 @@ def context_aware_distillation(
 
     Returns:
         A scalar; 0 when no pixel is valid.
+
+    Example:
+        >>> student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> target = torch.randint(0, 3, (2, 4, 4))
+        >>> context_aware_distillation(student, teacher, target, 3).shape
+        torch.Size([])
     """
     per_pixel, entropy, _ = soft_distillation(
         student, teacher, feature_target, ignore_index=ignore_index, mix=mix, mode=mode
@@ -129,9 +142,20 @@ def boundary_distillation(
     present in the batch. 0 when no pixel is valid. Always float32 (the official code leaks float64).
 
     Args:
-        student, teacher: ``[B, n, h, w]`` logits (the teacher is detached).
+        student: ``[B, n, h, w]`` logits.
+        teacher: ``[B, n, h, w]`` logits (detached).
         feature_target: ``[B, h, w]`` labels.
+        num_classes: n.
+        ignore_index: ignored label.
+        mix: teacher share of the soft target (official 0.5).
         boundary: ``[B, h, w]`` band; default :func:`label_boundary` of ``feature_target``.
+
+    Example:
+        >>> student, teacher = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 16, 16)
+        >>> target = torch.zeros(1, 16, 16, dtype=torch.long)
+        >>> target[:, :, 8:] = 2
+        >>> bool(boundary_distillation(student, teacher, target, 3) > 0)
+        True
     """
     loss, entropy, _ = soft_distillation(student, teacher, feature_target, ignore_index=ignore_index, mix=mix)
     beta = label_boundary(feature_target) if boundary is None else boundary
@@ -152,6 +176,11 @@ def relation_distillation(student: Tensor, teacher: Tensor, scale: float = 15.0)
     ``R(Z) = softmax_rows(scale · Ẑ · stopgrad(Ẑ)ᵀ)`` with ``Ẑ`` the L2-normalised ``[B, n, C]`` prototypes;
     the loss is ``mean_{b,k} Σ_{j≠k} relu(R(S)[k, j] − R(T)[k, j])`` with the teacher ``T`` detached: the
     student is only penalised where its inter-class similarity exceeds the teacher's.
+
+    Example:
+        >>> teacher = torch.randn(2, 4, 8)
+        >>> relation_distillation(teacher.clone(), teacher)  # equal relations cost nothing
+        tensor(0.)
     """
 
     def relation(z: Tensor) -> Tensor:
@@ -170,6 +199,11 @@ def position_distillation(student: Tensor, teacher: Tensor) -> Tensor:
 
     ``mean_{b,k} [−Σ_c softmax_c(T)[k, c] · log_softmax_c(S)[k, c]]``: a soft CE over the **channel** axis of
     each ``[B, n, C]`` prototype, teacher detached, all n classes included.
+
+    Example:
+        >>> student, teacher = torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)
+        >>> round(position_distillation(student, teacher).item(), 4)  # log(4): uniform against uniform
+        1.3863
     """
     with float32_math(student.device):
         log_s = torch.log_softmax(upcast_half(student), dim=-1)

@@ -91,12 +91,19 @@ def unit_layer_norm(
 
     Args:
         y: ``[B, D, h, w]`` projected features.
-        weight, bias: ``[D]`` LayerNorm affine (or ``None``).
+        weight: ``[D]`` LayerNorm scale (or ``None``).
+        bias: ``[D]`` LayerNorm shift (or ``None``).
         eps: LayerNorm epsilon.
 
     Returns:
         ``[B, h, w, D]`` unit embeddings (channels last), float32 for half inputs. With autograd on, the
         hand-written backward above; otherwise (inference, export) the same forward without autograd.
+
+    Example:
+        >>> y = torch.randn(2, 8, 3, 5)  # [B, D, h, w]
+        >>> e = unit_layer_norm(y, torch.ones(8), torch.zeros(8))
+        >>> e.shape, torch.allclose(e.norm(dim=-1), torch.ones(2, 3, 5))
+        (torch.Size([2, 3, 5, 8]), True)
     """
     if (
         torch.is_grad_enabled()

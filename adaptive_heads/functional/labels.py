@@ -35,6 +35,12 @@ def resize_labels_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
 
     Returns:
         ``[B, h, w]`` labels, same dtype.
+
+    Example:
+        >>> labels = torch.arange(16).view(1, 4, 4)
+        >>> resize_labels_nearest(labels, (2, 2))  # the top-left sample of each 2×2 block
+        tensor([[[ 0,  2],
+                 [ 8, 10]]])
     """
     h, w = size
     if labels.shape[-2:] == (h, w):
@@ -79,7 +85,8 @@ def canny_edges(image: Tensor, low_threshold: float, high_threshold: float) -> T
 
     Args:
         image: ``[B, h, w]`` integer image with values in ``[0, 255]`` (a label map: see :func:`label_boundary`).
-        low_threshold, high_threshold: as OpenCV's (swapped if given in the wrong order).
+        low_threshold: as OpenCV's (the two thresholds are swapped if given in the wrong order).
+        high_threshold: as OpenCV's.
 
     Returns:
         ``[B, h, w]`` bool edge map.
@@ -136,6 +143,15 @@ def label_boundary(labels: Tensor, *, border: int = 6, dilation: int = 3) -> Ten
 
     Returns:
         ``[B, h, w]`` float mask in {0, 1}, same device.
+
+    Example:
+        >>> labels = torch.zeros(1, 16, 16, dtype=torch.long)
+        >>> labels[:, :, 8:] = 1
+        >>> band = label_boundary(labels)
+        >>> band[0, 8].int().tolist()  # the step on row 8, dilated, away from the 6-px border
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+        >>> label_boundary(labels[:, :10, :10]).sum()  # maps of 12 px or less have no band
+        tensor(0.)
     """
     h, w = labels.shape[-2:]
     edge = canny_edges(labels.remainder(256), 0.1, 0.2)

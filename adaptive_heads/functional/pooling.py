@@ -32,6 +32,12 @@ def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns:
         ``(sums [B, n, C], area [B, n])`` in float32 (float64 if the inputs are float64).
+
+    Example:
+        >>> probs = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])  # [B=1, n=2, N=2]
+        >>> sums, area = soft_class_sums(probs, torch.tensor([[[2.0, 4.0]]]))  # feat [B=1, C=1, N=2]
+        >>> sums.squeeze(-1), area
+        (tensor([[2., 3.]]), tensor([[1., 1.]]))
     """
     probs = upcast_half(probs.flatten(2))
     feat = upcast_half(feat.flatten(2))
@@ -72,6 +78,12 @@ def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dt
 
     Returns:
         ``[B, n, N]`` tensor of ``dtype`` with ``out[b, k, i] = 1[labels[b, i] == k]``.
+
+    Example:
+        >>> label_one_hot(torch.tensor([[0, 2, 255]]), 3, 255, torch.float32)
+        tensor([[[1., 0., 0.],
+                 [0., 0., 0.],
+                 [0., 1., 0.]]])
     """
     flat = labels.flatten(1)
     classes = torch.arange(num_classes, device=labels.device)
@@ -87,6 +99,11 @@ def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tenso
     Args:
         labels: ``[B, ...]`` integer labels.
         valid: ``[B, ...]`` bool; invalid pixels are not counted.
+
+    Example:
+        >>> labels = torch.tensor([[0, 2, 2, 255]])
+        >>> class_pixel_counts(labels, 3, labels != 255)
+        tensor([[1., 0., 2.]])
     """
     b = labels.shape[0]
     flat = labels.reshape(b, -1)
@@ -120,6 +137,13 @@ def hard_class_pool(
     Returns:
         ``(sums, counts)``: ``[B, n, C]`` and ``[B, n]`` if ``per_image`` else ``[n, C]`` and ``[n]``;
         float32 (float64 for float64 input). The mean is ``sums / counts`` where ``counts > 0``.
+
+    Example:
+        >>> feat = torch.arange(4.0).view(1, 1, 2, 2)  # one channel: 0 1 / 2 3
+        >>> labels = torch.tensor([[[0, 1], [1, 255]]])
+        >>> sums, counts = hard_class_pool(feat, labels, 2)
+        >>> sums.squeeze(-1), counts
+        (tensor([[0., 3.]]), tensor([[1., 2.]]))
     """
     x = upcast_half(feat.flatten(2))
     with float32_math(x.device):
@@ -139,6 +163,12 @@ def class_means(sums: Tensor, counts: Tensor, fallback: Tensor) -> Tensor:
     Args:
         sums: ``[..., n, C]``; counts: ``[..., n]``; fallback: ``[n, C]`` (broadcast; the official heads pass a
             detached classifier or basis row).
+
+    Example:
+        >>> sums, counts = torch.tensor([[4.0], [0.0]]), torch.tensor([2.0, 0.0])
+        >>> class_means(sums, counts, fallback=torch.tensor([[9.0], [7.0]]))  # class 1 has no pixel
+        tensor([[2.],
+                [7.]])
     """
     fallback = fallback.to(sums.dtype).expand_as(sums)
     return torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), fallback)

@@ -90,6 +90,13 @@ def prototype_similarity_stats(
     Returns:
         ``best [N, n]`` = ``max_k s_{i,ck}``, ``own [N, K]`` = ``s_{i,(labels_i)k}`` and ``lse [N]`` =
         ``log Σ_j exp(s_ij)`` (float32 or wider), all differentiable w.r.t. ``emb``.
+
+    Example:
+        >>> emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+        >>> protos = torch.nn.functional.normalize(torch.randn(3 * 2, 4), dim=1)  # n = 3 classes, K = 2
+        >>> best, own, lse = prototype_similarity_stats(emb, protos, torch.tensor([0, 1, 2, 0, 1, 2]), 3)
+        >>> best.shape, own.shape, lse.shape
+        (torch.Size([6, 3]), torch.Size([6, 2]), torch.Size([6]))
     """
     return _PrototypeSimilarityStats.apply(emb, protos.detach().to(emb.dtype), labels, num_classes, budget)
 
@@ -143,6 +150,13 @@ def prototype_contrast_sums(
 
     Returns:
         ``(ppc_sum, ppd_sum)`` scalars.
+
+    Example:
+        >>> emb = torch.nn.functional.normalize(torch.randn(5, 4), dim=1)
+        >>> protos = torch.nn.functional.normalize(torch.randn(4, 4), dim=1)
+        >>> ppc, ppd = prototype_contrast_sums(emb, protos, torch.tensor([0, 1, 2, 3, -1]))
+        >>> bool(ppc > 0), bool(ppd >= 0)
+        (True, True)
     """
     return _PrototypeContrast.apply(emb, protos.detach().to(emb.dtype), target, temperature, budget)
 
@@ -157,6 +171,13 @@ def prototype_contrast_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor
 
     Returns:
         ``(ppc_sum, ppd_sum)``: ``Σ (lse_i − s_{i,t_i})`` and ``Σ (1 − s_{i,t_i})²`` over the valid pixels.
+
+    Example:
+        >>> own = torch.tensor([[0.9, 0.1]])  # the pixel's cosines to its class's K = 2 prototypes
+        >>> lse = torch.tensor([1.5])
+        >>> ppc, ppd = prototype_contrast_from_stats(own, lse, torch.tensor([0]))  # assigned to prototype 0
+        >>> round(ppc.item(), 3), round(ppd.item(), 3)
+        (0.6, 0.01)
     """
     keep = proto_target >= 0
     within = proto_target.clamp_min(0) % own.shape[1]

@@ -34,6 +34,13 @@ def classwise_weighted_mean(
 
     Returns:
         A scalar tensor (float32, or float64 for float64 input).
+
+    Example:
+        >>> values = torch.tensor([1.0, 3.0, 10.0])
+        >>> weights = torch.ones(3)
+        >>> labels = torch.tensor([0, 0, 1])
+        >>> classwise_weighted_mean(values, weights, labels, 2)  # (mean of class 0 + mean of class 1) / 2
+        tensor(6.)
     """
     check_choice("average", average, ("present", "all"))
     v = upcast_half(values).reshape(-1)

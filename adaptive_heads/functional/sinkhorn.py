@@ -64,6 +64,12 @@ def classwise_sinkhorn(
     Returns:
         ``[N, K]`` plan (float32; float64 for float64 scores); each valid pixel's row sums to 1, ignored
         pixels' rows are 0.
+
+    Example:
+        >>> scores = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.2, 0.8]])  # 4 pixels, K = 2
+        >>> plan = classwise_sinkhorn(scores, torch.tensor([0, 0, 0, 0]), num_classes=1)
+        >>> plan.argmax(dim=1).tolist(), torch.allclose(plan.sum(dim=1), torch.ones(4))
+        ([0, 0, 1, 1], True)
     """
     k = scores.shape[1]
     valid = (labels >= 0) & (labels < num_classes)

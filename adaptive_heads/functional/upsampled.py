@@ -35,6 +35,11 @@ def bilinear_source_rows(out_size: int, in_size: int, align_corners: bool, devic
     """Source rows and weights of bilinear resizing along one axis, as ``F.interpolate`` computes them.
 
     Returns ``(i0, i1, w1)``: ``out[r] = (1 − w1[r])·in[i0[r]] + w1[r]·in[i1[r]]``.
+
+    Example:
+        >>> i0, i1, w1 = bilinear_source_rows(4, 2, align_corners=True, device=torch.device("cpu"))
+        >>> i0.tolist(), i1.tolist(), [round(w, 3) for w in w1.tolist()]
+        ([0, 0, 0, 1], [1, 1, 1, 1], [0.0, 0.333, 0.667, 0.0])
     """
     dst = torch.arange(out_size, dtype=torch.float32, device=device)
     if align_corners:
@@ -196,6 +201,14 @@ def upsampled_cross_entropy(
     Returns:
         A float32 scalar (float64 for float64 logits); exactly 0 with a zero gradient when every pixel is
         ignored.
+
+    Example:
+        >>> logits = torch.randn(2, 5, 8, 8, requires_grad=True)
+        >>> target = torch.randint(0, 5, (2, 32, 32))
+        >>> plain = torch.nn.functional.cross_entropy(
+        ...     torch.nn.functional.interpolate(logits, (32, 32), mode="bilinear"), target)
+        >>> torch.allclose(upsampled_cross_entropy(logits, target), plain, atol=1e-5)
+        True
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     check_choice("average", average, ("valid", "all"))
@@ -284,6 +297,13 @@ def upsampled_sigmoid_stats(
 
     Returns:
         ``(total, own)``, each ``[B, n]``: ``Σ_p σ(z_bcp)`` over all pixels, and over the valid pixels labelled c.
+
+    Example:
+        >>> logits = torch.zeros(1, 2, 2, 2)  # σ = 1/2 everywhere
+        >>> target = torch.zeros(1, 4, 4, dtype=torch.long)
+        >>> total, own = upsampled_sigmoid_stats(logits, target, torch.ones(1, 4, 4, dtype=torch.bool))
+        >>> total, own  # 16 pixels × 1/2 per class; class 0 owns every pixel
+        (tensor([[8., 8.]]), tensor([[8., 0.]]))
     """
     with float32_math(logits.device):
         logits = upcast_half(logits)

@@ -32,7 +32,7 @@ def test_unit_layer_norm_matches_autograd_of_composed_ops(normalize_input):
     torch.testing.assert_close(ours, ref)
     grads = torch.autograd.grad((ours * g).sum(), (y, weight, bias))
     grads_ref = torch.autograd.grad((ref * g).sum(), (y, weight, bias))
-    for a, b in zip(grads, grads_ref):
+    for a, b in zip(grads, grads_ref, strict=False):
         torch.testing.assert_close(a, b)
     with torch.no_grad():  # the inference path is the composed ops
         torch.testing.assert_close(AF.unit_layer_norm(y, weight, bias, normalize_input=normalize_input), ref)

@@ -113,6 +113,6 @@ def test_tiled_sigmoid_stats_equal_plain(src, dst, tile):
     gt, go = torch.randn(2, 4), torch.randn(2, 4)
     g_plain = torch.autograd.grad((plain[0] * gt).sum() + (plain[1] * go).sum(), logits)[0]
     g_fused = torch.autograd.grad((fused[0] * gt).sum() + (fused[1] * go).sum(), logits)[0]
-    for a, b in zip(fused, plain):
+    for a, b in zip(fused, plain, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
