@@ -94,15 +94,41 @@ def _upsample_tile(src: Tensor, rows: Tensor, tile: RowTile, width: int, align_c
     return out
 
 
+#: output columns per block of the deterministic width adjoint
+COLUMN_BLOCK = 256
+
+
+def _width_adjoint(g: Tensor, width: int, align_corners: bool) -> Tensor:
+    """The adjoint of the bilinear width resize: ``[B, t, W, n]`` → ``[B, t, w, n]``.
+
+    PyTorch's upsample-backward kernel, except in deterministic mode (``torch.use_deterministic_algorithms``),
+    where that kernel has no deterministic CUDA implementation: there the adjoint is a banded matrix product per
+    block of :data:`COLUMN_BLOCK` output columns (each block reads a window of a few source columns)."""
+    b, t, big_w, n = g.shape
+    if not torch.are_deterministic_algorithms_enabled():
+        return torch.ops.aten.upsample_bilinear2d_backward(
+            g.permute(0, 3, 1, 2), [t, big_w], [b, n, t, width], align_corners
+        ).permute(0, 2, 3, 1)
+    i0, i1, w1 = bilinear_source_rows(big_w, width, align_corners, g.device)
+    out = g.new_zeros(b, t, width, n)
+    for start in range(0, big_w, COLUMN_BLOCK):
+        block = (
+            start,
+            min(start + COLUMN_BLOCK, big_w),
+            *_source_window(start, min(start + COLUMN_BLOCK, big_w), big_w, width, align_corners),
+        )
+        cols = _row_matrix(i0, i1, w1, block, g.dtype)  # [block columns, window]
+        out[:, :, block[2] : block[3]] += torch.einsum("btcn,cr->btrn", g[:, :, block[0] : block[1]], cols)
+    return out
+
+
 def _add_upsample_adjoint_(grad: Tensor, g: Tensor, rows: Tensor, tile: RowTile, align_corners: bool) -> None:
     """``grad += upsampleᵀ(g)``: the adjoint of :func:`_upsample_tile`; ``grad [B, h, w, n]``, ``g [B, t, W, n]``."""
     b, _, w, n = grad.shape
-    t, width = g.shape[1:3]
+    t = g.shape[1]
     _, _, lo, hi = tile
-    if width != w:
-        g = torch.ops.aten.upsample_bilinear2d_backward(
-            g.permute(0, 3, 1, 2), [t, width], [b, n, t, w], align_corners
-        ).permute(0, 2, 3, 1)
+    if g.shape[2] != w:
+        g = _width_adjoint(g, w, align_corners)
     grad[:, lo:hi] += torch.matmul(rows.t(), g.reshape(b, t, w * n)).view(b, hi - lo, w, n)
 
 

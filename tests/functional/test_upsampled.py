@@ -116,3 +116,28 @@ def test_tiled_sigmoid_stats_equal_plain(src, dst, tile):
     for a, b in zip(fused, plain, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_fused, g_plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_deterministic_width_adjoint_equals_the_kernel(align, monkeypatch):
+    """In deterministic mode (whose CUDA upsample-backward kernel uses atomics) the width adjoint is banded matrix
+    products over column blocks: the same gradients."""
+    import adaptive_heads.functional.upsampled as upsampled
+
+    monkeypatch.setattr(upsampled, "COLUMN_BLOCK", 7)  # several blocks on a small map
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 9, 11, requires_grad=True)
+    target = torch.randint(0, 5, (2, 37, 45))
+    target[0, :5] = 255
+    grads = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            logits.grad = None
+            ce = AF.upsampled_cross_entropy(logits, target, align_corners=align, tile_elements=500)
+            total, own = AF.upsampled_sigmoid_stats(logits, target.clamp(0, 4), target != 255, align_corners=align)
+            (ce + total.sum() * 1e-3 + own.sum() * 1e-3).backward()
+            grads.append(logits.grad.clone())
+        finally:
+            torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
