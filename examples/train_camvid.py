@@ -477,6 +477,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="a few steps on a handful of images (smoke test)")
+    p.add_argument("--render", type=Path, metavar="JSON", help="print the tables of a saved result (no training)")
+    p.add_argument("--update-readme", action="store_true", help="with --render: rewrite the README and docs blocks")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs, args.batch, args.crop, args.max_steps = [0], 1, 2, 64, 2
@@ -507,8 +509,58 @@ def load_data(args) -> dict[str, CamVidSplit]:
     return data
 
 
+def _replace_block(page: Path, name: str, text: str) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    content = page.read_text()
+    if start not in content or end not in content:
+        raise SystemExit(f"{page} has no {start} ... {end} block")
+    content = content[: content.index(start) + len(start)] + "\n" + text + "\n" + content[content.index(end) :]
+    page.write_text(content)
+
+
+def render(path: Path, update: bool) -> str:
+    """The README block and the docs page section of a saved result (``--render``); written with ``--update``."""
+    result = json.loads(path.read_text())
+    cfg, runs = result["config"], result["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    classifiers = list(dict.fromkeys(r["classifier"] for r in runs))
+    budget = (
+        f"{cfg['hardware']}, torch {cfg['torch']}; {len(classifiers)} classifiers × {len(seeds)} seeds, "
+        f"{cfg['epochs']} epochs of {cfg['train_frames'] // cfg['batch']} steps (batch {cfg['batch']}, "
+        f"{cfg['crop']}-px crops at scale {cfg['scale']}), {cfg['wall_minutes']} min in all"
+    )
+    command = (
+        f"python examples/train_camvid.py --data path/to/CamVid{' ' + ' '.join(cfg['argv']) if cfg.get('argv') else ''}"
+    )
+    stem = path.stem
+    splits = [s for s in ("val", "test", "holdout") if all(s in r["splits"] for r in runs)]
+    short = summary_table(runs, "val").split("\n\n")[0]
+    readme = (
+        f"## Does it help? CamVid\n\nA ResNet-FPN trained from scratch on CamVid's 367 training frames, its 1×1 "
+        f"classifier replaced by each head (same data order, schedule and optimiser), validated on the 101 val "
+        f"frames ({budget}):\n\n{short}\n\n![val mIoU](examples/results/{stem}_miou.png)\n\n"
+        f"```bash\n{command}\n```\n\nPer-class IoU, the pictures and what was tried: "
+        "[CamVid experiment](docs/camvid.md)."
+    )
+    details = [f"Measured: {budget}. `examples/results/{path.name}`.\n\n```bash\n{command}\n```"]
+    for split in splits:
+        details.append(f"### {split} ({runs[0]['splits'][split]['frames']} frames)\n\n" + summary_table(runs, split))
+    details.append(
+        f"![val mIoU](../examples/results/{stem}_miou.png)\n\n"
+        f"![predictions](../examples/results/{stem}_predictions.png)"
+    )
+    page = "\n\n".join(details)
+    if update:
+        _replace_block(ROOT / "README.md", "camvid", readme)
+        _replace_block(ROOT / "docs" / "camvid.md", "camvid-details", page)
+    return readme + "\n\n" + page
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render is not None:
+        print(render(args.render, args.update_readme))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -541,6 +593,7 @@ def main(argv=None) -> dict:
         if k not in ("data", "out", "checkpoints", "resume", "no_plots", "no_progress")
     }
     config.update(
+        argv=[a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--data")],
         hardware=hardware,
         torch=torch.__version__,
         train_frames=len(data["train"]),

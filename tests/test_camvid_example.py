@@ -53,8 +53,10 @@ def test_quick_run_writes_results(tmp_path):
         ["--data", str(data), "--quick", "--no-progress", "--no-plots", "--resume", "--out", str(out),
          "--checkpoints", str(tmp_path / "ck")]
     )  # fmt: skip
-    for a, b in zip(again["runs"], result["runs"], strict=False):
+    for a, b in zip(again["runs"], result["runs"], strict=True):
         assert a["val_miou"] == b["val_miou"] and a["curve"] == b["curve"]
+    text = train_camvid.render(out / "camvid-quick.json", update=False)  # the README block and the docs page
+    assert "## Does it help? CamVid" in text and "| proto |" in text and "### test (3 frames)" in text
 
 
 def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):
