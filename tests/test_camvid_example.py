@@ -57,6 +57,14 @@ def test_quick_run_writes_results(tmp_path):
         assert a["val_miou"] == b["val_miou"] and a["curve"] == b["curve"]
     text = train_camvid.render(out / "camvid-quick.json", update=False)  # the README block and the docs page
     assert "## Does it help? CamVid" in text and "| proto |" in text and "### test (3 frames)" in text
+    from examples import camvid_tiles
+
+    tiles = camvid_tiles.main(
+        ["--data", str(data), "--run", str(out / "camvid-quick.json"), "--checkpoints", str(tmp_path / "ck"),
+         "--out", str(tmp_path / "tiles.json")]
+    )  # fmt: skip
+    assert [r["classifier"] for r in tiles["rows"]] == ["cac", "ssa"]
+    assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "tile", "image"))
 
 
 def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):
