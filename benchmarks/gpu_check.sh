@@ -18,7 +18,7 @@ bench() { timeout "$1" python3 benchmarks/bench_heads.py --device cuda --no-prog
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } > "$out/gpu.txt" 2>&1
-timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_half_precision.py \
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_half_precision.py tests/test_hardening.py \
   -s 2>&1 | tee "$out/cuda-tests.log"
 bench 120 --sizes 512 1024 2048 2560 --strides 4 8 --classes 19 150 --channels 512 --repeats 5 --out "$out/cuda.json"
 bench 60 --sizes 512 1024 2560 --strides 4 --classes 150 --channels 512 --dtype bf16 --repeats 5 --out "$out/cuda-bf16.json"

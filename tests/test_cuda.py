@@ -1,4 +1,5 @@
-"""CUDA: every head against the CPU, mixed precision, no host synchronisation, torch.compile, determinism and memory.
+"""CUDA: every head against the CPU, mixed precision, no host synchronisation, torch.compile and memory
+(determinism on CUDA: tests/test_hardening.py).
 
 Skipped without CUDA (``benchmarks/gpu_check.sh`` runs this file on a GPU machine). Tolerances: float32 with TF32
 off within 1e-4 of the CPU; with TF32 on (PyTorch's default for cuDNN convolutions) within 5e-2 on tau = 15
@@ -151,33 +152,6 @@ def test_inductor_on_cuda(head_name, no_tf32):
     torch.compile(step, fullgraph=True)(twin, f2).backward()
     torch.testing.assert_close(f2.grad, f1.grad, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
-
-
-def test_deterministic_training_steps(head_name):
-    """``torch.use_deterministic_algorithms(True)``: no op raises, two runs are bit-identical (CUBLAS_WORKSPACE_CONFIG
-    is set by the root conftest before CUDA starts)."""
-
-    def run():
-        torch.manual_seed(3)
-        head = make_head(head_name, 32, 7).cuda()
-        if HEADS[head_name] is PrototypeClassifier:
-            head.generator = torch.Generator(device="cuda").manual_seed(0)
-        loss_fn = make_loss(head_name).cuda()
-        optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
-        feat, target = (t.cuda() for t in _problem())
-        for _ in range(2):
-            optimizer.zero_grad()
-            loss_fn(head(feat, target), target)["loss"].backward()
-            optimizer.step()
-        return {k: v.detach().cpu() for k, v in head.state_dict().items()}
-
-    torch.use_deterministic_algorithms(True)
-    try:
-        a, b = run(), run()
-    finally:
-        torch.use_deterministic_algorithms(False)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_training_memory_below_the_plain_baseline(head_name):

@@ -144,16 +144,21 @@ def test_autocast_within_documented_tolerance(head_name, dtype):
     terms["loss"].backward()
 
 
-# ----------------------------------------------------------------------------- determinism and state
-def test_deterministic_training_steps(head_name):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])  # fmt: skip
+def test_deterministic_training_steps(head_name, device):
+    """``torch.use_deterministic_algorithms(True)``: no op raises, two runs are bit-identical (on CUDA,
+    CUBLAS_WORKSPACE_CONFIG is set by the root conftest before CUDA starts)."""
+
     def run():
         head, loss_fn = build(head_name, seed=3)
+        head, loss_fn = head.to(device), loss_fn.to(device)
         if head_name == "proto":
-            head.generator = torch.Generator().manual_seed(0)
+            head.generator = torch.Generator(device=device).manual_seed(0)
         opt = torch.optim.SGD(head.parameters(), lr=0.1)
         torch.manual_seed(7)
-        feat = torch.randn(2, 6, 5, 5)
-        target = torch.randint(0, 4, (2, 20, 20))
+        feat = torch.randn(2, 6, 5, 5).to(device)
+        target = torch.randint(0, 4, (2, 20, 20)).to(device)
         for _ in range(2):
             opt.zero_grad()
             loss_fn(head(feat, target), target)["loss"].backward()
