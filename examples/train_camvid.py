@@ -119,6 +119,7 @@ def build_model(name: str, args, seed: int) -> nn.Module:
     head = HEADS[name]
     if head is not None:
         options = {"class_direction": args.class_direction} if issubclass(head, ah.base.CosineHead) else {}
+        options.update(json.loads(args.head_options))
         ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
     return model
 
@@ -457,6 +458,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", type=int, nargs=4, default=[32, 64, 128, 256], help="encoder stage widths")
     p.add_argument("--depths", type=int, nargs=4, default=[1, 1, 1, 1], help="basic blocks per stage")
     p.add_argument("--channels", type=int, default=64, help="decoder channels C (classifier input)")
+    p.add_argument("--head-options", default="{}", help="JSON options for the heads, e.g. '{\"tau\": 10}'")
     p.add_argument("--decoder", default="fpn", choices=["fpn", "unet"], help="fpn (1×1 classifier) or unet (3×3)")
     p.add_argument("--class-direction", default="sum", choices=["sum", "centre"],
                    help="class direction of a 3×3 classifier for CAC/SSA (unet decoder)")  # fmt: skip
