@@ -61,3 +61,27 @@ def test_pointwise_conv_channel_dropout_equals_dropout2d_with_same_seed():
     torch.manual_seed(1)
     strided = AF.pointwise_conv(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias, 0.3)
     torch.testing.assert_close(strided, ref)
+
+
+def test_pointwise_conv_takes_one_matmul_path_for_every_layout():
+    """No convolution kernel for channels-last or strided inputs (TF32 settings and rounding then cannot depend on
+    the memory format)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    conv = torch.nn.Conv2d(6, 4, 1)
+    x = torch.randn(2, 6, 5, 7)
+    for variant in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, ::2]):
+        ops = Ops()
+        with ops:
+            out = AF.pointwise_conv(variant, conv.weight, conv.bias)
+        assert "convolution" not in ops.names and {"bmm", "baddbmm"} & set(ops.names)
+        torch.testing.assert_close(out, conv(variant), rtol=1e-5, atol=1e-6)

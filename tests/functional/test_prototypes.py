@@ -42,3 +42,30 @@ def test_chunked_similarity_ops_match_dense_autograd(budget):
         torch.testing.assert_close(torch.autograd.grad(ours, emb, retain_graph=True)[0], g_ref)
     assert torch.autograd.gradcheck(lambda e: AF.prototype_contrast_sums(e, protos, target, 0.5, budget)[0], (emb,))
     assert torch.autograd.gradcheck(lambda e: AF.prototype_similarity_stats(e, protos, labels, 4, budget), (emb,))
+
+
+def test_similarity_pass_keeps_no_int64_pixel_by_class_tensor():
+    """The class-wise argmax is kept for backward as uint8, written chunk by chunk: no int64 ``[N, n]``
+    temporary (469 MiB at 2560 px, n = 150)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargeInt64(TorchDispatchMode):
+        def __init__(self, limit: int) -> None:
+            super().__init__()
+            self.limit, self.seen = limit, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.numel() >= self.limit:
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    n_pixels, n, k = 4096, 20, 3
+    emb = torch.nn.functional.normalize(torch.randn(n_pixels, 8), dim=1)
+    protos = torch.nn.functional.normalize(torch.randn(n * k, 8), dim=1)
+    labels = torch.randint(0, n, (n_pixels,))
+    mode = LargeInt64(limit=n_pixels * n)
+    with mode:
+        AF.prototype_similarity_stats(emb, protos, labels, n, budget=n * k * 256)  # 16 chunks
+    assert not mode.seen, mode.seen
