@@ -1,9 +1,12 @@
-"""CamVid with tiles: what sliding-window inference does to CAC and SSA-Seg, with and without image context.
+"""CamVid with tiles and without context: what the image context does to CAC and SSA-Seg at inference.
 
-Loads the checkpoints of a ``train_camvid.py`` run and evaluates the val split three ways: whole frames, tiles with
-a classifier per tile (``context="tile"``, mmseg's slide inference) and tiles with the classifier built from the
-whole frame (``context="image"``). The tiles are half the frame in each direction with a third of overlap (mmseg's
-512-crop / 341-stride proportions): 90×120 crops with stride 60×80 on the default 180×240 frames.
+Loads the checkpoints of a ``train_camvid.py`` run and evaluates the val split four ways: whole frames; whole
+frames with the head's static classifier only (the coarse prediction ``conv_seg(feat)``: the same trained network,
+no per-image adaptation, which separates the gain of the adaptation at inference from the gain of the training
+signal); tiles with a classifier per tile (``context="tile"``, mmseg's slide inference) and tiles with the
+classifier built from the whole frame (``context="image"``). The tiles are half the frame in each direction with
+a third of overlap (mmseg's 512-crop / 341-stride proportions): 90×120 crops with stride 60×80 on the default
+180×240 frames.
 
     python examples/camvid_tiles.py --data path/to/CamVid              # after the default train_camvid.py run
 """
@@ -14,6 +17,8 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,19 +34,40 @@ from camvid_data import EvalDataset, channel_statistics, load_split  # noqa: E40
 from train_camvid import build_model, confusion_matrix, parse_args, scores  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
+from adaptive_heads.base import CosineHead  # noqa: E402
 
-MODES = ("whole", "tile", "image")
+MODES = ("whole", "static", "tile", "image")
+
+
+@contextmanager
+def static_classifier(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every adaptive head of ``model`` returns its coarse logits (the static classifier) at inference."""
+    heads = [m for m in model.modules() if isinstance(m, CosineHead)]
+    for head in heads:
+        head.forward_logits = head.coarse_logits  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for head in heads:
+            del head.forward_logits
+
+
+def static_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with static_classifier(model):
+        return model(images)
 
 
 @torch.no_grad()
 def evaluate_modes(model, split, stats, args, crop, stride) -> dict[str, float]:
-    """val mIoU (percent) of whole-frame inference and of slide inference in tile and image context."""
+    """val mIoU (percent) of whole-frame inference with the adaptive and the static classifier, and of slide
+    inference in tile and image context."""
     model.eval()
     loader = DataLoader(EvalDataset(split, *stats, scale=args.scale), batch_size=args.eval_batch)
     conf = {mode: 0 for mode in MODES}
     for images, labels, _ in loader:
         outputs = {
             "whole": model(images),
+            "static": static_logits(model, images),
             "tile": ah.slide_inference(model, images, crop, stride, context="tile"),
             "image": ah.slide_inference(model, images, crop, stride, context="image"),
         }
@@ -82,16 +108,21 @@ def main(argv=None) -> dict:
         rows.append({"classifier": r["classifier"], "seed": r["seed"], **miou})
         print(rows[-1], file=sys.stderr)
     lines = [
-        "| classifier | whole frame | tiles, tile context | tiles, image context | image − tile |",
-        "|---|---|---|---|---|",
+        "| classifier | whole frame | static classifier only | whole − static | tiles, tile context "
+        "| tiles, image context | image − tile |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in cli.classifiers:
         rs = [r for r in rows if r["classifier"] == name]
         if not rs:
             continue
         cell = {m: statistics.mean(r[m] for r in rs) for m in MODES}
+        adapt = statistics.mean(r["whole"] - r["static"] for r in rs)
         gain = statistics.mean(r["image"] - r["tile"] for r in rs)
-        lines.append(f"| {name} | {cell['whole']:.1f} | {cell['tile']:.1f} | {cell['image']:.1f} | {gain:+.1f} |")
+        lines.append(
+            f"| {name} | {cell['whole']:.1f} | {cell['static']:.1f} | {adapt:+.1f} | {cell['tile']:.1f} "
+            f"| {cell['image']:.1f} | {gain:+.1f} |"
+        )
     table = "\n".join(lines)
     print(f"val mIoU, {h}×{w} frames, crops {crop[0]}×{crop[1]}, stride {stride[0]}×{stride[1]}:\n\n{table}")
     cli.out.write_text(json.dumps({"crop": crop, "stride": stride, "rows": rows, "table": table}, indent=1) + "\n")

@@ -155,8 +155,12 @@ def make_optimizer(model: nn.Module, args, total_steps: int):
 
 # ----------------------------------------------------------------------------- memory
 class PeakMemory:
-    """Peak training memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's resident-set
-    high-water mark (``VmHWM``, reset at the start) above the resident set at the start (Linux only)."""
+    """Peak training memory above the start, ``torch.cuda.max_memory_allocated``; ``None`` on other devices.
+
+    CPU runs report none: the process's resident set (``VmHWM``) was tried and is not a measure of the model,
+    since glibc keeps freed blocks and the figure then depends on what earlier runs in the process left behind
+    (2.5 to 141 MiB for the same network). ``benchmarks/bench_heads.py`` measures the heads' memory properly.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -164,28 +168,10 @@ class PeakMemory:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             self.start = torch.cuda.memory_allocated(device)
-        elif self._linux():
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.start = self._status("VmRSS")
-
-    @staticmethod
-    def _linux() -> bool:
-        return sys.platform.startswith("linux") and os.access("/proc/self/clear_refs", os.W_OK)
-
-    @staticmethod
-    def _status(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-        return 0
 
     def peak_mib(self) -> float | None:
         if self.device.type == "cuda":
             return (torch.cuda.max_memory_allocated(self.device) - self.start) / 2**20
-        if self._linux():
-            return (self._status("VmHWM") - self.start) / 2**20
         return None
 
 
@@ -302,9 +288,9 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- reporting
-def summary_table(runs: list[dict], split: str = "val") -> str:
-    """Markdown: mIoU mean ± std over seeds per classifier, pixel accuracy, s/epoch, peak memory; then per-class
-    IoU means."""
+def summary_table(runs: list[dict], split: str = "val", cost: bool = True) -> str:
+    """Markdown: mIoU mean ± std over seeds per classifier, pixel accuracy and (``cost``) s/epoch and peak
+    memory; then per-class IoU means and, where the split has several sequences, per-sequence mIoU."""
     names = list(dict.fromkeys(r["classifier"] for r in runs))
     by_name = {n: [r for r in runs if r["classifier"] == n and split in r["splits"]] for n in names}
     by_name = {n: rs for n, rs in by_name.items() if rs}
@@ -316,10 +302,9 @@ def summary_table(runs: list[dict], split: str = "val") -> str:
         return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
     base = [r["splits"][split]["miou"] for r in by_name.get("conv", [])]
-    lines = [
-        f"| classifier | {split} mIoU (mean ± std) | Δ vs conv | per seed | pixel acc. | s / epoch | train peak MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    header = ["classifier", f"{split} mIoU (mean ± std)", "Δ vs conv", "per seed", "pixel acc."]
+    header += ["s / epoch", "train peak MiB"] if cost else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rs in by_name.items():
         mious = [r["splits"][split]["miou"] for r in rs]
         delta = f"{statistics.mean(mious) - statistics.mean(base):+.1f}" if base and name != "conv" else "—"
@@ -330,9 +315,9 @@ def summary_table(runs: list[dict], split: str = "val") -> str:
             delta,
             " / ".join(f"{m:.1f}" for m in mious),
             mean_std([r["splits"][split]["pixel_acc"] for r in rs]),
-            f"{statistics.mean(r['s_per_epoch'] for r in rs):.1f}",
-            f"{max(peaks):.0f}" if peaks else "—",
         ]
+        if cost:
+            cells += [f"{statistics.mean(r['s_per_epoch'] for r in rs):.1f}", f"{max(peaks):.0f}" if peaks else "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| class | " + " | ".join(by_name) + " |", "|---|" + "---|" * len(by_name)]
     for cls in CLASSES:
@@ -524,6 +509,8 @@ def render(path: Path, update: bool) -> str:
     """The README block and the docs page section of a saved result (``--render``); written with ``--update``."""
     result = json.loads(path.read_text())
     cfg, runs = result["config"], result["runs"]
+    if not str(cfg.get("device", "cpu")).startswith("cuda"):  # results of earlier versions held CPU RSS figures
+        runs = [{**r, "train_peak_mib": None} for r in runs]
     seeds = sorted({r["seed"] for r in runs})
     classifiers = list(dict.fromkeys(r["classifier"] for r in runs))
     budget = (
@@ -536,7 +523,7 @@ def render(path: Path, update: bool) -> str:
     )
     stem = path.stem
     splits = [s for s in ("val", "test", "holdout") if all(s in r["splits"] for r in runs)]
-    short = summary_table(runs, "val").split("\n\n")[0]
+    short = summary_table(runs, "val", cost=False).split("\n\n")[0]
     readme = (
         f"## Does it help? CamVid\n\nA ResNet-FPN trained from scratch on CamVid's 367 training frames, its 1×1 "
         f"classifier replaced by each head (same data order, schedule and optimiser), validated on the 101 val "

@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("PIL", reason="the CamVid example needs Pillow (the examples extra)")
 from PIL import Image
 
+import adaptive_heads as ah
 from examples import camvid_data, train_camvid
 from examples.segmentation_net import SegmentationNet
 
@@ -64,7 +65,7 @@ def test_quick_run_writes_results(tmp_path):
          "--out", str(tmp_path / "tiles.json")]
     )  # fmt: skip
     assert [r["classifier"] for r in tiles["rows"]] == ["cac", "ssa"]
-    assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "tile", "image"))
+    assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "static", "tile", "image"))
 
 
 def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):
@@ -158,3 +159,19 @@ def test_unet_decoder_has_a_3x3_classifier_every_head_replaces():
         ah.replace_classifier(net, head, path="decoder.classifier")
         after = net(x)
         assert after.shape == before.shape == (1, 11, 64, 64), name
+
+
+def test_static_classifier_gives_the_coarse_logits_and_restores_the_head():
+    from examples import camvid_tiles
+
+    torch.manual_seed(0)
+    head = ah.ContextAwareClassifier(8, 3).eval()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), head).eval()
+    x = torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        adaptive = model(x)
+        static = camvid_tiles.static_logits(model, x)
+        coarse = head.conv_seg(model[0](x))
+    torch.testing.assert_close(static, coarse)
+    assert not torch.allclose(adaptive, static, atol=1e-3)
+    torch.testing.assert_close(model(x).detach(), adaptive)  # the head is itself again afterwards
