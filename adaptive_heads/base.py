@@ -211,7 +211,10 @@ class CosineHead(AdaptiveHead):
     A k×k coarse classifier (smp's ``Unet``, ``PSPNet``, ``PAN``, ``MAnet`` end in a 3×3 conv) keeps the model's
     coarse logits exactly; the projectors need one ``[n, C]`` class direction ``W`` per class, taken from the
     kernel by ``class_direction``: ``"sum"`` over its taps (the classifier's response to a spatially constant
-    feature map) or its ``"centre"`` tap. For a 1×1 classifier both are its weight.
+    feature map) or its ``"centre"`` tap. For a 1×1 classifier both are its weight. ``"sum"`` is the default: on
+    CamVid with a Unet-style decoder (3×3 classifier, 2 seeds, 15 epochs) the two did not differ measurably (CAC
+    32.5 vs 32.9, SSA-Seg 35.7 vs 34.4 val mIoU, paired differences of both signs), and the sum is the direction
+    the classifier actually applies to a smooth feature map (docs: CamVid experiment).
 
     Args:
         in_channels: C, channels of the decoder feature map.

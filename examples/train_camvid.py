@@ -545,6 +545,20 @@ def render(path: Path, update: bool) -> str:
     return readme + "\n\n" + page
 
 
+def recorded_arguments(argv: list[str]) -> list[str]:
+    """The command-line arguments to record, without the ones that name this machine's folders."""
+    local = ("--data", "--out", "--checkpoints")
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in local:
+            skip = True
+        elif not arg.startswith(tuple(f"{flag}=" for flag in local)):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
@@ -582,7 +596,7 @@ def main(argv=None) -> dict:
         if k not in ("data", "out", "checkpoints", "resume", "no_plots", "no_progress")
     }
     config.update(
-        argv=[a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--data")],
+        argv=recorded_arguments(sys.argv[1:] if argv is None else argv),
         hardware=hardware,
         torch=torch.__version__,
         train_frames=len(data["train"]),

@@ -175,3 +175,8 @@ def test_static_classifier_gives_the_coarse_logits_and_restores_the_head():
     torch.testing.assert_close(static, coarse)
     assert not torch.allclose(adaptive, static, atol=1e-3)
     torch.testing.assert_close(model(x).detach(), adaptive)  # the head is itself again afterwards
+
+
+def test_recorded_arguments_name_no_local_folder():
+    argv = ["--data", "/x/CamVid", "--seeds", "0", "--out=/y", "--checkpoints", "z", "--data=/w", "--quick"]
+    assert train_camvid.recorded_arguments(argv) == ["--seeds", "0", "--quick"]
