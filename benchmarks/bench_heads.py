@@ -2,8 +2,11 @@
 
 For every configuration (input size × feature stride × classes n × channels C) and head, it measures
 
-- inference: head-only time (median of timed repeats after warm-up) and frames per second, peak memory;
+- inference: head-only time and frames per second, peak memory;
 - training: forward + every loss term + backward, time and peak memory;
+
+Times are medians over rounds that run every head of a configuration once (round-robin, after warm-up), so a
+drift of a shared machine is spread over the heads instead of charged to one of them.
 
 and reports each against the baseline (ratio, and extra memory in MiB and %). Results are printed as a
 Markdown table, written as JSON, and drawn as a PNG (needs matplotlib). ``--model`` benchmarks a whole
@@ -26,6 +29,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import platform
@@ -41,7 +45,14 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
-from benchmarks.measure import CPU_MEMORY_METHOD, count_ops, median_time, memory_mode, peak_memory  # noqa: E402
+from benchmarks.measure import (  # noqa: E402
+    CPU_MEMORY_METHOD,
+    count_ops,
+    interleaved_median_times,
+    median_time,
+    memory_mode,
+    peak_memory,
+)
 
 #: every registered head with its loss
 HEADS = {name: (cls, cls.loss_type) for name, cls in ah.HEADS.items()}
@@ -156,17 +167,23 @@ class Config:
     def trains(self, name: str) -> bool:
         return not self.args.no_training and not (self.args.model and name == "conv+plainCE")
 
-    def runners(self, name: str):
-        """``(infer, train, feat)``; ``feat`` is None in ``--model`` mode."""
-        size, stride, n, c = (self.cfg[k] for k in ("size", "stride", "n", "C"))
+    @functools.cached_property
+    def input(self) -> torch.Tensor:
+        """The images (``--model``) or the features every row's head sees: one tensor, shared by the rows."""
+        size, stride, c = (self.cfg[k] for k in ("size", "stride", "C"))
         b = self.args.batch
-        torch.manual_seed(0)
         gen = torch.Generator().manual_seed(1)
         if self.args.model:
-            images = torch.randn(b, 3, size, size, generator=gen).to(self.device)
-            return (*_model_runners(name, c, n, images, self.target, self.amp), None)
-        feat = torch.randn(b, c, size // stride, size // stride, generator=gen).relu().to(self.device)
-        return (*_head_runners(name, c, n, feat, self.target, self.amp), feat)
+            return torch.randn(b, 3, size, size, generator=gen).to(self.device)
+        return torch.randn(b, c, size // stride, size // stride, generator=gen).relu().to(self.device)
+
+    def runners(self, name: str):
+        """``(infer, train, feat)``; ``feat`` is None in ``--model`` mode."""
+        n, c = self.cfg["n"], self.cfg["C"]
+        torch.manual_seed(0)
+        if self.args.model:
+            return (*_model_runners(name, c, n, self.input, self.target, self.amp), None)
+        return (*_head_runners(name, c, n, self.input, self.target, self.amp), self.input)
 
     def warm_up(self) -> None:
         """Run every head once (inference and training) so one-time initialisations precede any measurement."""
@@ -188,14 +205,24 @@ class Config:
                 row["train_peak_bytes"] = peak_memory(train, self.device)
 
     def measure_time(self) -> None:
+        """Medians over rounds that run every row once (``interleaved_median_times``), inference then training;
+        the loop reference after, row by row."""
         args = self.args
-        for row in self.rows:
-            infer, train, feat = self.runners(row["head"])
-            if not args.no_inference:
-                row["infer_s"] = median_time(infer, self.device, args.warmup, args.repeats)
+        runners = {row["head"]: self.runners(row["head"]) for row in self.rows}
+        if not args.no_inference:
+            infer_s = interleaved_median_times({h: r[0] for h, r in runners.items()}, self.device, args.warmup,
+                                               args.repeats)  # fmt: skip
+            for row in self.rows:
+                row["infer_s"] = infer_s[row["head"]]
                 row["infer_fps"] = args.batch / row["infer_s"]
-            if self.trains(row["head"]):
-                row["train_s"] = median_time(train, self.device, args.warmup, args.train_repeats)
+        training = {h: r[1] for h, r in runners.items() if self.trains(h)}
+        if training:
+            train_s = interleaved_median_times(training, self.device, args.warmup, args.train_repeats)
+            for row in self.rows:
+                if row["head"] in train_s:
+                    row["train_s"] = train_s[row["head"]]
+        for row in self.rows:
+            _, train, feat = runners[row["head"]]
             if args.loop_reference and row["head"] in HEADS and feat is not None:
                 from benchmarks.loop_reference import STEPS
 
@@ -314,15 +341,16 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def update_readme(table: str, tag: str, command: str, meta: str) -> None:
-    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/)."""
+def update_readme(table: str, tag: str, command: str, meta: str) -> Path:
+    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/);
+    returns that page."""
     start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         text = page.read_text()
         if start in text and end in text:
             block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
             page.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
-            return
+            return page
     raise SystemExit(f"no page holds a {start} ... {end} block")
 
 
@@ -388,8 +416,8 @@ def render(args) -> list[dict]:
     if args.update_readme:
         tag = args.tag or args.render.stem
         command = "python benchmarks/bench_heads.py " + " ".join(a for a in data["args"] if a != "--update-readme")
-        update_readme(table, tag, command.strip(), data["meta"])
-        print(f"updated README.md block {tag!r}")
+        page = update_readme(table, tag, command.strip(), data["meta"])
+        print(f"updated {page.relative_to(ROOT)} block {tag!r}")
     return data["rows"]
 
 
@@ -429,8 +457,8 @@ def main(argv=None) -> list[dict]:
         print(f"wrote {out.with_suffix('.png')}")
     if args.update_readme:
         command = "python benchmarks/bench_heads.py " + " ".join(a for a in sys.argv[1:] if a != "--update-readme")
-        update_readme(table, tag, command.strip(), meta)
-        print(f"updated README.md block {tag!r}")
+        page = update_readme(table, tag, command.strip(), meta)
+        print(f"updated {page.relative_to(ROOT)} block {tag!r}")
     return rows
 
 

@@ -17,7 +17,7 @@ import ctypes
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -116,26 +116,45 @@ class memory_mode:
             _timing_mode()
 
 
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one call of ``fn`` (CUDA events on the measured device's stream on GPU)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events on the measured device's stream (cuda:1 too)
+            stream = torch.cuda.current_stream(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            fn()
+            end.record(stream)
+            end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_median_times(
+    fns: Mapping[str, Callable[[], object]], device: torch.device, warmup: int = 1, repeats: int = 3
+) -> dict[str, float]:
+    """Median seconds of each ``fn`` over ``repeats`` rounds that call every ``fn`` once, after ``warmup`` calls of
+    each.
+
+    Round-robin instead of one ``fn`` after the other: a slow drift of the machine (another job, a shared VM's
+    neighbours) is spread over every ``fn`` instead of being charged to whichever ran at the time, so the ratios
+    between them (a head against the conv) keep their meaning on a noisy machine.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def median_time(fn: Callable[[], object], device: torch.device, warmup: int = 1, repeats: int = 3) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            with torch.cuda.device(device):  # events on the measured device's stream (cuda:1 too)
-                stream = torch.cuda.current_stream(device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                fn()
-                end.record(stream)
-                end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return interleaved_median_times({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 #: aten ops that make the host wait for the device on CUDA (a scalar read, or an output size that depends on

@@ -84,3 +84,13 @@ def test_bench_slide_quick(tmp_path):
     assert [r["tiles"] for r in rows] == [1, 9, 9] and all(r["seconds"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
     assert "| slide, image context | 9 |" in bench_slide.table(rows)
+
+
+def test_interleaved_median_times_runs_round_robin_and_takes_medians():
+    from benchmarks.measure import interleaved_median_times
+
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("conv", "cac", "ssa")}
+    times = interleaved_median_times(fns, torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["conv", "cac", "ssa"] + ["conv", "cac", "ssa"] * 3  # warm-up, then one call of each per round
+    assert set(times) == set(fns) and all(t >= 0 for t in times.values())
