@@ -36,10 +36,12 @@ def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
     return x.div_(norm.clamp_min(NORM_EPS)), norm
 
 
-def _unit_backward(grad: Tensor, unit: Tensor, norm: Tensor) -> Tensor:
-    """Gradient through ``x ↦ x / max(‖x‖, eps)`` given its output ``unit`` and ``‖x‖``."""
+def _unit_backward(grad: Tensor, unit: Tensor, norm: Tensor, *, inplace: bool = False) -> Tensor:
+    """Gradient through ``x ↦ x / max(‖x‖, eps)`` given its output ``unit`` and ``‖x‖``; ``inplace`` writes it
+    into ``grad`` (a temporary of the caller's)."""
     dot = (grad * unit).sum(dim=-1, keepdim=True) * (norm >= NORM_EPS)
-    return torch.addcmul(grad, unit, dot, value=-1.0).div_(norm.clamp_min(NORM_EPS))
+    out = grad.addcmul_(unit, dot, value=-1.0) if inplace else torch.addcmul(grad, unit, dot, value=-1.0)
+    return out.div_(norm.clamp_min(NORM_EPS))
 
 
 def _unit_layer_norm_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, normalize_input: bool):
@@ -73,12 +75,15 @@ class _UnitLayerNorm(torch.autograd.Function):
         grad_u, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
             grad_v, u, [u.shape[-1]], mean, rstd, w, b, mask
         )
+        del grad_v  # at most two feature-map-sized temporaries alive at once, the layout copy below included
         grad_y = None
         if grad_u is not None:
-            grad_y = grad_u if in_norm is None else _unit_backward(grad_u, u, in_norm)
+            if in_norm is not None:
+                grad_u = _unit_backward(grad_u, u, in_norm, inplace=True)
             # the gradient takes y's own layout: a channels-last-strided gradient for a contiguous input is
             # valid for autograd but miscompiled by inductor (wrong gradients under torch.compile)
-            grad_y = grad_y.permute(0, 3, 1, 2).to(dtype=y_dtype, memory_format=ctx.y_format)
+            grad_y = grad_u.permute(0, 3, 1, 2).to(dtype=y_dtype, memory_format=ctx.y_format)
+            del grad_u
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
         return grad_y, grad_w, grad_b, None, None
