@@ -65,7 +65,7 @@ def test_quick_run_writes_results(tmp_path):
          "--out", str(tmp_path / "tiles.json")]
     )  # fmt: skip
     assert [r["classifier"] for r in tiles["rows"]] == ["cac", "ssa"]
-    assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "static", "tile", "image"))
+    assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "static", "tile", "image", "image_all"))
 
 
 def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):

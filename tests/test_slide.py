@@ -90,6 +90,57 @@ def test_image_context_equals_whole_image_inference_for_pixel_local_features(nam
     assert (tiled - whole).abs().max() > 1e-2  # per-tile classifiers really differ from the image's
 
 
+@pytest.mark.parametrize("margin", [0, 2, (3, 1)])
+def test_any_context_margin_is_exact_for_pixel_local_features(margin):
+    model = pixel_local("cac")
+    images = torch.randn(2, 3, 37, 45)
+    out = ah.slide_inference(model, images, (16, 20), (10, 12), context="image", context_margin=margin)
+    torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)
+
+
+class ThreeByThreeStem(nn.Module):
+    """A 3×3 zero-padded conv before the head: features within one pixel of a tile edge see the tile's padding."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Conv2d(3, 8, 3, padding=1), head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+@pytest.mark.parametrize("name", CONTEXT_HEADS)
+def test_context_margin_keeps_the_tile_padding_out_of_the_image_statistics(name):
+    """A margin at least the receptive-field radius (1 here) gives exactly the whole image's statistics, so every
+    pixel that no tile sees within one pixel of an inner edge gets the whole image's logits; margin 0 does not."""
+    torch.manual_seed(0)
+    head = make_head(name, 8, 5)
+    if name == "ssa":  # its own 3x3 position conv would add a second footprint: keep the stem's only
+        with torch.no_grad():
+            centre = head.get_feat_pos.weight[:, :, 1, 1].clone()
+            head.get_feat_pos.weight.zero_()
+            head.get_feat_pos.weight[:, :, 1, 1] = centre
+    model = ThreeByThreeStem(head).eval()
+    images = torch.randn(1, 3, 32, 40)
+    crop, stride = (16, 20), (8, 10)  # overlap 8 x 10: default margin (4, 5)
+    whole = model(images)
+    clean = torch.ones(32, 40, dtype=torch.bool)  # pixels at least 2 px inside every tile covering them
+    for y1, y2, x1, x2 in tile_grid(32, 40, crop, stride):
+        inner = torch.zeros(32, 40, dtype=torch.bool)
+        inner[
+            y1 + (2 if y1 > 0 else 0) : y2 - (2 if y2 < 32 else 0),
+            x1 + (2 if x1 > 0 else 0) : x2 - (2 if x2 < 40 else 0),
+        ] = True
+        tile = torch.zeros_like(inner)
+        tile[y1:y2, x1:x2] = True
+        clean &= inner | ~tile
+    assert clean.float().mean() > 0.2
+    cored = ah.slide_inference(model, images, crop, stride, context="image")
+    torch.testing.assert_close(cored[..., clean], whole[..., clean], rtol=1e-5, atol=1e-5)
+    every_pixel = ah.slide_inference(model, images, crop, stride, context="image", context_margin=0)
+    assert (every_pixel[..., clean] - whole[..., clean]).abs().max() > 1e-3
+
+
 def test_ssa_three_by_three_position_conv_sees_the_tile_padding_at_the_seams():
     """The documented limit of SSA's exactness: its position features are a 3×3 conv of each tile's features."""
     torch.manual_seed(0)
@@ -175,6 +226,10 @@ def test_errors():
         ah.slide_inference(model, images, 8, 8, context="crop")
     with pytest.raises(ValueError, match="crop_size must be a positive int or a pair"):
         ah.slide_inference(model, images, 0, 8)
+    with pytest.raises(ValueError, match="context_margin must be a non-negative int or a pair"):
+        ah.slide_inference(model, images, 8, 6, context_margin=-1)
+    with pytest.raises(ValueError, match=r"context_margin must be at most half the overlap .* = \(1, 1\)"):
+        ah.slide_inference(model, images, 8, 6, context_margin=2)
     with pytest.raises(ValueError, match="images must be a \\[B, C, H, W\\] tensor"):
         ah.slide_inference(model, images[0], 8, 8)
     with pytest.raises(ValueError, match="eval mode"):

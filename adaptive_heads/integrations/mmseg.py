@@ -105,7 +105,8 @@ class AdaptiveEncoderDecoder(EncoderDecoder):
     ``test_cfg=dict(mode="slide", crop_size=(h, w), stride=(h, w), context="image")``: the backbone and decode
     head run once per tile (mmseg's grid), the adaptive head's image statistics are merged over the tiles, and
     every tile is classified with the image's classifier (:func:`adaptive_heads.slide_inference`).
-    ``context="tile"`` gives mmseg's own slide inference. Other modes are ``EncoderDecoder``'s.
+    ``context="tile"`` gives mmseg's own slide inference; ``context_margin`` (default half the tiles' overlap) is
+    :func:`adaptive_heads.slide_inference`'s. Other modes are ``EncoderDecoder``'s.
     """
 
     def slide_inference(self, inputs: torch.Tensor, batch_img_metas: list[dict]) -> torch.Tensor:
@@ -121,6 +122,7 @@ class AdaptiveEncoderDecoder(EncoderDecoder):
             tuple(cfg.crop_size),
             tuple(cfg.stride),
             context=cfg.get("context", "image"),
+            context_margin=cfg.get("context_margin"),
             head="decode_head.conv_seg",
             align_corners=self.align_corners,
             forward=encode_decode,
