@@ -179,14 +179,14 @@ def test_model_with_an_auxiliary_adaptive_head():
     model = ah.replace_classifier(TinyFCN(num_classes=5, width=8), ah.ContextAwareClassifier, include_aux=True)
     model.eval()
     images = torch.randn(1, 3, 40, 40)
-    out = ah.slide_inference(model, images, 24, 16)  # the main head (first recorded path) builds the context
+    out = ah.slide_inference(model, images, 24, 16, context="image")  # the main head (first recorded path)
     assert out.shape == (1, 5, 40, 40) and torch.isfinite(out).all()
     whole = ah.slide_inference(model, images, 40, 16)
     torch.testing.assert_close(whole, model(images)["out"], rtol=1e-5, atol=1e-5)
     del model.adaptive_head_paths
     with pytest.raises(ValueError, match=r"several adaptive heads .* pass head="):
-        ah.slide_inference(model, images, 24, 16)
-    named = ah.slide_inference(model, images, 24, 16, head="classifier.4")
+        ah.slide_inference(model, images, 24, 16, context="image")
+    named = ah.slide_inference(model, images, 24, 16, context="image", head="classifier.4")
     torch.testing.assert_close(named, out)
 
 
@@ -236,5 +236,5 @@ def test_errors():
         ah.slide_inference(model.train(), images, 8, 8)
     plain = nn.Conv2d(3, 4, 1).eval()
     with pytest.raises(ValueError, match='needs an adaptive head in the model; use context="tile"'):
-        ah.slide_inference(plain, images, 8, 8)
-    assert ah.slide_inference(plain, images, 8, 8, context="tile").shape == (1, 4, 16, 16)
+        ah.slide_inference(plain, images, 8, 8, context="image")
+    assert ah.slide_inference(plain, images, 8, 8).shape == (1, 4, 16, 16)  # default: tile context, any model

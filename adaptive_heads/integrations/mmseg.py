@@ -105,7 +105,7 @@ class AdaptiveEncoderDecoder(EncoderDecoder):
     ``test_cfg=dict(mode="slide", crop_size=(h, w), stride=(h, w), context="image")``: the backbone and decode
     head run once per tile (mmseg's grid), the adaptive head's image statistics are merged over the tiles, and
     every tile is classified with the image's classifier (:func:`adaptive_heads.slide_inference`).
-    ``context="tile"`` gives mmseg's own slide inference; ``context_margin`` (default half the tiles' overlap) is
+    ``context="tile"`` (the default) gives mmseg's own slide inference; ``context_margin`` (default half the tiles' overlap) is
     :func:`adaptive_heads.slide_inference`'s. Other modes are ``EncoderDecoder``'s.
     """
 
@@ -121,7 +121,7 @@ class AdaptiveEncoderDecoder(EncoderDecoder):
             inputs,
             tuple(cfg.crop_size),
             tuple(cfg.stride),
-            context=cfg.get("context", "image"),
+            context=cfg.get("context", "tile"),
             context_margin=cfg.get("context_margin"),
             head="decode_head.conv_seg",
             align_corners=self.align_corners,
