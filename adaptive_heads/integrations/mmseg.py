@@ -100,13 +100,13 @@ for _name in _BASES:
 
 
 class AdaptiveEncoderDecoder(EncoderDecoder):
-    """``EncoderDecoder`` whose slide inference builds the adaptive head's classifier from the whole image.
+    """``EncoderDecoder`` whose slide inference can build the adaptive head's classifier from the whole image.
 
     ``test_cfg=dict(mode="slide", crop_size=(h, w), stride=(h, w), context="image")``: the backbone and decode
     head run once per tile (mmseg's grid), the adaptive head's image statistics are merged over the tiles, and
     every tile is classified with the image's classifier (:func:`adaptive_heads.slide_inference`).
-    ``context="tile"`` (the default) gives mmseg's own slide inference; ``context_margin`` (default half the tiles' overlap) is
-    :func:`adaptive_heads.slide_inference`'s. Other modes are ``EncoderDecoder``'s.
+    ``context="tile"`` (the default) gives mmseg's own slide inference; ``context_margin`` (default half the
+    tiles' overlap) is :func:`adaptive_heads.slide_inference`'s. Other modes are ``EncoderDecoder``'s.
     """
 
     def slide_inference(self, inputs: torch.Tensor, batch_img_metas: list[dict]) -> torch.Tensor:
