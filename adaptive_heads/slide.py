@@ -89,9 +89,7 @@ class _Stitcher:
         b, _, h, w = images.shape
         self.shape, self.device = (b, h, w), images.device
         self.preds: Tensor | None = None
-        self.count = torch.zeros(1, 1, h, w, device=images.device)
-        for y1, y2, x1, x2 in tiles:
-            self.count[..., y1:y2, x1:x2] += 1
+        self.count = _coverage(images, tiles)
 
     def add(self, tile: Tile, logits: Tensor) -> None:
         y1, y2, x1, x2 = tile
@@ -107,20 +105,23 @@ class _Stitcher:
         return self.preds / self.count
 
 
-def _core_weights(images: Tensor, tiles: list[Tile], margin: tuple[int, int]) -> tuple[list[Tile], Tensor]:
-    """Each tile's core (the tile less ``margin`` pixels at every edge it shares with the inside of the image)
-    and the number of cores covering each pixel ``[1, 1, H, W]`` (at least 1 where ``margin`` is at most half
-    the overlap of neighbouring tiles)."""
-    _, _, h, w = images.shape
+def _coverage(images: Tensor, tiles: list[Tile]) -> Tensor:
+    """How many of ``tiles`` cover each pixel of ``images``: ``[1, 1, H, W]``."""
+    count = torch.zeros(1, 1, *images.shape[-2:], device=images.device)
+    for y1, y2, x1, x2 in tiles:
+        count[..., y1:y2, x1:x2] += 1
+    return count
+
+
+def _cores(images: Tensor, tiles: list[Tile], margin: tuple[int, int]) -> list[Tile]:
+    """Each tile less ``margin`` pixels at every edge it shares with the inside of the image (every pixel stays in
+    some core where ``margin`` is at most half the overlap of neighbouring tiles)."""
+    h, w = images.shape[-2:]
     my, mx = margin
-    cores = [
+    return [
         (y1 + my if y1 > 0 else 0, y2 - my if y2 < h else h, x1 + mx if x1 > 0 else 0, x2 - mx if x2 < w else w)
         for y1, y2, x1, x2 in tiles
     ]
-    count = torch.zeros(1, 1, h, w, device=images.device)
-    for y1, y2, x1, x2 in cores:
-        count[..., y1:y2, x1:x2] += 1
-    return cores, count
 
 
 class _ContextCollector:
@@ -128,17 +129,17 @@ class _ContextCollector:
     statistics merged, each pixel of the tile's core weighted by ``1/coverage`` over the cores (the rest of the
     tile by 0); the head returns zeros, the model output is unused."""
 
-    def __init__(self, head: ContextHead, cores: list[Tile], core_count: Tensor) -> None:
-        self.head, self.cores = head, cores
+    def __init__(self, head: ContextHead, core_count: Tensor) -> None:
+        self.head = head
         self.image_weight = torch.where(core_count > 0, 1.0 / core_count.clamp_min(1), 0.0)
-        self.index = 0
         self.tile: Tile | None = None
+        self.core: Tile | None = None
         self.features: list[Tensor] = []
         self.context: dict[str, Tensor] | None = None
 
     def collect(self, feat: Tensor) -> Tensor:
         y1, y2, x1, x2 = self.tile  # type: ignore[misc]
-        c1, c2, d1, d2 = self.cores[self.index]
+        c1, c2, d1, d2 = self.core  # type: ignore[misc]
         inverse = torch.zeros_like(self.image_weight[..., y1:y2, x1:x2])
         inverse[..., c1 - y1 : c2 - y1, d1 - x1 : d2 - x1] = self.image_weight[..., c1:c2, d1:d2]
         weight = (
@@ -276,10 +277,11 @@ def slide_inference(
             logits = _model_logits(run(crop_images))
             stitcher.add(tile, _resize(logits, (crop_images.shape[-2], crop_images.shape[-1]), align_corners))
         return stitcher.result()
-    collector = _ContextCollector(context_head, *_core_weights(images, tiles, margin))
+    cores = _cores(images, tiles, margin)
+    collector = _ContextCollector(context_head, _coverage(images, cores))
     with collector:
-        for index, (tile, crop_images) in enumerate(_tiles(images, tiles)):
-            collector.index, collector.tile = index, tile
+        for (tile, crop_images), core in zip(_tiles(images, tiles), cores, strict=True):
+            collector.tile, collector.core = tile, core
             run(crop_images)
     if len(collector.features) != len(tiles):
         raise RuntimeError(
