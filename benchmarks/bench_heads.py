@@ -342,14 +342,15 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def update_readme(table: str, tag: str, command: str, meta: str) -> Path:
-    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/);
-    returns that page."""
+    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/),
+    say which, and return that page."""
     start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         text = page.read_text()
         if start in text and end in text:
             block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
             page.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
+            print(f"updated {page.relative_to(ROOT)} block {tag!r}")
             return page
     raise SystemExit(f"no page holds a {start} ... {end} block")
 
@@ -416,8 +417,7 @@ def render(args) -> list[dict]:
     if args.update_readme:
         tag = args.tag or args.render.stem
         command = "python benchmarks/bench_heads.py " + " ".join(a for a in data["args"] if a != "--update-readme")
-        page = update_readme(table, tag, command.strip(), data["meta"])
-        print(f"updated {page.relative_to(ROOT)} block {tag!r}")
+        update_readme(table, tag, command.strip(), data["meta"])
     return data["rows"]
 
 
@@ -457,8 +457,7 @@ def main(argv=None) -> list[dict]:
         print(f"wrote {out.with_suffix('.png')}")
     if args.update_readme:
         command = "python benchmarks/bench_heads.py " + " ".join(a for a in sys.argv[1:] if a != "--update-readme")
-        page = update_readme(table, tag, command.strip(), meta)
-        print(f"updated {page.relative_to(ROOT)} block {tag!r}")
+        update_readme(table, tag, command.strip(), meta)
     return rows
 
 

@@ -5,9 +5,8 @@ frames with the head's static classifier only (the coarse prediction ``conv_seg(
 no per-image adaptation, which separates the gain of the adaptation at inference from the gain of the training
 signal); tiles with a classifier per tile (``context="tile"``, mmseg's slide inference) and tiles with the
 classifier built from the whole frame (``context="image"``: from the tiles' cores, the default, and from every tile
-pixel, ``context_margin=0``). The tiles are half the frame in each direction with
-a third of overlap (mmseg's 512-crop / 341-stride proportions): 90×120 crops with stride 60×80 on the default
-180×240 frames.
+pixel, ``context_margin=0``). The tiles are half the frame in each direction with a third of overlap (mmseg's
+512-crop / 341-stride proportions): 90×120 crops with stride 60×80 on the default 180×240 frames.
 
     python examples/camvid_tiles.py --data path/to/CamVid              # after the default train_camvid.py run
 """
