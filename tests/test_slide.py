@@ -34,11 +34,16 @@ def pixel_local(name: str, seed: int = 0, **options) -> PixelLocal:
     torch.manual_seed(seed)
     head = make_head(name, 8, 5, **options)
     if name == "ssa":  # position features with a 1×1 footprint: the exact case (see the docstring)
-        with torch.no_grad():
-            centre = head.get_feat_pos.weight[:, :, 1, 1].clone()
-            head.get_feat_pos.weight.zero_()
-            head.get_feat_pos.weight[:, :, 1, 1] = centre
+        centre_position_conv(head)
     return PixelLocal(head).eval()
+
+
+def centre_position_conv(head: nn.Module) -> None:
+    """Reduce SSA-Seg's 3×3 depthwise position conv to its centre tap (a 1×1 footprint)."""
+    with torch.no_grad():
+        centre = head.get_feat_pos.weight[:, :, 1, 1].clone()
+        head.get_feat_pos.weight.zero_()
+        head.get_feat_pos.weight[:, :, 1, 1] = centre
 
 
 def reference_tile_mode(model, images, crop, stride):
@@ -116,10 +121,7 @@ def test_context_margin_keeps_the_tile_padding_out_of_the_image_statistics(name)
     torch.manual_seed(0)
     head = make_head(name, 8, 5)
     if name == "ssa":  # its own 3x3 position conv would add a second footprint: keep the stem's only
-        with torch.no_grad():
-            centre = head.get_feat_pos.weight[:, :, 1, 1].clone()
-            head.get_feat_pos.weight.zero_()
-            head.get_feat_pos.weight[:, :, 1, 1] = centre
+        centre_position_conv(head)
     model = ThreeByThreeStem(head).eval()
     images = torch.randn(1, 3, 32, 40)
     crop, stride = (16, 20), (8, 10)  # overlap 8 x 10: default margin (4, 5)
