@@ -1,10 +1,13 @@
 """Input checks shared by every head and loss.
 
 Shape, rank and dtype checks are free (metadata only) and always run. Value checks (label range, finite
-features) need to read the tensor, i.e. a host synchronisation on CUDA, so they run:
+features) need to read the tensor:
 
-- always for CPU tensors (no sync cost there),
-- on accelerators only in debug mode (``adaptive_heads.set_debug(True)`` or ``ADAPTIVE_HEADS_DEBUG=1``),
+- CPU tensors: read at once (no sync cost there), a ``ValueError`` with the bad values;
+- accelerators: the label range is asserted on the device (``torch._assert_async``: no host synchronisation;
+  a bad label fails the step at a later kernel launch, on CUDA as a device-side assert); debug mode
+  (``adaptive_heads.set_debug(True)`` or ``ADAPTIVE_HEADS_DEBUG=1``) reads it on the host instead, for the
+  ``ValueError`` with the bad values;
 - never while ``torch.compile``/``torch.export`` trace the code.
 
 The finite-feature check also costs a full pass over the feature map, so it runs in debug mode only.
@@ -55,7 +58,13 @@ def is_tracing() -> bool:
 
 
 def _value_checks(t: Tensor) -> bool:
+    """Read the values on the host now (CPU, or debug mode)."""
     return not is_tracing() and (t.device.type == "cpu" or _DEBUG)
+
+
+def _device_checks(t: Tensor) -> bool:
+    """Assert on the device, without a host synchronisation (accelerators and ``meta``)."""
+    return not is_tracing() and t.device.type != "cpu"
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -119,14 +128,18 @@ def check_target(
         raise ValueError(f"{name} is on {target.device} but the features are on {device}")
     if target.dtype != torch.long:
         target = target.long()
-    if _value_checks(target) and target.numel() > 0:
+    if target.numel() > 0 and (_value_checks(target) or _device_checks(target)):
         invalid = (target < 0) | (target >= num_classes)
         if ignore_index is not None:
             invalid &= target != ignore_index
-        if bool(invalid.any()):
-            bad = target[invalid]
-            raise ValueError(
-                f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}: "
-                f"min {int(bad.min())}, max {int(bad.max())}"
-            )
+        message = (
+            f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}; if your "
+            "ignore value is another one (-1, -100), pass it as ignore_index= to the head and its loss"
+        )
+        if _value_checks(target):
+            if bool(invalid.any()):
+                bad = target[invalid]
+                raise ValueError(f"{message} (min {int(bad.min())}, max {int(bad.max())})")
+        else:
+            torch._assert_async(~invalid.any(), message)  # no sync: fails at a later kernel launch
     return target

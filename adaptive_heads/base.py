@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypedDict, TypeVar, cast
@@ -98,15 +99,38 @@ class AdaptiveHead(nn.Module):
 
     loss_type: ClassVar[type[HeadLoss[Any]]]
     training_only: ClassVar[tuple[str, ...]] = ()
+    #: the submodule :meth:`init_weights` gives mmseg's ``N(0, init_std²)`` / zero init (CAC, SSA-Seg: ``conv_seg``)
+    coarse_classifier: ClassVar[str | None] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AdaptiveHead:
+        # the constructor's arguments and the CPU generator's state before it drew anything: init_weights()
+        # replays the construction to give every layer back the values it was built with
+        head = super().__new__(cls)
+        object.__setattr__(head, "_construction", (torch.random.get_rng_state(), args, kwargs))
+        return head
 
     def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
         super().__init__()
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            hint = (
+                " (a binary model with one sigmoid output: use 2 classes and cross-entropy; an adaptive head "
+                "classifies each pixel among at least 2 classes)"
+                if num_classes == 1
+                else ""
+            )
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}{hint}")
         if ignore_index is not None and not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            warnings.warn(
+                f"ignore_index={ignore_index} is one of the {num_classes} classes: its pixels are left out of every "
+                f"label-built statistic and loss term, so class {ignore_index} is never learned; pass an "
+                f"ignore_index outside [0, {num_classes}) (e.g. -1 or -100, or None) if it is a real class",
+                UserWarning,
+                stacklevel=3,
+            )
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -177,6 +201,50 @@ class AdaptiveHead(nn.Module):
         a 1×1 and a k×k classifier are replaced alike); :class:`CosineHead` copies it into its coarse classifier.
         """
 
+    def take_input_dropout(self, p: float) -> bool:
+        """Take over the rate ``p`` of a dropout the host model applies right before this head's input
+        (called by :func:`~adaptive_heads.replace_classifier`); ``True`` if the head applies it itself, so the
+        host's dropout can go.
+
+        The base implementation keeps the host's dropout (``False``): ProtoSeg's official head applies
+        ``Dropout2d`` to the features its embedding sees. :class:`CosineHead` takes it over.
+        """
+        return False
+
+    def init_weights(self) -> None:
+        """Give the head the initialisation of the official code, in place.
+
+        Every layer gets back the values it was constructed with (the constructor is replayed from the CPU
+        generator state it started with, so a head built under ``torch.manual_seed(s)`` gets what a fresh head
+        built under the same seed has); the coarse classifier (:attr:`coarse_classifier`, CAC's and SSA-Seg's
+        ``conv_seg``) gets mmseg's ``N(0, init_std²)`` weight and zero bias, drawn from the current generator.
+
+        mmseg's decode heads carry ``init_cfg=Normal(std=0.01, override=dict(name="conv_seg"))``, which mmengine
+        applies to every layer of the module at ``conv_seg``, the adaptive head once it has replaced the
+        classifier (LayerNorm scales to ≈ 0, projector weights to N(0, 0.01²)); mmengine then calls the
+        ``init_weights()`` of each child module, this method, which undoes it. Buffers (ProtoSeg's prototypes)
+        are reset too; layers dropped by :meth:`strip_training_layers` stay dropped.
+        """
+        state, args, kwargs = self.__dict__["_construction"]
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.random.set_rng_state(state)
+            with torch.device("cpu"):
+                fresh = type(self)(*args, **kwargs)
+        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        coarse = self.coarse_classifier
+        with torch.no_grad():
+            for name, value in [*fresh.named_parameters(), *fresh.named_buffers()]:
+                if coarse is not None and name.startswith(f"{coarse}."):
+                    continue
+                mine = own.get(name)
+                if mine is not None and mine.shape == value.shape:
+                    mine.copy_(value)
+        self.reset_coarse_classifier()
+
+    def reset_coarse_classifier(self) -> None:
+        """mmseg's init of the coarse classifier (see :meth:`init_weights`); heads without one: nothing."""
+
     def strip_training_layers(self: HeadT) -> HeadT:
         """Drop the layers only training uses (``training_only``) for deployment; inference is unchanged.
 
@@ -235,6 +303,8 @@ class CosineHead(AdaptiveHead):
         ((3, 3), torch.Size([5, 16]))
     """
 
+    coarse_classifier = "conv_seg"
+
     def __init__(
         self,
         in_channels: int,
@@ -260,12 +330,26 @@ class CosineHead(AdaptiveHead):
             raise ValueError(f"tau must be positive, got {tau}")
         self.tau = float(tau)
         self.eps = float(eps)
+        self.init_std = float(init_std)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(
             in_channels, num_classes, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation
         )
-        nn.init.normal_(self.conv_seg.weight, std=init_std)
+        self.reset_coarse_classifier()
+
+    def reset_coarse_classifier(self) -> None:
+        """``conv_seg``: ``N(0, init_std²)`` weight, zero bias (mmseg's ``init_cfg`` of a decode head's classifier)."""
+        nn.init.normal_(self.conv_seg.weight, std=self.init_std)
         nn.init.zeros_(cast(Tensor, self.conv_seg.bias))
+
+    def take_input_dropout(self, p: float) -> bool:
+        """The host's dropout before the classifier becomes this head's ``Dropout2d(p)`` on the coarse path only
+        (the official heads' place for it: the prototypes and the label-built branch see the undropped features);
+        ``p = 0`` removes it. Returns ``True``."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {p}")
+        self.dropout = nn.Dropout2d(p) if p > 0 else nn.Identity()
+        return True
 
     def options(self) -> dict[str, Any]:
         conv = self.conv_seg
@@ -282,7 +366,7 @@ class CosineHead(AdaptiveHead):
     @property
     def classifier_weight(self) -> Tensor:
         """The class directions ``W`` ``[n, C]`` the projectors fuse with the prototypes: ``conv_seg.weight`` of a
-        1×1 classifier (a reshape, so n = 1 or C = 1 work); of a k×k one, the sum over its taps or its centre tap
+        1×1 classifier (a reshape, so C = 1 works); of a k×k one, the sum over its taps or its centre tap
         (``class_direction``)."""
         weight = self.conv_seg.weight
         if weight.shape[-2:] == (1, 1):

@@ -2,49 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.dropout import _DropoutNd
 
 from .base import AdaptiveHead
 
 __all__ = ["KNOWN_CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
 
-# model class name -> its (main classifier path, auxiliary classifier path or None) candidates, tried in order
-# (a class name can mean two libraries' models: torchvision's and smp's DeepLabV3)
+logger = logging.getLogger(__name__)
+
+_SMP_ARCHITECTURES = (
+    "Unet", "UnetPlusPlus", "MAnet", "PAN", "PSPNet", "FPN", "DeepLabV3", "DeepLabV3Plus", "Linknet", "Segformer",
+    "UPerNet",
+)  # fmt: skip
+
+# "<library>.<model class>" -> its (main classifier path, auxiliary classifier path or None) candidates, tried in
+# order. A model matches when the class, of that library, is in its MRO (subclasses match too), at any depth of
+# the module tree (a model wrapped in a Lightning module or any other wrapper is found with its prefix).
 KNOWN_CLASSIFIER_PATHS: dict[str, list[tuple[str, str | None]]] = {
     # torchvision
-    "FCN": [("classifier.4", "aux_classifier.4")],
-    "DeepLabV3": [("classifier.4", "aux_classifier.4"), ("segmentation_head.0", None)],  # torchvision, smp
+    "torchvision.FCN": [("classifier.4", "aux_classifier.4")],
+    "torchvision.DeepLabV3": [("classifier.4", "aux_classifier.4")],
     # HF transformers
-    "SegformerForSemanticSegmentation": [("decode_head.classifier", None)],
-    "UperNetForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
-    "BeitForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
-    "Data2VecVisionForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
-    "DPTForSemanticSegmentation": [("head.head.4", "auxiliary_head.head.4")],
-    "MobileViTForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
-    "MobileViTV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
-    "MobileNetV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
+    "transformers.SegformerForSemanticSegmentation": [("decode_head.classifier", None)],
+    "transformers.UperNetForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "transformers.BeitForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "transformers.Data2VecVisionForSemanticSegmentation": [("decode_head.classifier", "auxiliary_head.classifier")],
+    "transformers.DPTForSemanticSegmentation": [("head.head.4", "auxiliary_head.head.4")],
+    "transformers.MobileViTForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
+    "transformers.MobileViTV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
+    "transformers.MobileNetV2ForSemanticSegmentation": [("segmentation_head.classifier.convolution", None)],
     # segmentation_models_pytorch
-    "Unet": [("segmentation_head.0", None)],
-    "UnetPlusPlus": [("segmentation_head.0", None)],
-    "MAnet": [("segmentation_head.0", None)],
-    "PAN": [("segmentation_head.0", None)],
-    "PSPNet": [("segmentation_head.0", None)],
-    "FPN": [("segmentation_head.0", None)],
-    "DeepLabV3Plus": [("segmentation_head.0", None)],
-    "Linknet": [("segmentation_head.0", None)],
-    "Segformer": [("segmentation_head.0", None)],
-    "UPerNet": [("segmentation_head.0", None)],
-    "DPT": [("segmentation_head.head.4", None)],
-    # mmseg 1.x
-    "EncoderDecoder": [("decode_head.conv_seg", "auxiliary_head.conv_seg")],
+    **{f"segmentation_models_pytorch.{name}": [("segmentation_head.0", None)] for name in _SMP_ARCHITECTURES},
+    "segmentation_models_pytorch.DPT": [("segmentation_head.head.4", None)],
+    # mmseg 1.x (CascadeEncoderDecoder, a subclass: the last stage of its decode_head list)
+    "mmseg.EncoderDecoder": [("decode_head.conv_seg", "auxiliary_head.conv_seg")],
 }
 
 # models whose prediction is a sum of several classifiers: we refuse to guess
-_SUMMED_CLASSIFIERS = {"LRASPP": ("classifier.low_classifier", "classifier.high_classifier")}
+_SUMMED_CLASSIFIERS = {"torchvision.LRASPP": ("classifier.low_classifier", "classifier.high_classifier")}
+
+# the auxiliary CE weight of the host library's own training recipe, where it is a constant
+_AUX_WEIGHTS = {"torchvision": 0.5}
 
 HeadFactory = Callable[[int, int], AdaptiveHead]
+
+
+@dataclass(frozen=True)
+class _Classifiers:
+    """Where a model's classifiers are: the main one, the auxiliary one and the host's weight of its loss."""
+
+    main: str
+    aux: str | None = None
+    aux_weight: float | None = None
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -52,6 +66,77 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix else path
+
+
+def _known_key(module: nn.Module, table: dict) -> str | None:
+    """The first class of ``module``'s MRO that ``table`` names as ``"<library>.<class>"``."""
+    for cls in type(module).__mro__:
+        key = f"{cls.__module__.partition('.')[0]}.{cls.__name__}"
+        if key in table:
+            return key
+    return None
+
+
+def _aux_weight(host: nn.Module, key: str, aux: str) -> float | None:
+    """The host library's weight of the auxiliary CE: torchvision's recipe 0.5, HF's ``auxiliary_loss_weight``,
+    mmseg's ``loss_weight`` of the auxiliary head's loss."""
+    library = key.partition(".")[0]
+    if library in _AUX_WEIGHTS:
+        return _AUX_WEIGHTS[library]
+    if library == "transformers":
+        value = getattr(getattr(host, "config", None), "auxiliary_loss_weight", None)
+        return float(value) if isinstance(value, (int, float)) else None
+    if library == "mmseg":
+        loss = getattr(_get(host, aux.rpartition(".")[0]), "loss_decode", None)
+        value = getattr(loss, "loss_weight", None)
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def _known_classifiers(model: nn.Module) -> _Classifiers | None:
+    """The classifiers of the one known model class in ``model``'s module tree (``None`` if there is none).
+
+    Raises ``ValueError`` for a model that sums several classifiers (LR-ASPP) and for a tree that holds more
+    than one known model side by side."""
+    found: list[tuple[str, nn.Module, str]] = []
+    for name, module in model.named_modules():
+        if any(name == p or name.startswith(f"{p}.") for p, _, _ in found if p):
+            continue  # inside a model already found
+        key = _known_key(module, KNOWN_CLASSIFIER_PATHS) or _known_key(module, _SUMMED_CLASSIFIERS)
+        if key is not None:
+            found.append((name, module, key))
+        if found and found[0][0] == "":
+            break  # the model itself is known
+    if not found:
+        return None
+    if len(found) > 1:
+        names = ", ".join(f"{p!r} ({type(m).__name__})" for p, m, _ in found)
+        raise ValueError(f"{type(model).__name__} holds several segmentation models: {names}; pass path=")
+    prefix, host, key = found[0]
+    if key in _SUMMED_CLASSIFIERS:
+        low, high = (_join(prefix, p) for p in _SUMMED_CLASSIFIERS[key])
+        raise ValueError(
+            f"{type(host).__name__} sums two classifier convs ({low!r} and {high!r}); pass path= to say which one "
+            "to replace"
+        )
+    heads = getattr(host, "decode_head", None)
+    if key == "mmseg.EncoderDecoder" and isinstance(heads, nn.ModuleList) and len(heads) > 0:
+        last = _join(prefix, f"decode_head.{len(heads) - 1}.conv_seg")
+        if _get(host, "auxiliary_head.conv_seg") is None:
+            return _Classifiers(last)
+        return _Classifiers(
+            last, _join(prefix, "auxiliary_head.conv_seg"), _aux_weight(host, key, "auxiliary_head.conv_seg")
+        )
+    for main, aux in KNOWN_CLASSIFIER_PATHS[key]:
+        if _get(host, main) is not None:
+            if aux is None or _get(host, aux) is None:
+                return _Classifiers(_join(prefix, main))
+            return _Classifiers(_join(prefix, main), _join(prefix, aux), _aux_weight(host, key, aux))
+    return None
 
 
 def _infer_num_classes(model: nn.Module) -> int | None:
@@ -63,53 +148,50 @@ def _infer_num_classes(model: nn.Module) -> int | None:
     return None
 
 
-def _cascade_path(model: nn.Module) -> str | None:
-    heads = getattr(model, "decode_head", None)
-    if isinstance(heads, nn.ModuleList) and len(heads) > 0:
-        return f"decode_head.{len(heads) - 1}.conv_seg"
-    return None
+def _locate(model: nn.Module, num_classes: int | None) -> _Classifiers:
+    known = _known_classifiers(model)
+    if known is not None:
+        return known
+    num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
+    name = type(model).__name__
+    if num_classes is None:
+        raise ValueError(
+            f"cannot locate the classifier of {name}: it is not a known model class and num_classes is "
+            "unknown; pass num_classes= or path="
+        )
+    heads = [n for n, m in model.named_modules() if isinstance(m, AdaptiveHead)]
+    matches = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, AdaptiveHead))
+        and m.out_channels == num_classes
+        and not any(n.startswith(f"{h}.") for h in heads if h)  # not the coarse conv inside an adaptive head
+    ]
+    if not matches:
+        raise ValueError(f"no nn.Conv2d with out_channels={num_classes} found in {name}; pass path=")
+    if len(matches) > 1:
+        raise ValueError(
+            f"{name} has {len(matches)} convs with out_channels={num_classes} that could be its classifier: "
+            f"{matches}; pass path= (the main classifier first, e.g. path={matches[-1]!r})"
+        )
+    return _Classifiers(matches[0])
 
 
 def find_classifier(model: nn.Module, num_classes: int | None = None, include_aux: bool = False) -> list[str]:
     """Paths of the classifier convs of ``model`` (the main one first, then the auxiliary one if asked).
 
-    Known model classes are looked up in :data:`KNOWN_CLASSIFIER_PATHS`; otherwise the last ``nn.Conv2d``
-    in ``named_modules()`` order with ``out_channels == num_classes`` is taken.
+    A known model class (:data:`KNOWN_CLASSIFIER_PATHS`: torchvision, smp, HF transformers, mmseg; subclasses
+    too, and inside any wrapper module) gives its known paths. Otherwise the classifier is the one ``nn.Conv2d``
+    with ``out_channels == num_classes`` (``num_classes`` defaults to ``model.config.num_labels`` or
+    ``model.num_classes``); when several convs qualify, a ``ValueError`` names them.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
         >>> find_classifier(model, num_classes=5)
         ['1']
     """
-    name = type(model).__name__
-    if name in _SUMMED_CLASSIFIERS:
-        low, high = _SUMMED_CLASSIFIERS[name]
-        raise ValueError(
-            f"{name} sums two classifier convs ({low!r} and {high!r}); pass path= to say which one to replace"
-        )
-    cascade = _cascade_path(model)
-    if cascade is not None and _get(model, cascade) is not None:
-        return [cascade]
-    for main, aux in KNOWN_CLASSIFIER_PATHS.get(name, []):
-        if _get(model, main) is not None:
-            paths = [main]
-            if include_aux and aux is not None and _get(model, aux) is not None:
-                paths.append(aux)
-            return paths
-    num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
-    if num_classes is None:
-        raise ValueError(
-            f"cannot locate the classifier of {name}: it is not a known model class and num_classes is "
-            "unknown; pass num_classes= or path="
-        )
-    matches = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, AdaptiveHead)) and m.out_channels == num_classes
-    ]
-    if not matches:
-        raise ValueError(f"no nn.Conv2d with out_channels={num_classes} found in {name}; pass path=")
-    return [matches[-1]]
+    located = _locate(model, num_classes)
+    return [located.main, located.aux] if include_aux and located.aux is not None else [located.main]
 
 
 def _set(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -133,6 +215,50 @@ def _check_classifier_geometry(path: str, conv: nn.Conv2d) -> None:
         )
 
 
+def feeding_dropout(model: nn.Module, path: str) -> str | None:
+    """The path of the dropout that ``model`` applies right before its classifier at ``path``, if any.
+
+    Recognised: the previous item of an ``nn.Sequential`` (torchvision's ``FCNHead`` and auxiliary heads, smp's
+    and HF's DPT heads), a ``dropout`` attribute beside a ``classifier`` or ``conv_seg`` (HF Segformer's decode head,
+    mmseg's ``BaseDecodeHead``) and beside the ``classifier`` layer that holds a ``convolution`` (HF MobileViT,
+    MobileNetV2).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Dropout(0.1), torch.nn.Conv2d(8, 4, 1))
+        >>> feeding_dropout(model, "2")
+        '1'
+    """
+    parent_path, _, leaf = path.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    candidates: list[str] = []
+    if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
+        candidates.append(_join(parent_path, str(int(leaf) - 1)))
+    if leaf in ("classifier", "conv_seg"):
+        candidates.append(_join(parent_path, "dropout"))
+    grand_path, _, parent_leaf = parent_path.rpartition(".")
+    if leaf == "convolution" and parent_leaf == "classifier":
+        candidates.append(_join(grand_path, "dropout"))
+    for candidate in candidates:
+        if isinstance(_get(model, candidate), _DropoutNd):
+            return candidate
+    return None
+
+
+def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead) -> None:
+    dropout_path = feeding_dropout(model, path)
+    if dropout_path is None:
+        return
+    dropout = model.get_submodule(dropout_path)
+    p = float(getattr(dropout, "p", 0.0))
+    if head.take_input_dropout(p):
+        _set(model, dropout_path, nn.Identity())
+        logger.info(
+            "replace_classifier: %r (%r) fed the classifier at %r; it is now nn.Identity and %s applies "
+            "Dropout2d(p=%g) to its coarse logits only, as the official head (absorb_dropout=False keeps it)",
+            dropout_path, dropout, path, type(head).__name__, p,
+        )  # fmt: skip
+
+
 def replace_classifier(
     model: nn.Module,
     head_factory: HeadFactory,
@@ -141,6 +267,7 @@ def replace_classifier(
     num_classes: int | None = None,
     include_aux: bool = False,
     copy_weights: bool = True,
+    absorb_dropout: bool = True,
 ) -> nn.Module:
     """Swap the final classifier conv of ``model`` for ``head_factory(in_channels, num_classes)`` in place.
 
@@ -152,9 +279,19 @@ def replace_classifier(
         include_aux: also replace the known auxiliary classifier.
         copy_weights: copy the original conv's weight and bias (1×1 or k×k) into the new head's coarse classifier
             (:meth:`~adaptive_heads.base.AdaptiveHead.adopt_classifier`).
+        absorb_dropout: a dropout the model applies right before the classifier (:func:`feeding_dropout`:
+            torchvision's FCN heads, HF Segformer and DPT, mmseg's decode heads) would reach every branch of a CAC
+            or SSA-Seg head; the official heads apply dropout to the coarse logits' input only. With ``True``
+            (default) that dropout becomes ``nn.Identity`` and the head's own coarse-path dropout takes its rate
+            (:meth:`~adaptive_heads.base.AdaptiveHead.take_input_dropout`; logged at INFO level by
+            ``logging.getLogger("adaptive_heads.replace")``). ProtoSeg keeps the host's dropout (the official
+            ProtoSeg embeds dropped-out features).
 
     Returns:
-        ``model`` (modified in place); the replaced paths are in ``model.adaptive_head_paths``.
+        ``model`` (modified in place). ``model.adaptive_head_paths`` lists every path replaced so far (over all
+        calls), the main classifier first; ``model.adaptive_head_weights`` maps an auxiliary head's path to the
+        host library's weight of its loss where known (torchvision 0.5, HF ``auxiliary_loss_weight``, mmseg's
+        ``loss_weight``), which :func:`~adaptive_heads.supervise` applies to its extra terms.
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier
@@ -163,13 +300,18 @@ def replace_classifier(
         >>> model.adaptive_head_paths, type(model[1]).__name__
         (['1'], 'ContextAwareClassifier')
     """
-    paths = (
-        [path]
-        if isinstance(path, str)
-        else list(path)
-        if path is not None
-        else find_classifier(model, num_classes, include_aux)
-    )
+    if path is None:
+        located: _Classifiers | None = _locate(model, num_classes)
+        assert located is not None
+        paths = [located.main, located.aux] if include_aux and located.aux is not None else [located.main]
+    else:
+        paths = [path] if isinstance(path, str) else list(path)
+        try:
+            located = _known_classifiers(model)
+        except ValueError:  # several or summed classifiers: the paths given say which
+            located = None
+    previous: list[str] = list(getattr(model, "adaptive_head_paths", None) or [])
+    weights: dict[str, float] = dict(getattr(model, "adaptive_head_weights", None) or {})
     for p in paths:
         old = _get(model, p)
         if old is None:
@@ -179,6 +321,12 @@ def replace_classifier(
         if not isinstance(old, nn.Conv2d):
             raise TypeError(f"{p!r} is a {type(old).__name__}, expected the classifier nn.Conv2d")
         _check_classifier_geometry(p, old)
+        if old.out_channels < 2:
+            raise ValueError(
+                f"{p!r} has out_channels={old.out_channels}: a binary model with one sigmoid output; an adaptive "
+                "head classifies among at least 2 classes: build the model with 2 classes and train it with "
+                "cross-entropy"
+            )
         head = head_factory(old.in_channels, old.out_channels)
         if not isinstance(head, AdaptiveHead):
             raise TypeError(f"head_factory must return an AdaptiveHead, got {type(head).__name__}")
@@ -187,5 +335,13 @@ def replace_classifier(
         head.adopt_classifier(old, copy_weights)
         head.train(old.training)
         _set(model, p, head)
-    model.adaptive_head_paths = paths  # type: ignore[assignment]
+        if absorb_dropout:
+            _absorb_dropout(model, p, head)
+        if located is not None and p == located.aux and located.aux_weight is not None:
+            weights[p] = located.aux_weight
+    replaced = [*previous, *paths]
+    # the main classifier first: the known main path, else the first path ever replaced
+    main = located.main if located is not None and located.main in replaced else replaced[0]
+    model.adaptive_head_paths = [main, *(p for p in replaced if p != main)]  # type: ignore[assignment]
+    model.adaptive_head_weights = weights  # type: ignore[assignment]
     return model

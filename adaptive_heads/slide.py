@@ -3,7 +3,8 @@
 Large images are segmented in overlapping tiles. CAC and SSA-Seg build their classifier from the image they are
 shown, so under plain tiling every tile gets a classifier of its own, built from a fraction of the scene.
 :func:`slide_inference` follows mmseg's slide mode and offers, besides the plain behaviour (``context="tile"``),
-the classifier built from the whole image (``context="image"``), at the cost of one backbone pass per tile.
+the classifier built from the whole image (``context="image"``), at the cost of a second pass of the model over
+the tiles.
 """
 
 from __future__ import annotations
@@ -125,19 +126,25 @@ def _cores(images: Tensor, tiles: list[Tile], margin: tuple[int, int]) -> list[T
 
 
 class _ContextCollector:
-    """Pass 1 of ``context="image"``: while the model runs on a tile, the head's input is kept and its image
-    statistics merged, each pixel of the tile's core weighted by ``1/coverage`` over the cores (the rest of the
-    tile by 0); the head returns zeros, the model output is unused."""
+    """Both passes of ``context="image"``. Pass 1 (:attr:`context` is being built): while the model runs on a tile,
+    the head merges its image statistics, each pixel of the tile's core weighted by ``1/coverage`` over the cores
+    (the rest of the tile by 0), and returns zeros (the model output is unused). Pass 2 (:attr:`apply` set): the
+    head classifies the tile with the classifier built from the whole image, and the model does with those logits
+    whatever it does after its classifier (upsampling, an activation)."""
 
     def __init__(self, head: ContextHead, core_count: Tensor) -> None:
         self.head = head
         self.image_weight = torch.where(core_count > 0, 1.0 / core_count.clamp_min(1), 0.0)
         self.tile: Tile | None = None
         self.core: Tile | None = None
-        self.features: list[Tensor] = []
+        self.calls = 0
+        self.apply = False
         self.context: dict[str, Tensor] | None = None
 
     def collect(self, feat: Tensor) -> Tensor:
+        self.calls += 1
+        if self.apply:
+            return self.head.logits_from_context(feat, cast(dict[str, Tensor], self.context))
         y1, y2, x1, x2 = self.tile  # type: ignore[misc]
         c1, c2, d1, d2 = self.core  # type: ignore[misc]
         inverse = torch.zeros_like(self.image_weight[..., y1:y2, x1:x2])
@@ -147,7 +154,6 @@ class _ContextCollector:
         )
         stats = self.head.context_statistics(feat, weight)
         self.context = stats if self.context is None else self.head.merge_context(self.context, stats)
-        self.features.append(feat)
         return feat.new_zeros(feat.shape[0], self.head.num_classes, *feat.shape[-2:])
 
     def __enter__(self) -> _ContextCollector:
@@ -161,7 +167,7 @@ class _ContextCollector:
 
 
 def _context_head(model: nn.Module, head: str | None) -> ContextHead | None:
-    """The head whose logits the model returns: ``head`` (a path), the first path :func:`replace_classifier`
+    """The head whose logits the model returns: ``head`` (a path), the main head :func:`replace_classifier`
     recorded, or the model's only adaptive head; ``None`` if it builds no image context (ProtoSeg)."""
     if head is not None:
         found = model.get_submodule(head)
@@ -209,16 +215,16 @@ def slide_inference(
     - ``context="tile"``: exactly mmseg's slide inference, for any model: the model runs on every tile and its
       logits (a tensor, ``out["out"]`` or ``out.logits``, resized bilinearly to the tile if smaller) are stitched.
       An adaptive head then builds its classifier from each tile alone.
-    - ``context="image"``: two passes. Pass 1 runs the model once on every tile, keeps the input of the head (the
-      decoder features) and merges the head's image statistics over the tiles (CAC: soft class sums and areas;
-      SSA-Seg: the same and its pixel-softmax spatial pooling as a running log-sum-exp). Each pixel counts once:
-      the statistics come from each tile's core, the tile less ``context_margin`` pixels at every edge it
-      shares with a neighbouring tile (features there see the tile's zero padding, not the neighbour), each
-      pixel weighted by ``1/coverage`` over the cores. Pass 2 classifies every kept tile input with
-      the classifier built from the whole image and stitches the logits, resized bilinearly to the tile
-      (``align_corners``) as mmseg's ``encode_decode`` does with its decode head's output. The backbone runs
-      once per tile; the memory is one tile's activations plus the kept head inputs. ProtoSeg has no image
-      context (its prototypes are global): both modes give the same result, and ``"image"`` runs as ``"tile"``.
+    - ``context="image"``: two passes of the model over the tiles. Pass 1 merges the head's image statistics
+      over the tiles (CAC: soft class sums and areas; SSA-Seg: the same and its pixel-softmax spatial pooling as
+      a running log-sum-exp). Each pixel counts once: the statistics come from each tile's core, the tile less
+      ``context_margin`` pixels at every edge it shares with a neighbouring tile (features there see the tile's
+      zero padding, not the neighbour), each pixel weighted by ``1/coverage`` over the cores. Pass 2 runs the
+      model again on every tile with its head classifying by the classifier built from the whole image, so
+      whatever the model does after its classifier (smp's upsampling and activation, HF DPT's upsampling,
+      mmseg's resize) applies as in a plain forward; the tiles' outputs are stitched as in ``"tile"`` mode.
+      Twice the time of ``"tile"``; the memory of one tile's forward. ProtoSeg has no image context (its
+      prototypes are global): both modes give the same result, and ``"image"`` runs as ``"tile"``.
 
     Exactness: one tile covering the image equals the plain forward; with features that depend on their own
     pixel only, ``"image"`` equals whole-image inference for any grid (tested to 1e-5 for CAC and for SSA-Seg
@@ -235,8 +241,9 @@ def slide_inference(
         context: ``"tile"`` (default: the official heads' behaviour under mmseg's slide inference) or
             ``"image"``. On CamVid's val frames tile context scored higher (see the CamVid experiment): the
             classifier built from a tile also adapts to the tile's own features, which tiling shifts.
-        head: path of the adaptive head whose logits the model returns (default: the first path recorded by
-            :func:`~adaptive_heads.replace_classifier`, or the model's only adaptive head).
+        head: path of the adaptive head whose logits the model returns (default: the main head recorded by
+            :func:`~adaptive_heads.replace_classifier`, the first of ``model.adaptive_head_paths``, or the model's
+            only adaptive head).
         align_corners: of the bilinear resize of logits to the tile.
         forward: how to run the model on a tile (default ``model(tile)``); e.g. mmseg's ``encode_decode`` with
             the tile's metadata.
@@ -283,12 +290,13 @@ def slide_inference(
         for (tile, crop_images), core in zip(_tiles(images, tiles), cores, strict=True):
             collector.tile, collector.core = tile, core
             run(crop_images)
-    if len(collector.features) != len(tiles):
-        raise RuntimeError(
-            f"the head {type(context_head).__name__} ran {len(collector.features)} times for {len(tiles)} tiles; "
-            "pass head= to name the one whose logits the model returns"
-        )
-    for tile, feat in zip(tiles, collector.features, strict=False):
-        logits = context_head.logits_from_context(feat, cast(dict[str, Tensor], collector.context))
-        stitcher.add(tile, _resize(logits, (tile[1] - tile[0], tile[3] - tile[2]), align_corners))
+        if collector.calls != len(tiles):
+            raise RuntimeError(
+                f"the head {type(context_head).__name__} ran {collector.calls} times for {len(tiles)} tiles; "
+                "pass head= to name the one whose logits the model returns"
+            )
+        collector.apply = True
+        for tile, crop_images in _tiles(images, tiles):
+            logits = _model_logits(run(crop_images))
+            stitcher.add(tile, _resize(logits, (crop_images.shape[-2], crop_images.shape[-1]), align_corners))
     return stitcher.result()

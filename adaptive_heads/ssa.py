@@ -272,11 +272,16 @@ class SSAClassifier(CosineHead):
         with float32_math(feat.device):
             logits = upcast_half(coarse).flatten(2)
             class_softmax = torch.softmax(logits, dim=1)
-            peak = logits.amax(dim=-1)
+            if pixel_weight is not None:
+                # the peak over the pixels that count: a weight-0 pixel's logit above every counted one would
+                # scale the counted ones' share to 0 (0/0 once merged), and it never enters the sums anyway
+                weight = upcast_half(pixel_weight).flatten(2)
+                logits = logits.masked_fill(weight == 0, float("-inf"))
+                class_softmax = class_softmax * weight
+            peak = logits.amax(dim=-1).clamp_min(torch.finfo(logits.dtype).min)  # finite when no pixel counts
             spatial = (logits - peak.unsqueeze(-1)).exp()
             if pixel_weight is not None:
-                weight = upcast_half(pixel_weight).flatten(2)
-                class_softmax, spatial = class_softmax * weight, spatial * weight
+                spatial = spatial * weight
         sem_sums, sem_area = soft_class_sums(class_softmax, feat)
         pos_sums, pos_norm = soft_class_sums(spatial, pos)
         return {

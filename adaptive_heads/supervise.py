@@ -11,7 +11,9 @@ output, and turns them into the heads' extra loss terms afterwards::
         loss = F.cross_entropy(logits, target, ignore_index=255) + sup.loss()
 
 ``sup.loss()`` excludes each head's main CE (the CE on the logits the head returns), which the model's
-own loss already covers; ``sup.loss(include_main=True)`` adds it as well.
+own loss already covers; ``sup.loss(include_main=True)`` adds it as well. An auxiliary head's terms are weighted
+as the host library weighs its auxiliary CE (torchvision's recipe 0.5, HF's ``auxiliary_loss_weight``, mmseg's
+``loss_weight``: recorded by :func:`~adaptive_heads.replace_classifier`), or by ``head_weights``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Supervision:
         model: nn.Module,
         target: Tensor,
         losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        head_weights: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -64,6 +67,17 @@ class Supervision:
             raise ValueError(f"losses names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
         self.loss_fns: dict[str, HeadLoss[Any]] = {
             name: (losses or {}).get(name) or head.default_loss() for name, head in self.heads.items()
+        }
+        unknown = set(head_weights or {}) - set(self.heads)
+        if unknown:
+            raise ValueError(f"head_weights names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
+        recorded = {  # what replace_classifier recorded, on this model or on a model inside it
+            f"{prefix}.{path}" if prefix else path: weight
+            for prefix, module in model.named_modules()
+            for path, weight in (getattr(module, "adaptive_head_weights", None) or {}).items()
+        }
+        self.head_weights: dict[str, float] = {
+            name: float({**recorded, **(head_weights or {})}.get(name, 1.0)) for name in self.heads
         }
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
         self._names = {id(h): name for name, h in self.heads.items()}
@@ -87,8 +101,9 @@ class Supervision:
     def losses(self, include_main: bool = False) -> dict[str, Tensor]:
         """Every recorded head's named loss terms as ``{"<head path>.<term>": value}`` plus ``"loss"``.
 
-        ``"loss"`` sums the weighted terms of every head and every recorded call; the main CE of each head
-        is left out of it unless ``include_main`` (the terms themselves are always reported).
+        ``"loss"`` sums the weighted terms of every head and every recorded call, each head's scaled by its
+        :attr:`head_weights`; the main CE of each head is left out of it unless ``include_main`` (the terms
+        themselves are always reported, unscaled).
         """
         result: dict[str, Tensor] = {}
         total: Tensor | None = None
@@ -97,7 +112,7 @@ class Supervision:
             for i, out in enumerate(outs):
                 terms = loss_fn.terms(out, self.target)
                 exclude = () if include_main else (loss_fn.main_term,)
-                part = loss_fn.combine(terms, exclude=exclude)
+                part = self.head_weights[name] * loss_fn.combine(terms, exclude=exclude)
                 total = part if total is None else total + part
                 suffix = "" if len(outs) == 1 else f"[{i}]"
                 result.update({f"{name}{suffix}.{k}": v for k, v in terms.items()})
@@ -118,6 +133,7 @@ def supervise(
     model: nn.Module,
     target: Tensor,
     losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+    head_weights: Mapping[str, float] | None = None,
 ) -> Supervision:
     """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
 
@@ -126,6 +142,9 @@ def supervise(
         target: the label map of the batch (any resolution; heads resize it themselves).
         losses: one loss module for all heads, or ``{head path: loss}``; default: each head's
             ``default_loss()``.
+        head_weights: ``{head path: weight}`` of each head's share of ``sup.loss()``; default: the host
+            library's auxiliary-loss weight for an auxiliary head replaced by
+            :func:`~adaptive_heads.replace_classifier` (``model.adaptive_head_weights``), 1 otherwise.
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier, replace_classifier
@@ -139,4 +158,4 @@ def supervise(
         >>> sorted(sup.losses())
         ['1.ce', '1.ce_context', '1.ce_oracle', '1.distill', 'loss']
     """
-    return Supervision(model, target, losses)
+    return Supervision(model, target, losses, head_weights)

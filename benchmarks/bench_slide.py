@@ -3,7 +3,7 @@
 A whole segmenter (``benchmarks/decoder.py``'s MiniUPerNet, the 4C-channel concat of UPerNet) with an adaptive
 head classifies one large image three ways: the whole image at once, mmseg-style slide inference with a
 classifier per tile (``context="tile"``), and slide inference with the classifier built from the whole image
-(``context="image"``: one backbone pass per tile plus the kept head inputs). Memory as in ``bench_heads.py``
+(``context="image"``: two passes of the model over the tiles). Memory as in ``bench_heads.py``
 (CPU: peak resident set with glibc returning freed blocks at once; CUDA: ``max_memory_allocated``).
 
     python benchmarks/bench_slide.py                      # 2048×2048, crop 512, stride 341, CAC, C = 256, n = 19

@@ -20,9 +20,10 @@ import adaptive_heads as ah
 
 
 def make_model(num_classes: int, width: int = 32) -> nn.Module:
-    class FCN(nn.Module):  # the name is what replace_classifier looks up (torchvision's FCN layout)
+    class FCN(nn.Module):  # torchvision's FCN layout; replace_classifier finds the one conv with num_classes outputs
         def __init__(self) -> None:
             super().__init__()
+            self.num_classes = num_classes
             self.backbone = nn.Sequential(
                 nn.Conv2d(3, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
                 nn.Conv2d(width, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU(),

@@ -190,8 +190,8 @@ def test_zero_features_no_nan():
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-def test_n1_and_c1_work():
-    head = ContextAwareClassifier(1, 1, dropout=0.0)
+def test_two_classes_and_c1_work():
+    head = ContextAwareClassifier(1, 2, dropout=0.0)
     feat = torch.rand(2, 1, 3, 3)
     target = torch.zeros(2, 6, 6, dtype=torch.long)
     terms = ContextAwareLoss()(head(feat, target), target)

@@ -115,7 +115,7 @@ def test_robust_cases_are_finite(head_name, case):
         assert terms["ce"].item() == 0.0
 
 
-@pytest.mark.parametrize("c,n", [(1, 1), (1, 2), (3, 1), (3, 2)])
+@pytest.mark.parametrize("c,n", [(1, 2), (3, 2), (1, 3)])  # n = 1 is refused (tests/test_seams.py)
 def test_degenerate_channel_and_class_counts(head_name, c, n):
     head, loss_fn = build(head_name, c=c, n=n)
     target = torch.randint(0, n, (2, 9, 7))
@@ -198,7 +198,7 @@ def test_state_round_trips(head_name):
 def problems(draw):
     b = draw(st.integers(1, 3))
     c = draw(st.integers(1, 8))
-    n = draw(st.integers(1, 6))
+    n = draw(st.integers(2, 6))
     h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
     scale = draw(st.sampled_from([1, 2, 3, 4]))
     ignore_frac = draw(st.sampled_from([0.0, 0.3, 1.0]))

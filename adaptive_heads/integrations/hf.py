@@ -41,6 +41,9 @@ from ..supervise import supervise
 
 __all__ = ["CONFIG_KEY", "AdaptiveSegmentationModel"]
 
+#: the config attributes HF segmentation models read their loss's ignore_index from
+_IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "loss_ignore_index")
+
 #: the key of the saved ``config.json`` that records the adaptive heads (their paths, kinds and options)
 CONFIG_KEY = "adaptive_heads"
 
@@ -53,6 +56,10 @@ class AdaptiveSegmentationModel(nn.Module):
         head_factory: ``(in_channels, num_classes) -> AdaptiveHead``; ``None`` if the model already has one.
         include_aux: also replace the auxiliary classifier (UperNet, BEiT, DPT).
         losses: loss module(s) for :func:`~adaptive_heads.supervise` (default: each head's ``default_loss()``).
+
+    The heads take ``config.semantic_loss_ignore_index`` (UperNet: ``loss_ignore_index``) as their
+    ``ignore_index``, the label the model's own loss ignores; an auxiliary head's extra terms are weighted by
+    ``config.auxiliary_loss_weight``, as the model weighs its auxiliary CE.
 
     ``forward(pixel_values, labels=None, **kwargs)`` returns the model's output; in training with labels its
     ``loss`` is the model's loss plus ``sup.loss()`` (the extra terms: the model's own CE already covers each
@@ -72,6 +79,13 @@ class AdaptiveSegmentationModel(nn.Module):
             replace_classifier(model, head_factory, include_aux=include_aux)
         if not any(isinstance(m, AdaptiveHead) for m in model.modules()):
             raise ValueError("the model has no adaptive head; pass head_factory=")
+        # the label the model's own loss ignores is the one the heads ignore (UperNet names it loss_ignore_index)
+        config = getattr(model, "config", None)
+        ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
+        if ignore_index is not None:
+            for module in model.modules():
+                if isinstance(module, AdaptiveHead):
+                    module.ignore_index = ignore_index
         self.model = model
         self.losses = losses
         self.last_losses: dict[str, Tensor] = {}

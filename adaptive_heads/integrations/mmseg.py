@@ -21,9 +21,14 @@ Sliding-window inference with whole-image context: use the segmentor ``AdaptiveE
 adaptive classifier is built from all of its tiles (:func:`adaptive_heads.slide_inference`); ``context="tile"``
 (or the plain ``EncoderDecoder``) is mmseg's own per-tile behaviour.
 
-The adaptive head applies its own dropout to the coarse logits only (as the official CAC/SSA heads), so the
-decode head's outer dropout before ``conv_seg`` is not applied. Its parameters live under
-``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier).
+The adaptive head applies its own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
+``dropout``, to the coarse logits only (as the official CAC/SSA heads), so the decode head's outer dropout before
+``conv_seg`` is not applied. Its parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is
+the coarse classifier). mmengine's ``init_weights()`` (called by ``Runner.train()``) applies the decode head's
+``init_cfg`` (``Normal(std=0.01, override=conv_seg)``) to the whole adaptive head, then calls the head's own
+:meth:`~adaptive_heads.base.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's
+N(0, 0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
+``loss_decode.loss_weight``, as its CE.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from mmseg.models import decode_heads as _decode_heads
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
+from ..base import CosineHead
 from ..registry import HEADS
 from ..slide import slide_inference
 from ..supervise import supervise
@@ -66,7 +72,10 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             if kind not in ADAPTIVE_HEADS:
                 raise ValueError(f"adaptive.type must be one of {list(ADAPTIVE_HEADS)}, got {kind!r}")
             conv: torch.nn.Conv2d = getattr(self, "conv_seg")  # noqa: B009  (the base head's 1×1 classifier)
-            head = ADAPTIVE_HEADS[kind](conv.in_channels, conv.out_channels, ignore_index=self.ignore_index, **cfg)
+            head_cls = ADAPTIVE_HEADS[kind]
+            if issubclass(head_cls, CosineHead) and "dropout" not in cfg:
+                cfg["dropout"] = max(float(self.dropout_ratio), 0.0)  # the decode head's rate (OCR: none)
+            head = head_cls(conv.in_channels, conv.out_channels, ignore_index=self.ignore_index, **cfg)
             inner = getattr(head, "conv_seg", None)
             if inner is not None:
                 with torch.no_grad():
@@ -78,6 +87,12 @@ def make_adaptive_decode_head(base_cls: type) -> type:
         def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
             return self.conv_seg(feat)
 
+        def _ce_weight(self) -> float:
+            """The weight of this head's CE (``loss_decode.loss_weight``: 0.4 for a usual auxiliary head), which
+            its extra terms take too."""
+            losses = self.loss_decode if isinstance(self.loss_decode, torch.nn.ModuleList) else [self.loss_decode]
+            return float(getattr(losses[0], "loss_weight", 1.0))
+
         def loss(self, *args, **kwargs) -> dict:
             # BaseDecodeHead.loss(inputs, batch_data_samples, train_cfg); cascade heads add prev_output first
             samples = kwargs["batch_data_samples"] if "batch_data_samples" in kwargs else args[-2]
@@ -85,7 +100,7 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             with supervise(self, target, self.adaptive_loss) as sup:
                 losses = super().loss(*args, **kwargs)
                 terms = sup.losses()
-            losses["loss_adaptive"] = terms.pop("loss")
+            losses["loss_adaptive"] = self._ce_weight() * terms.pop("loss")
             losses.update({f"adaptive.{k.split('.', 1)[-1]}": v.detach() for k, v in terms.items()})
             return losses
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier
+from adaptive_heads import ContextAwareClassifier, supervise
 from adaptive_heads.registry import HEADS
 
 transformers = pytest.importorskip("transformers")
@@ -140,3 +140,45 @@ def test_plain_transformers_load_of_a_saved_folder_reinitialises_the_classifier(
     _segformer().save_pretrained(fresh)
     with pytest.raises(ValueError, match="not saved by AdaptiveSegmentationModel"):
         AdaptiveSegmentationModel.from_pretrained(fresh)
+
+
+# ----------------------------------------------------------------------------- the seams (issue 22)
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_segformer_dropout_moves_to_the_coarse_path(name):
+    config = _segformer().config
+    # no dropout inside the encoder, so that two forwards see the same features; 0.1 before the classifier
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = config.drop_path_rate = 0.0
+    config.classifier_dropout_prob = 0.1
+    torch.manual_seed(0)
+    base = transformers.SegformerForSemanticSegmentation(config)
+    model = AdaptiveSegmentationModel(base, HEADS[name])
+    head = base.decode_head.classifier
+    assert isinstance(base.decode_head.dropout, torch.nn.Identity) and head.dropout.p == 0.1
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    model.train()
+    outputs = []
+    for _ in range(2):
+        with supervise(base, labels) as sup:
+            base(pixel_values=images)
+        outputs.append(sup.outputs["decode_head.classifier"][0])
+    label_built = "oracle" if name == "cac" else "teacher"
+    torch.testing.assert_close(getattr(outputs[0], label_built), getattr(outputs[1], label_built), rtol=0, atol=0)
+    assert not torch.equal(outputs[0].coarse, outputs[1].coarse)
+
+
+def test_heads_take_the_models_ignore_index_and_auxiliary_weight():
+    base = _upernet()
+    base.config.loss_ignore_index = 250  # UperNet's name for it (Segformer: semantic_loss_ignore_index)
+    base.config.auxiliary_loss_weight = 0.3
+    model = AdaptiveSegmentationModel(base, ContextAwareClassifier, include_aux=True)
+    assert base.decode_head.classifier.ignore_index == 250
+    assert base.adaptive_head_weights == {"auxiliary_head.classifier": 0.3}
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+    labels[:, :8] = 250
+    model.train()
+    model(pixel_values=images, labels=labels)
+    terms = model.last_losses
+    extra = ("ce", "ce_oracle", "distill")
+    main = sum(terms[f"decode_head.classifier.{k}"] for k in extra)
+    aux = sum(terms[f"auxiliary_head.classifier.{k}"] for k in extra)
+    torch.testing.assert_close(terms["loss"], main + 0.3 * aux)

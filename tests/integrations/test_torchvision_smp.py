@@ -113,3 +113,125 @@ def test_smp_architecture_trains_with_each_head(architecture, name):
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(images)).all()
+
+
+# ----------------------------------------------------------------------------- the seams (issue 22)
+def _fcn_resnet50(num_classes: int = 4):
+    segmentation = pytest.importorskip("torchvision.models.segmentation")
+    return segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=True)
+
+
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_torchvision_dropout_moves_to_the_coarse_path_of_main_and_aux_heads(name):
+    torch.manual_seed(0)
+    model = _fcn_resnet50()
+    replace_classifier(model, HEADS[name], include_aux=True)
+    for head_path in ("classifier", "aux_classifier"):
+        sequential = model.get_submodule(head_path)
+        assert isinstance(sequential[3], torch.nn.Identity)  # was torchvision's Dropout(0.1)
+        assert sequential[4].dropout.p == 0.1
+    images, target = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    model.train()
+    outputs = []
+    for _ in range(2):  # the same input and weights: BatchNorm normalises with the same batch statistics
+        with supervise(model, target) as sup:
+            model(images)
+        outputs.append(sup.outputs)
+    label_built = "oracle" if name == "cac" else "teacher"
+    for path in ("classifier.4", "aux_classifier.4"):
+        first, second = outputs[0][path][0], outputs[1][path][0]
+        torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
+        assert not torch.equal(first.coarse, second.coarse)  # the coarse path still gets dropout
+    assert model.adaptive_head_weights == {"aux_classifier.4": 0.5}
+
+
+def test_torchvision_model_inside_a_wrapper_and_main_head_after_two_calls():
+    from adaptive_heads import find_classifier, slide_inference
+
+    class Lightningish(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.loss = torch.nn.CrossEntropyLoss()
+            self.model = _fcn_resnet50()
+
+        def forward(self, x):
+            return self.model(x)
+
+    torch.manual_seed(0)
+    wrapper = Lightningish()
+    assert find_classifier(wrapper, include_aux=True) == ["model.classifier.4", "model.aux_classifier.4"]
+    replace_classifier(wrapper, ContextAwareClassifier)
+    replace_classifier(wrapper, ContextAwareClassifier, path="model.aux_classifier.4")
+    assert wrapper.adaptive_head_paths == ["model.classifier.4", "model.aux_classifier.4"]
+    wrapper.eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = wrapper(images)
+        image = slide_inference(wrapper, images, crop_size=64, stride=64, context="image")
+    torch.testing.assert_close(image, out["out"], rtol=1e-4, atol=1e-4)  # the main head's, not the aux head's
+    assert (image - out["aux"]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("context", ["tile", "image"])
+def test_torchvision_one_tile_equals_the_plain_forward(context):
+    from adaptive_heads import slide_inference
+
+    torch.manual_seed(0)
+    model = replace_classifier(_fcn_resnet50(), HEADS["ssa"], include_aux=True).eval()
+    images = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        tiled = slide_inference(model, images, crop_size=(48, 64), stride=(48, 64), context=context)
+        torch.testing.assert_close(tiled, model(images)["out"], rtol=1e-4, atol=1e-4)
+
+
+def test_smp_subclass_is_found():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from adaptive_heads import find_classifier
+
+    class MyUnet(smp.Unet):
+        pass
+
+    model = MyUnet(encoder_name="resnet18", encoder_weights=None, classes=3)
+    assert find_classifier(model) == ["segmentation_head.0"]
+
+
+@pytest.mark.parametrize("activation", [None, "softmax", "sigmoid"])
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_smp_image_context_goes_through_the_segmentation_head(name, activation):
+    """smp's SegmentationHead upsamples (``align_corners=True``) and applies the activation after the classifier:
+    image context must apply them too. One tile = the plain forward (any model); over pixel-local features, image
+    context = whole-image inference."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    from segmentation_models_pytorch.base import SegmentationHead
+
+    from adaptive_heads import slide_inference
+
+    torch.manual_seed(0)
+    model = smp.FPN(encoder_name="resnet18", encoder_weights=None, classes=4, activation=activation)
+    replace_classifier(model, HEADS[name])
+    model.eval()
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        one_tile = slide_inference(model, images, crop_size=(64, 96), stride=(64, 96), context="image")
+        torch.testing.assert_close(one_tile, model(images), rtol=1e-4, atol=1e-4)
+
+    class PixelLocal(torch.nn.Module):  # 1×1 features, then the real smp SegmentationHead (classifier + activation)
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), torch.nn.ReLU())
+            self.segmentation_head = SegmentationHead(16, 4, kernel_size=1, activation=activation)
+
+        def forward(self, x):
+            return self.segmentation_head(self.features(x))
+
+    local = PixelLocal()
+    replace_classifier(local, HEADS[name], path="segmentation_head.0")
+    if name == "ssa":  # a pixel-local position kernel (only its centre tap)
+        conv = local.segmentation_head[0].get_feat_pos
+        with torch.no_grad():
+            conv.weight[..., [0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 2, 0, 2, 0, 1, 2]] = 0
+    local.eval()
+    with torch.no_grad():
+        whole = local(images)
+        image = slide_inference(local, images, crop_size=40, stride=28, context="image")
+    torch.testing.assert_close(image, whole, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,298 @@
+"""Where the package meets the models it is dropped into: initialisation, the host's dropout, which head is the
+main one, degenerate class counts and bad labels. The real torchvision, smp, HF and mmseg behaviour is tested in
+``tests/integrations``; these are the library-independent parts."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from adaptive_heads import (
+    ContextAwareClassifier,
+    SSAClassifier,
+    find_classifier,
+    replace_classifier,
+    slide_inference,
+    supervise,
+)
+from adaptive_heads import _validation as validation
+from adaptive_heads.registry import HEADS
+
+from .models import TinyFCN
+from .test_sync_free import DeviceDiscipline
+
+
+# ----------------------------------------------------------------------------- init_weights
+@pytest.mark.parametrize("name", list(HEADS))
+def test_init_weights_restores_the_construction_and_gives_the_coarse_conv_mmsegs_init(name):
+    torch.manual_seed(3)
+    head = HEADS[name](32, 6)
+    torch.manual_seed(3)
+    fresh = HEADS[name](32, 6)
+    with torch.no_grad():  # what mmengine's Normal(std=0.01) override does to every layer of the module
+        for module in head.modules():
+            if getattr(module, "weight", None) is not None:
+                module.weight.normal_(0, 0.01)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        if hasattr(head, "prototypes"):
+            head.prototypes.zero_()
+    head.init_weights()
+    for (key, value), (_, expected) in zip(head.state_dict().items(), fresh.state_dict().items(), strict=True):
+        if not key.startswith("conv_seg."):
+            assert torch.equal(value, expected), key
+    if hasattr(head, "conv_seg"):
+        assert abs(float(head.conv_seg.weight.detach().std()) - 0.01) < 0.002
+        assert torch.count_nonzero(head.conv_seg.bias) == 0
+
+
+def test_init_weights_keeps_a_kxk_coarse_classifier_and_stripped_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3, padding=1))
+    replace_classifier(model, SSAClassifier, num_classes=4)
+    head = model[1]
+    proj = head.center_proj.weight.clone()
+    head.strip_training_layers()
+    with torch.no_grad():
+        head.center_proj.weight.zero_()
+    head.init_weights()
+    assert head.conv_seg.kernel_size == (3, 3) and head.gt_center_proj is None
+    assert torch.equal(head.center_proj.weight, proj)
+
+
+# ----------------------------------------------------------------------------- the host's dropout
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_host_dropout_moves_to_the_coarse_path(name, caplog):
+    torch.manual_seed(0)
+    model = TinyFCN()
+    model.classifier[3] = nn.Dropout(0.3)
+    with caplog.at_level(logging.INFO, logger="adaptive_heads.replace"):
+        replace_classifier(model, HEADS[name], include_aux=True)
+    assert isinstance(model.classifier[3], nn.Identity) and isinstance(model.aux_classifier[3], nn.Identity)
+    main, aux = model.classifier[4], model.aux_classifier[4]
+    assert main.dropout.p == 0.3 and aux.dropout.p == 0.1 and main.options()["dropout"] == 0.3
+    assert "'classifier.3'" in caplog.text and "absorb_dropout=False" in caplog.text
+    images, target = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    model.train()
+    outs = []
+    for _ in range(2):
+        with supervise(model, target) as sup:
+            model(images)
+        outs.append(sup.outputs)
+    label_built = "oracle" if name == "cac" else "teacher"
+    for path in ("classifier.4", "aux_classifier.4"):
+        first, second = outs[0][path][0], outs[1][path][0]
+        torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
+        assert not torch.equal(first.coarse, second.coarse)  # the coarse path still gets dropout
+
+
+def test_host_dropout_kept_on_request_and_for_protoseg():
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier, absorb_dropout=False)
+    assert isinstance(model.classifier[3], nn.Dropout)
+    model = TinyFCN()
+    replace_classifier(model, HEADS["proto"])  # the official ProtoSeg embeds dropped-out features
+    assert isinstance(model.classifier[3], nn.Dropout)
+
+
+def test_host_dropout_as_an_attribute_beside_the_classifier():
+    class Decoder(nn.Module):  # HF Segformer's decode head, mmseg's decode heads, the CamVid example network
+        def __init__(self) -> None:
+            super().__init__()
+            self.fuse = nn.Conv2d(3, 8, 1)
+            self.dropout = nn.Dropout2d(0.2)
+            self.classifier = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.classifier(self.dropout(self.fuse(x)))
+
+    model = nn.Sequential(Decoder())
+    replace_classifier(model, ContextAwareClassifier, path="0.classifier")
+    assert isinstance(model[0].dropout, nn.Identity) and model[0].classifier.dropout.p == 0.2
+
+
+# ----------------------------------------------------------------------------- which head is the main one
+def test_every_replaced_path_is_kept_main_first():
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier)
+    replace_classifier(model, ContextAwareClassifier, path="aux_classifier.4")
+    assert model.adaptive_head_paths == ["classifier.4", "aux_classifier.4"]
+    assert model.adaptive_head_weights == {"aux_classifier.4": 0.5}  # torchvision's recipe
+    model = TinyFCN()  # the other order
+    replace_classifier(model, ContextAwareClassifier, path="aux_classifier.4")
+    replace_classifier(model, ContextAwareClassifier)
+    assert model.adaptive_head_paths == ["classifier.4", "aux_classifier.4"]
+
+
+def test_image_context_uses_the_main_head_after_separate_replacements():
+    torch.manual_seed(0)
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier)
+    replace_classifier(model, ContextAwareClassifier, path="aux_classifier.4")
+    model.eval()
+    images = torch.randn(1, 3, 32, 32)
+
+    with torch.no_grad():
+        out = model(images)
+        ours = slide_inference(model, images, crop_size=32, stride=32, context="image")
+    torch.testing.assert_close(ours, out["out"], rtol=1e-5, atol=1e-5)
+    assert (ours - out["aux"]).abs().max() > 1e-3
+
+
+def test_known_model_is_found_inside_a_wrapper_and_as_a_subclass():
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = nn.CrossEntropyLoss()
+            self.net = TinyFCN()
+
+    assert find_classifier(Wrapper(), include_aux=True) == ["net.classifier.4", "net.aux_classifier.4"]
+
+    class MyFCN(TinyFCN):
+        pass
+
+    assert find_classifier(MyFCN()) == ["classifier.4"]
+
+    class Ensemble(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = TinyFCN(), TinyFCN()
+
+    with pytest.raises(ValueError, match=r"several segmentation models: 'a' \(FCN\), 'b' \(FCN\); pass path="):
+        find_classifier(Ensemble())
+
+
+def test_unknown_model_with_several_candidate_convs_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+    with pytest.raises(ValueError, match=r"2 convs with out_channels=4 .*\['0', '2'\]; pass path="):
+        replace_classifier(model, ContextAwareClassifier, num_classes=4)
+    replace_classifier(model, ContextAwareClassifier, path="2")
+    with pytest.raises(ValueError, match=r"\['0', '2'\]"):  # the head's own coarse conv '2.conv_seg' is none
+        find_classifier(model, num_classes=4)
+
+
+# ----------------------------------------------------------------------------- auxiliary heads' weight
+def test_supervise_weighs_an_auxiliary_head_as_the_host_library():
+    torch.manual_seed(0)
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier, include_aux=True)
+    images, target = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
+    model.eval()  # no dropout: the same terms at every call
+    for head in (model.classifier[4], model.aux_classifier[4]):
+        head.take_input_dropout(0.0)
+        head.train()
+    with supervise(model, target) as sup:
+        model(images)
+    terms = sup.losses()
+    extra = ("ce", "ce_oracle", "distill")
+    main = sum(terms[f"classifier.4.{k}"] for k in extra)
+    aux = sum(terms[f"aux_classifier.4.{k}"] for k in extra)
+    torch.testing.assert_close(terms["loss"], main + 0.5 * aux)
+    assert sup.head_weights == {"classifier.4": 1.0, "aux_classifier.4": 0.5}
+    with supervise(model, target, head_weights={"aux_classifier.4": 0.0}) as sup:
+        model(images)
+    torch.testing.assert_close(sup.loss(), main)
+    with pytest.raises(ValueError, match="head_weights names unknown heads"):
+        supervise(model, target, head_weights={"nope": 1.0})
+
+
+# ----------------------------------------------------------------------------- class counts, ignore_index
+@pytest.mark.parametrize("name", list(HEADS))
+def test_one_class_is_refused_with_what_to_do(name):
+    with pytest.raises(ValueError, match=r"num_classes must be an int >= 2, got 1 .*use 2 classes and cross-entropy"):
+        HEADS[name](8, 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 1, 1))
+    with pytest.raises(ValueError, match=r"'1' has out_channels=1.*2 classes and train it with cross-entropy"):
+        replace_classifier(model, HEADS[name], path="1")
+
+
+def test_ignore_index_inside_the_classes_warns():
+    with pytest.warns(UserWarning, match=r"ignore_index=255 is one of the 256 classes.*outside \[0, 256\)"):
+        ContextAwareClassifier(8, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ContextAwareClassifier(8, 255)
+        ContextAwareClassifier(8, 256, ignore_index=-1)
+
+
+# ----------------------------------------------------------------------------- SSA's tile statistics
+def test_ssa_tile_statistics_ignore_weight_zero_pixels_for_the_peak():
+    torch.manual_seed(0)
+    head = SSAClassifier(8, 3).eval()
+    feat = torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        head.conv_seg.bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
+        head.conv_seg.weight.zero_()
+        head.conv_seg.weight[:, 0] = 1.0  # coarse logits = channel 0 of the features, for every class
+        centre = head.get_feat_pos.weight[..., 1, 1].clone()
+        head.get_feat_pos.weight.zero_()
+        head.get_feat_pos.weight[..., 1, 1] = centre  # pixel-local position features
+    first, second = feat.clone(), feat.clone()
+    first[:, 0, 0, 0] = 200.0  # the peak of the first tile, at a weight-0 pixel
+    weight = torch.ones(1, 1, 6, 6)
+    weight[..., 0, 0] = 0
+    with torch.no_grad():
+        merged = head.merge_context(head.context_statistics(first, weight), head.context_statistics(second, weight))
+        logits = head.logits_from_context(feat, merged)
+        alone = head.context_statistics(second, weight)  # the same counted pixels as the first tile's
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(
+        merged["pos_sums"] / merged["pos_norm"].unsqueeze(-1), alone["pos_sums"] / alone["pos_norm"].unsqueeze(-1)
+    )
+
+
+# ----------------------------------------------------------------------------- bad labels on an accelerator
+def test_labels_are_asserted_on_the_device_without_a_host_read(monkeypatch):
+    monkeypatch.setattr(validation, "_value_checks", lambda t: False)  # an accelerator without debug mode
+    head = ContextAwareClassifier(8, 4).to("meta")
+    feat = torch.randn(2, 8, 4, 4, device="meta")
+    target = torch.zeros(2, 16, 16, dtype=torch.long, device="meta")
+    mode = DeviceDiscipline()
+    with mode:  # no host read, and the assertion is issued on the device
+        head(feat, target)
+    assert "_assert_async" in mode.ops
+
+
+def test_device_assertion_names_the_range_and_the_ignore_index_option(monkeypatch):
+    monkeypatch.setattr(validation, "_value_checks", lambda t: False)
+    monkeypatch.setattr(validation, "_device_checks", lambda t: True)  # the device path, run on the CPU
+    head = ContextAwareClassifier(8, 4)
+    target = torch.full((2, 16, 16), -100)
+    with pytest.raises(RuntimeError, match=r"labels outside \[0, 4\) that are not ignore_index=255.*-100"):
+        head(torch.randn(2, 8, 4, 4), target)
+    head = ContextAwareClassifier(8, 4, ignore_index=-100)
+    loss = head.default_loss()
+    out = head(torch.randn(2, 8, 4, 4), target)
+    assert torch.isfinite(loss(out, target)["loss"])
+
+
+def test_cpu_labels_are_read_at_once_with_the_bad_values():
+    head = ContextAwareClassifier(8, 4)
+    with pytest.raises(ValueError, match=r"ignore_index=255; if your ignore value.*\(min -1, max -1\)"):
+        head(torch.randn(1, 8, 4, 4), torch.full((1, 8, 8), -1))
+
+
+# ----------------------------------------------------------------------------- gradients for DDP (docs/multi-gpu.md)
+@pytest.mark.parametrize(
+    "name,zero,starved",
+    [
+        ("cac", (), set()),
+        ("ssa", (), set()),
+        ("proto", (), set()),
+        ("cac", ("ce_oracle",), {"apd_proj"}),
+        ("ssa", ("ce_teacher", "dice_teacher"), {"gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj"}),
+        ("ssa", ("ce_teacher",), set()),
+        ("proto", ("ce",), {"mask_norm"}),
+    ],
+)
+def test_layers_without_a_gradient_are_those_the_docs_name(name, zero, starved):
+    torch.manual_seed(0)
+    head = HEADS[name](8, 4)
+    loss_fn = head.loss_type(weights=dict.fromkeys(zero, 0.0))
+    target = torch.randint(0, 4, (2, 12, 12))
+    loss_fn(head(torch.randn(2, 8, 6, 6), target), target)["loss"].backward()
+    assert {n.split(".")[0] for n, p in head.named_parameters() if p.grad is None} == starved
