@@ -12,11 +12,25 @@ __all__ = ["float32_math", "upcast_half"]
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _autocast_available(device_type: str) -> bool:
+    try:
+        return bool(torch.amp.is_autocast_available(device_type))
+    except RuntimeError:  # a device type this build does not know
+        return False
+
+
+# asked once, eagerly: torch.compile before torch 2.5 cannot trace the query (a graph break at every head call)
+_AUTOCAST_DEVICES = {t: _autocast_available(t) for t in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "meta")}
+
+
 def float32_math(device: torch.device) -> contextlib.AbstractContextManager:
-    """A context that disables autocast for ``device``, so explicit float32 math stays float32 (a no-op on devices
-    without autocast, e.g. ``meta``)."""
-    if not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
+    """A context that disables autocast for ``device``, so explicit float32 math stays float32 (a no-op where
+    autocast is off, and on devices without autocast, e.g. ``meta``)."""
+    available = _AUTOCAST_DEVICES.get(device.type)
+    if available is None:
+        available = _AUTOCAST_DEVICES[device.type] = _autocast_available(device.type)
+    if not available or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()  # nothing to disable: no autocast node in compiled or exported graphs
     return torch.autocast(device_type=device.type, enabled=False)
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     pass
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
+_REPLAYING = False  # AdaptiveHead.init_weights() is rebuilding a head
 OutputT = TypeVar("OutputT", bound="HeadOutput")
 Reduction = Literal["mean", "sum"]
 #: where a head pools its label-built class statistics: over each image, this process's batch, every rank's batch
@@ -179,8 +180,9 @@ class AdaptiveHead(nn.Module):
         A ``model.half()`` or ``model.bfloat16()`` gets half logits (the pooling, norms and softmax statistics
         inside still run in float32); a float32 model under autocast gets float32 logits, like the statistics.
         """
-        param = next(self.parameters(), None)
-        return feat.dtype if param is None else torch.promote_types(feat.dtype, param.dtype)
+        for param in self.parameters():  # the first one (a loop: torch.compile before 2.5 cannot trace next())
+            return torch.promote_types(feat.dtype, param.dtype)
+        return feat.dtype
 
     def forward_logits(self, feat: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Inference: ``feat [B, C, h, w]`` → logits ``[B, n, h, w]``."""
@@ -224,13 +226,26 @@ class AdaptiveHead(nn.Module):
         classifier (LayerNorm scales to ≈ 0, projector weights to N(0, 0.01²)); mmengine then calls the
         ``init_weights()`` of each child module, this method, which undoes it. Buffers (ProtoSeg's prototypes)
         are reset too; layers dropped by :meth:`strip_training_layers` stay dropped.
+
+        The values equal the construction's when the head was built on the CPU (the default; built under another
+        default device, the replay draws the same distributions from the CPU generator). Call it before wrapping
+        the model for sharded training (FSDP), as mmengine's runner does.
         """
+        global _REPLAYING
+        if _REPLAYING:  # a subclass that calls init_weights() in its constructor, while it is being replayed
+            return
         state, args, kwargs = self.__dict__["_construction"]
+        if not args and not kwargs:  # unpickled from before the construction was recorded: the same architecture
+            args, kwargs = (self.in_channels, self.num_classes), self.options()
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.random.set_rng_state(state)
-            with torch.device("cpu"):
-                fresh = type(self)(*args, **kwargs)
+            _REPLAYING = True
+            try:
+                with torch.device("cpu"):
+                    fresh = type(self)(*args, **kwargs)
+            finally:
+                _REPLAYING = False
         own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
         coarse = self.coarse_classifier
         with torch.no_grad():
@@ -345,10 +360,11 @@ class CosineHead(AdaptiveHead):
     def take_input_dropout(self, p: float) -> bool:
         """The host's dropout before the classifier becomes this head's ``Dropout2d(p)`` on the coarse path only
         (the official heads' place for it: the prototypes and the label-built branch see the undropped features);
-        ``p = 0`` removes it. Returns ``True``."""
+        ``p = 0`` removes it. A head built with an explicit ``dropout=`` keeps that rate. Returns ``True``."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        self.dropout = nn.Dropout2d(p) if p > 0 else nn.Identity()
+        if "dropout" not in self.__dict__["_construction"][2]:
+            self.dropout = nn.Dropout2d(p) if p > 0 else nn.Identity()
         return True
 
     def options(self) -> dict[str, Any]:

@@ -169,7 +169,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        conv1, relu, conv2 = cast(tuple[nn.Conv2d, nn.Module, nn.Conv2d], tuple(self.proj))
+        conv1, relu, conv2 = cast(nn.Conv2d, self.proj[0]), self.proj[1], cast(nn.Conv2d, self.proj[2])
         return pointwise_conv(relu(pointwise_conv(x, conv1.weight, conv1.bias)), conv2.weight, conv2.bias)
 
 

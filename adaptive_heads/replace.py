@@ -49,6 +49,15 @@ _SUMMED_CLASSIFIERS = {"torchvision.LRASPP": ("classifier.low_classifier", "clas
 # the auxiliary CE weight of the host library's own training recipe, where it is a constant
 _AUX_WEIGHTS = {"torchvision": 0.5}
 
+# the dropout a known model applies right before its main classifier outside the classifier's own module
+_MAIN_DROPOUTS = {
+    "segmentation_models_pytorch.FPN": "decoder.dropout",
+    "segmentation_models_pytorch.PSPNet": "decoder.dropout",
+}
+
+# heads whose ``dropout`` attribute also feeds other layers than the classifier: it stays
+_SHARED_DROPOUTS = {"mmseg.DAHead", "mmseg.ANNHead"}
+
 HeadFactory = Callable[[int, int], AdaptiveHead]
 
 
@@ -59,6 +68,8 @@ class _Classifiers:
     main: str
     aux: str | None = None
     aux_weight: float | None = None
+    main_dropout: str | None = None  # the host's dropout right before the main classifier, where not found by rule
+    prefix: str = ""  # where the known model sits in the module tree
 
 
 def _get(model: nn.Module, path: str) -> nn.Module | None:
@@ -127,16 +138,36 @@ def _known_classifiers(model: nn.Module) -> _Classifiers | None:
     if key == "mmseg.EncoderDecoder" and isinstance(heads, nn.ModuleList) and len(heads) > 0:
         last = _join(prefix, f"decode_head.{len(heads) - 1}.conv_seg")
         if _get(host, "auxiliary_head.conv_seg") is None:
-            return _Classifiers(last)
-        return _Classifiers(
-            last, _join(prefix, "auxiliary_head.conv_seg"), _aux_weight(host, key, "auxiliary_head.conv_seg")
-        )
+            return _Classifiers(last, prefix=prefix)
+        weight = _aux_weight(host, key, "auxiliary_head.conv_seg")
+        return _Classifiers(last, _join(prefix, "auxiliary_head.conv_seg"), weight, prefix=prefix)
+    dropout = _MAIN_DROPOUTS.get(key)
+    dropout = _join(prefix, dropout) if dropout is not None and _get(host, dropout) is not None else None
     for main, aux in KNOWN_CLASSIFIER_PATHS[key]:
         if _get(host, main) is not None:
             if aux is None or _get(host, aux) is None:
-                return _Classifiers(_join(prefix, main))
-            return _Classifiers(_join(prefix, main), _join(prefix, aux), _aux_weight(host, key, aux))
+                return _Classifiers(_join(prefix, main), main_dropout=dropout, prefix=prefix)
+            weight = _aux_weight(host, key, aux)
+            return _Classifiers(_join(prefix, main), _join(prefix, aux), weight, dropout, prefix)
     return None
+
+
+def _classifier_convs(model: nn.Module, num_classes: int, outside: str = "") -> list[str]:
+    """Paths of the convs (and adaptive heads) with ``num_classes`` outputs, except those inside an adaptive head
+    (its own coarse conv) and, with ``outside``, those in the module at that path."""
+
+    def within(path: str, root: str) -> bool:
+        return path == root or path.startswith(f"{root}.")
+
+    heads = [n for n, m in model.named_modules() if isinstance(m, AdaptiveHead) and n]
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, AdaptiveHead))
+        and m.out_channels == num_classes
+        and not any(n != h and within(n, h) for h in heads)
+        and not (outside and within(n, outside))
+    ]
 
 
 def _infer_num_classes(model: nn.Module) -> int | None:
@@ -149,24 +180,25 @@ def _infer_num_classes(model: nn.Module) -> int | None:
 
 
 def _locate(model: nn.Module, num_classes: int | None) -> _Classifiers:
+    name = type(model).__name__
     known = _known_classifiers(model)
     if known is not None:
+        if known.prefix:  # a known model inside something else: no other conv may look like a classifier
+            classes = int(getattr(model.get_submodule(known.main), "out_channels", 0))
+            others = _classifier_convs(model, classes, outside=known.prefix)
+            if others:
+                raise ValueError(
+                    f"{name} holds a known segmentation model at {known.prefix!r} (classifier {known.main!r}) and "
+                    f"other convs that could be the classifier: {others}; pass path="
+                )
         return known
     num_classes = num_classes if num_classes is not None else _infer_num_classes(model)
-    name = type(model).__name__
     if num_classes is None:
         raise ValueError(
             f"cannot locate the classifier of {name}: it is not a known model class and num_classes is "
             "unknown; pass num_classes= or path="
         )
-    heads = [n for n, m in model.named_modules() if isinstance(m, AdaptiveHead)]
-    matches = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, AdaptiveHead))
-        and m.out_channels == num_classes
-        and not any(n.startswith(f"{h}.") for h in heads if h)  # not the coarse conv inside an adaptive head
-    ]
+    matches = _classifier_convs(model, num_classes)
     if not matches:
         raise ValueError(f"no nn.Conv2d with out_channels={num_classes} found in {name}; pass path=")
     if len(matches) > 1:
@@ -220,8 +252,9 @@ def feeding_dropout(model: nn.Module, path: str) -> str | None:
 
     Recognised: the previous item of an ``nn.Sequential`` (torchvision's ``FCNHead`` and auxiliary heads, smp's
     and HF's DPT heads), a ``dropout`` attribute beside a ``classifier`` or ``conv_seg`` (HF Segformer's decode head,
-    mmseg's ``BaseDecodeHead``) and beside the ``classifier`` layer that holds a ``convolution`` (HF MobileViT,
-    MobileNetV2).
+    mmseg's ``BaseDecodeHead``, except ``DAHead`` and ``ANNHead`` whose dropout also feeds other layers), beside
+    the ``classifier`` layer that holds a ``convolution`` (HF MobileViT, MobileNetV2), and smp's FPN and PSPNet
+    ``decoder.dropout`` (the decoder's last layer).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Dropout(0.1), torch.nn.Conv2d(8, 4, 1))
@@ -233,11 +266,18 @@ def feeding_dropout(model: nn.Module, path: str) -> str | None:
     candidates: list[str] = []
     if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
         candidates.append(_join(parent_path, str(int(leaf) - 1)))
-    if leaf in ("classifier", "conv_seg"):
-        candidates.append(_join(parent_path, "dropout"))
+    if leaf in ("classifier", "conv_seg") and parent is not None:
+        if _known_key(parent, dict.fromkeys(_SHARED_DROPOUTS)) is None:
+            candidates.append(_join(parent_path, "dropout"))
     grand_path, _, parent_leaf = parent_path.rpartition(".")
     if leaf == "convolution" and parent_leaf == "classifier":
         candidates.append(_join(grand_path, "dropout"))
+    try:
+        known = _known_classifiers(model)
+    except ValueError:
+        known = None
+    if known is not None and known.main == path and known.main_dropout is not None:
+        candidates.append(known.main_dropout)
     for candidate in candidates:
         if isinstance(_get(model, candidate), _DropoutNd):
             return candidate
@@ -253,9 +293,9 @@ def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead) -> None:
     if head.take_input_dropout(p):
         _set(model, dropout_path, nn.Identity())
         logger.info(
-            "replace_classifier: %r (%r) fed the classifier at %r; it is now nn.Identity and %s applies "
-            "Dropout2d(p=%g) to its coarse logits only, as the official head (absorb_dropout=False keeps it)",
-            dropout_path, dropout, path, type(head).__name__, p,
+            "replace_classifier: %r (%r) fed the classifier at %r; it is now nn.Identity and %s applies %r to its "
+            "coarse logits only, as the official head (absorb_dropout=False keeps it)",
+            dropout_path, dropout, path, type(head).__name__, getattr(head, "dropout", None),
         )  # fmt: skip
 
 
@@ -283,13 +323,15 @@ def replace_classifier(
             torchvision's FCN heads, HF Segformer and DPT, mmseg's decode heads) would reach every branch of a CAC
             or SSA-Seg head; the official heads apply dropout to the coarse logits' input only. With ``True``
             (default) that dropout becomes ``nn.Identity`` and the head's own coarse-path dropout takes its rate
+            (unless the head was built with an explicit ``dropout=``)
             (:meth:`~adaptive_heads.base.AdaptiveHead.take_input_dropout`; logged at INFO level by
             ``logging.getLogger("adaptive_heads.replace")``). ProtoSeg keeps the host's dropout (the official
             ProtoSeg embeds dropped-out features).
 
     Returns:
         ``model`` (modified in place). ``model.adaptive_head_paths`` lists every path replaced so far (over all
-        calls), the main classifier first; ``model.adaptive_head_weights`` maps an auxiliary head's path to the
+        calls), the main classifier first; ``model.adaptive_main_head`` is its path (``None`` while only a known
+        model's auxiliary classifier is replaced); ``model.adaptive_head_weights`` maps an auxiliary head's path to the
         host library's weight of its loss where known (torchvision 0.5, HF ``auxiliary_loss_weight``, mmseg's
         ``loss_weight``), which :func:`~adaptive_heads.supervise` applies to its extra terms.
 
@@ -311,6 +353,7 @@ def replace_classifier(
         except ValueError:  # several or summed classifiers: the paths given say which
             located = None
     previous: list[str] = list(getattr(model, "adaptive_head_paths", None) or [])
+    previous_main: str | None = getattr(model, "adaptive_main_head", previous[0] if previous else None)
     weights: dict[str, float] = dict(getattr(model, "adaptive_head_weights", None) or {})
     for p in paths:
         old = _get(model, p)
@@ -340,8 +383,14 @@ def replace_classifier(
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
     replaced = [*previous, *paths]
-    # the main classifier first: the known main path, else the first path ever replaced
-    main = located.main if located is not None and located.main in replaced else replaced[0]
-    model.adaptive_head_paths = [main, *(p for p in replaced if p != main)]  # type: ignore[assignment]
+    # the main classifier: of a known model its known path (None while only its auxiliary one is replaced), of
+    # another model the first path ever replaced
+    main = previous_main if previous else (located.main if located is not None else paths[0])
+    if located is not None and main is None and located.main in replaced:
+        main = located.main
+    if main not in replaced:
+        main = None
+    model.adaptive_head_paths = [*([main] if main else []), *(p for p in replaced if p != main)]  # type: ignore[assignment]
+    model.adaptive_main_head = main  # type: ignore[assignment]
     model.adaptive_head_weights = weights  # type: ignore[assignment]
     return model

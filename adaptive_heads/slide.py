@@ -176,8 +176,13 @@ def _context_head(model: nn.Module, head: str | None) -> ContextHead | None:
         if isinstance(model, AdaptiveHead):
             heads = {"": model}
         paths = getattr(model, "adaptive_head_paths", None)
+        if paths and getattr(model, "adaptive_main_head", paths[0]) is None:
+            raise ValueError(
+                f"the model's main classifier is not an adaptive head (replaced: {paths}); image context builds "
+                'the classifier of the main head: replace it, pass head=, or use context="tile"'
+            )
         if paths:
-            found = model.get_submodule(paths[0])
+            found = model.get_submodule(getattr(model, "adaptive_main_head", paths[0]))
         elif len(heads) == 1:
             found = next(iter(heads.values()))
         elif not heads:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from adaptive_heads import AdaptiveHead, HeadLoss, PrototypeClassifier
 from adaptive_heads.registry import HEADS
+
+#: the installed torch as (major, minor), for tests of capabilities younger than the supported floor
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 #: test-size options by head class: fewer prototypes keep ProtoSeg's tests fast
 FAST_OPTIONS: dict[type[AdaptiveHead], dict[str, object]] = {PrototypeClassifier: {"num_prototypes": 3}}

@@ -4,6 +4,7 @@ main one, degenerate class counts and bad labels. The real torchvision, smp, HF 
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -68,7 +69,7 @@ def test_init_weights_keeps_a_kxk_coarse_classifier_and_stripped_layers():
 @pytest.mark.parametrize("name", ["cac", "ssa"])
 def test_host_dropout_moves_to_the_coarse_path(name, caplog):
     torch.manual_seed(0)
-    model = TinyFCN()
+    model = TinyFCN(width=32)  # 64 channel draws per call: two equal Dropout2d(0.1) masks have odds 1e-6
     model.classifier[3] = nn.Dropout(0.3)
     with caplog.at_level(logging.INFO, logger="adaptive_heads.replace"):
         replace_classifier(model, HEADS[name], include_aux=True)
@@ -88,6 +89,12 @@ def test_host_dropout_moves_to_the_coarse_path(name, caplog):
         first, second = outs[0][path][0], outs[1][path][0]
         torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
         assert not torch.equal(first.coarse, second.coarse)  # the coarse path still gets dropout
+
+
+def test_an_explicit_head_dropout_is_kept():
+    model = TinyFCN()
+    replace_classifier(model, functools.partial(ContextAwareClassifier, dropout=0.0))
+    assert isinstance(model.classifier[3], nn.Identity) and isinstance(model.classifier[4].dropout, nn.Identity)
 
 
 def test_host_dropout_kept_on_request_and_for_protoseg():
@@ -296,3 +303,39 @@ def test_layers_without_a_gradient_are_those_the_docs_name(name, zero, starved):
     target = torch.randint(0, 4, (2, 12, 12))
     loss_fn(head(torch.randn(2, 8, 6, 6), target), target)["loss"].backward()
     assert {n.split(".")[0] for n, p in head.named_parameters() if p.grad is None} == starved
+
+
+# ----------------------------------------------------------------------------- review findings
+def test_a_known_model_beside_other_candidate_convs_is_refused():
+    class Distillation(nn.Module):  # a student of its own beside a torchvision-style teacher
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+            self.teacher = TinyFCN()
+
+    with pytest.raises(ValueError, match=r"known segmentation model at 'teacher'.*\['student\.2'\]; pass path="):
+        find_classifier(Distillation())
+
+
+def test_image_context_refuses_a_model_whose_main_classifier_is_not_adaptive():
+    model = TinyFCN()
+    replace_classifier(model, ContextAwareClassifier, path="aux_classifier.4")
+    assert model.adaptive_main_head is None and model.adaptive_head_paths == ["aux_classifier.4"]
+    with pytest.raises(ValueError, match="main classifier is not an adaptive head"):
+        slide_inference(model.eval(), torch.randn(1, 3, 16, 16), crop_size=16, stride=16, context="image")
+    replace_classifier(model, ContextAwareClassifier)
+    assert model.adaptive_main_head == "classifier.4"
+    assert model.adaptive_head_paths == ["classifier.4", "aux_classifier.4"]
+
+
+def test_init_weights_called_by_a_subclass_constructor_does_not_recurse():
+    class Reinitialised(ContextAwareClassifier):  # the mmcv pattern: init_weights() at the end of __init__
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.init_weights()
+
+    torch.manual_seed(0)
+    head = Reinitialised(8, 3)
+    torch.manual_seed(0)
+    fresh = ContextAwareClassifier(8, 3)
+    assert torch.equal(head.proj[0].weight, fresh.proj[0].weight)

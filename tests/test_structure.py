@@ -190,3 +190,28 @@ def test_functional_all_is_complete_and_tensor_only():
         for n in module.__all__
     }
     assert public <= set(AF.__all__)
+
+
+def test_declared_lower_bounds_are_the_oldest_versions_ci_runs():
+    tomllib = pytest.importorskip("tomllib")
+    version = pytest.importorskip("packaging.version")
+    root = PACKAGE.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    requirements = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    floors = {}
+    for requirement in requirements:
+        name, sep, rest = requirement.partition(">=")
+        if sep:
+            floors[name.strip().lower()] = rest.split(",")[0].strip()
+    pins = {}
+    for line in (root / ".ci" / "oldest.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            pins[name.lower()] = pinned
+    checked = {name: pins[name] for name in pins if name in floors}
+    assert set(checked) >= {"torch", "torchvision", "segmentation-models-pytorch", "transformers", "mmsegmentation"}
+    for name, pinned in checked.items():
+        assert version.Version(floors[name]) == version.Version(pinned), (name, floors[name], pinned)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .._layout import is_channels_last
 from .._precision import float32_math
+from .._validation import is_tracing
 
 __all__ = ["unit_layer_norm"]
 
@@ -31,8 +32,11 @@ def _channels_last_float(y: Tensor) -> Tensor:
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(x / max(‖x‖, eps), ‖x‖)`` over the last axis; ``x`` is overwritten."""
+    """``(x / max(‖x‖, eps), ‖x‖)`` over the last axis; ``x`` is overwritten (out of place while torch.compile or
+    torch.export trace: the compiler fuses it anyway, and torch.export before 2.6 cannot mutate the copy)."""
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    if is_tracing():
+        return x / norm.clamp_min(NORM_EPS), norm
     return x.div_(norm.clamp_min(NORM_EPS)), norm
 
 

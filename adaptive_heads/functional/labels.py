@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,7 +16,8 @@ def _nearest_source_index(out_size: int, in_size: int, device: torch.device) -> 
     """Source indices of PyTorch's legacy ``nearest`` mode: ``min(floor(i · in/out), in - 1)`` in float32."""
     if out_size == in_size:
         return torch.arange(out_size, device=device)
-    scale = float(np.float32(in_size / out_size))  # the float32 scale of PyTorch's kernel, a host constant
+    # the float32 scale of PyTorch's kernel, filled on the device (no host copy; traceable by torch.compile)
+    scale = torch.full((), in_size / out_size, dtype=torch.float32, device=device)
     idx = torch.floor(torch.arange(out_size, dtype=torch.float32, device=device) * scale).long()
     return idx.clamp_max(in_size - 1)
 

@@ -21,13 +21,14 @@ Sliding-window inference with whole-image context: use the segmentor ``AdaptiveE
 adaptive classifier is built from all of its tiles (:func:`adaptive_heads.slide_inference`); ``context="tile"``
 (or the plain ``EncoderDecoder``) is mmseg's own per-tile behaviour.
 
-The adaptive head applies its own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
-``dropout``, to the coarse logits only (as the official CAC/SSA heads), so the decode head's outer dropout before
-``conv_seg`` is not applied. Its parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is
-the coarse classifier). mmengine's ``init_weights()`` (called by ``Runner.train()``) applies the decode head's
-``init_cfg`` (``Normal(std=0.01, override=conv_seg)``) to the whole adaptive head, then calls the head's own
-:meth:`~adaptive_heads.base.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's
-N(0, 0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
+CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
+``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
+``conv_seg`` is not applied; ProtoSeg keeps it (the official ProtoSeg embeds dropped-out features). The head's
+parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier). mmengine's
+``init_weights()`` (called by ``Runner.train()``) applies the decode head's ``init_cfg`` (``Normal(std=0.01,
+override=conv_seg)``) to the whole adaptive head, then calls the head's own
+:meth:`~adaptive_heads.base.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
+0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
 ``loss_decode.loss_weight``, as its CE.
 """
 
@@ -85,11 +86,13 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             self.adaptive_loss = head.loss_type(ignore_index=self.ignore_index, weights=adaptive_loss_weights)
 
         def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
+            if self.dropout is not None and not isinstance(self.conv_seg, CosineHead):
+                feat = self.dropout(feat)  # ProtoSeg: the official head embeds dropped-out features
             return self.conv_seg(feat)
 
         def _ce_weight(self) -> float:
-            """The weight of this head's CE (``loss_decode.loss_weight``: 0.4 for a usual auxiliary head), which
-            its extra terms take too."""
+            """The weight of this head's CE (``loss_decode.loss_weight``, of the first loss if there are several:
+            0.4 for a usual auxiliary head), which its extra terms take too."""
             losses = self.loss_decode if isinstance(self.loss_decode, torch.nn.ModuleList) else [self.loss_decode]
             return float(getattr(losses[0], "loss_weight", 1.0))
 

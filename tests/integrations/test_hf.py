@@ -28,7 +28,12 @@ def _upernet():
         num_channels=3, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=stages
     )
     config = transformers.UperNetConfig(
-        backbone_config=backbone, hidden_size=16, auxiliary_channels=8, num_labels=5, use_auxiliary_head=True
+        backbone_config=backbone,
+        hidden_size=16,
+        auxiliary_channels=8,
+        num_labels=5,
+        use_auxiliary_head=True,
+        auxiliary_in_channels=24,  # stage 3 (transformers before 5 defaults to 384 instead of the backbone's)
     )
     torch.manual_seed(0)
     return transformers.UperNetForSemanticSegmentation(config)

@@ -197,3 +197,22 @@ def test_adaptive_decode_head_takes_the_dropout_ratio_and_weighs_an_auxiliary_he
     losses = model.loss(torch.randn(2, 3, 64, 64), _samples())
     head = model.auxiliary_head
     assert head._ce_weight() == 0.4 and "aux.loss_adaptive" in losses
+
+
+def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_heads_dropout():
+    from mmseg.models.decode_heads import DAHead, FCNHead
+
+    from adaptive_heads.replace import feeding_dropout
+
+    da = DAHead(in_channels=16, channels=8, pam_channels=4, num_classes=5, dropout_ratio=0.1)
+    assert feeding_dropout(da, "conv_seg") is None  # DAHead's dropout also feeds pam_cls_seg and cam_cls_seg
+    fcn = FCNHead(in_channels=16, channels=8, num_classes=5, dropout_ratio=0.1)
+    assert feeding_dropout(fcn, "conv_seg") == "dropout"
+
+    model = _model("AdaptiveFCNHead", dict(type="PrototypeClassifier"))
+    head = model.decode_head.train()
+    feat = torch.randn(2, 32, 8, 8)
+    with torch.no_grad():
+        assert not torch.equal(head.cls_seg(feat), head.cls_seg(feat))  # Dropout2d before the embedding
+        head.eval()
+        assert torch.equal(head.cls_seg(feat), head.cls_seg(feat))

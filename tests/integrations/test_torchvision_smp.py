@@ -1,5 +1,5 @@
 """The real torchvision and segmentation_models_pytorch models (each test skips without its library; CI runs them
-in a second environment that has both, see ``.ci/run``)."""
+in its oldest and newest environments, see ``.ci/run``)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ SMP_ENCODERS = {"DPT": "tu-vit_tiny_patch16_224"}
 @pytest.mark.parametrize("name", list(HEADS))
 def test_smp_architecture_trains_with_each_head(architecture, name):
     smp = pytest.importorskip("segmentation_models_pytorch")
+    if not hasattr(smp, architecture):
+        pytest.skip(f"segmentation_models_pytorch {smp.__version__} has no {architecture} (DPT: smp >= 0.5)")
     torch.manual_seed(0)
     encoder = SMP_ENCODERS.get(architecture, "resnet18")
     model = getattr(smp, architecture)(encoder_name=encoder, encoder_weights=None, classes=4).eval()
@@ -235,3 +237,13 @@ def test_smp_image_context_goes_through_the_segmentation_head(name, activation):
         whole = local(images)
         image = slide_inference(local, images, crop_size=40, stride=28, context="image")
     torch.testing.assert_close(image, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["FPN", "PSPNet"])
+def test_smp_decoder_dropout_moves_to_the_coarse_path(architecture):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = getattr(smp, architecture)(encoder_name="resnet18", encoder_weights=None, classes=4)
+    assert isinstance(model.decoder.dropout, torch.nn.Dropout2d)
+    replace_classifier(model, ContextAwareClassifier)
+    assert isinstance(model.decoder.dropout, torch.nn.Identity)
+    assert model.segmentation_head[0].dropout.p == 0.2  # smp's decoder_dropout default
