@@ -16,7 +16,7 @@ from .base import AdaptiveHead, HeadLoss, HeadOutput
 from .cac import CACOutput, ContextAwareClassifier, ContextAwareLoss, context_aware_loss
 from .functional import context_aware_distillation
 from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput, prototype_loss
-from .registry import HEADS
+from .registry import HEADS, head_by_name
 from .replace import find_classifier, replace_classifier
 from .slide import slide_inference
 from .ssa import SSAClassifier, SSALoss, SSAOutput, ssa_loss
@@ -43,6 +43,7 @@ __all__ = [
     "context_aware_loss",
     "find_classifier",
     "functional",
+    "head_by_name",
     "prototype_loss",
     "replace_classifier",
     "set_debug",

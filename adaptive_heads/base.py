@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
-from ._validation import check_choice, check_features, check_target
+from ._validation import check_choice, check_features, check_target, is_tracing
 from .functional.cosine import pointwise_conv
 from .functional.labels import resize_labels_nearest
 from .functional.pooling import hard_class_pool
@@ -100,6 +100,9 @@ class AdaptiveHead(nn.Module):
 
     loss_type: ClassVar[type[HeadLoss[Any]]]
     training_only: ClassVar[tuple[str, ...]] = ()
+    #: warn (once) when the head trains without labels, outside a supervise() block (a class default, so heads
+    #: unpickled from before the attribute existed have it too)
+    warn_unsupervised: bool = True
     #: the submodule :meth:`init_weights` gives mmseg's ``N(0, init_std²)`` / zero init (CAC, SSA-Seg: ``conv_seg``)
     coarse_classifier: ClassVar[str | None] = None
 
@@ -155,8 +158,21 @@ class AdaptiveHead(nn.Module):
             collector = self._context_collector
             if collector is not None and not self.training:
                 return collector.collect(feat)
+            if not is_tracing() and self.training and self.warn_unsupervised and torch.is_grad_enabled():
+                self._warn_unsupervised()
             return self.forward_logits(feat)
         return self._train(feat, target)
+
+    def _warn_unsupervised(self) -> None:
+        self.warn_unsupervised = False  # once per head
+        warnings.warn(
+            f"{type(self).__name__} runs in training mode with gradients but without labels: no supervise() block "
+            "gives it the target, so it trains on the model's own loss alone (CAC and SSA-Seg lose every extra "
+            "term, ProtoSeg's prototypes never move). Wrap the forward in `with supervise(model, target) as sup:` "
+            "and add sup.loss(); set head.warn_unsupervised = False if this is deliberate",
+            UserWarning,
+            stacklevel=5,  # the head's caller (past this, forward, Module._call_impl, Module._wrapped_call_impl)
+        )
 
     def _train(self, feat: Tensor, target: Tensor) -> HeadOutput:
         if self.stripped:

@@ -23,11 +23,12 @@ from ._checkpoint import load_prefixed_state_dict
 from ._deprecation import loss_function
 from ._distributed import all_reduce_, is_distributed
 from ._precision import HALF_DTYPES, float32_math, upcast_half
-from ._validation import check_choice
+from ._validation import check_choice, is_tracing
 from .base import AdaptiveHead, HeadLoss, HeadOutput, LossOptions
 from .functional import (
     classwise_sinkhorn,
     pointwise_conv,
+    prototype_best_similarity,
     prototype_contrast_from_stats,
     prototype_contrast_sums,
     prototype_similarity_stats,
@@ -331,9 +332,14 @@ class PrototypeClassifier(AdaptiveHead):
     def forward_logits(self, feat: Tensor) -> Tensor:
         emb = self.embed(feat)
         protos = self.unit_prototypes().to(emb.dtype)
-        best = emb @ protos[:, 0].t()  # [B, h, w, n]; one K-slice at a time, no [N, n, K] tensor
-        for k in range(1, self.num_prototypes):
-            best = torch.maximum(best, emb @ protos[:, k].t())
+        if is_tracing() or (torch.is_grad_enabled() and emb.requires_grad):
+            best = emb @ protos[:, 0].t()  # [B, h, w, n]; one K-slice at a time, no [N, n, K] tensor
+            for k in range(1, self.num_prototypes):
+                best = torch.maximum(best, emb @ protos[:, k].t())
+        else:  # the chunked pass training uses: one [chunk, n·K] matmul per pixel chunk
+            flat = emb.reshape(-1, self.embed_dim)
+            best = prototype_best_similarity(flat, protos.reshape(-1, self.embed_dim), self.num_classes)
+            best = best.view(*emb.shape[:-1], self.num_classes)
         return self._class_logits(best, self.output_dtype(feat))
 
     # ------------------------------------------------------------------ training

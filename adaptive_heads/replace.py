@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from .base import AdaptiveHead
+from .registry import head_by_name
 
 __all__ = ["KNOWN_CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
 
@@ -301,19 +304,22 @@ def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead) -> None:
 
 def replace_classifier(
     model: nn.Module,
-    head_factory: HeadFactory,
+    head: str | HeadFactory,
     path: str | list[str] | None = None,
     *,
     num_classes: int | None = None,
     include_aux: bool = False,
     copy_weights: bool = True,
     absorb_dropout: bool = True,
+    **head_options: Any,
 ) -> nn.Module:
-    """Swap the final classifier conv of ``model`` for ``head_factory(in_channels, num_classes)`` in place.
+    """Swap the final classifier conv of ``model`` for the adaptive head ``head`` in place.
 
     Args:
         model: the segmentation model.
-        head_factory: e.g. ``ContextAwareClassifier`` or ``functools.partial(ContextAwareClassifier, tau=10)``.
+        head: the head: its name (``"cac"``, ``"ssa"``, ``"proto"`` or the class name, see
+            :func:`~adaptive_heads.head_by_name`), its class (``ContextAwareClassifier``) or any callable
+            ``(in_channels, num_classes) -> AdaptiveHead`` (e.g. a ``functools.partial``).
         path: the dotted path(s) of the conv(s) to replace; default: found by :func:`find_classifier`.
         num_classes: for the fallback search when the model class is not known.
         include_aux: also replace the known auxiliary classifier.
@@ -327,6 +333,7 @@ def replace_classifier(
             (:meth:`~adaptive_heads.base.AdaptiveHead.take_input_dropout`; logged at INFO level by
             ``logging.getLogger("adaptive_heads.replace")``). ProtoSeg keeps the host's dropout (the official
             ProtoSeg embeds dropped-out features).
+        **head_options: keyword options of the head (``tau=10.0``), given to it for every classifier replaced.
 
     Returns:
         ``model`` (modified in place). ``model.adaptive_head_paths`` lists every path replaced so far (over all
@@ -336,12 +343,16 @@ def replace_classifier(
         ``loss_weight``), which :func:`~adaptive_heads.supervise` applies to its extra terms.
 
     Example:
-        >>> from adaptive_heads import ContextAwareClassifier
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
-        >>> model = replace_classifier(model, ContextAwareClassifier, num_classes=5)
-        >>> model.adaptive_head_paths, type(model[1]).__name__
-        (['1'], 'ContextAwareClassifier')
+        >>> model = replace_classifier(model, "cac", num_classes=5, tau=10.0)  # or ContextAwareClassifier
+        >>> model.adaptive_head_paths, type(model[1]).__name__, model[1].tau
+        (['1'], 'ContextAwareClassifier', 10.0)
     """
+    factory = head_by_name(head) if isinstance(head, str) else head
+    if not callable(factory):
+        raise TypeError(f"head must be a head name, a head class or a callable, got {type(head).__name__}")
+    if head_options:
+        factory = functools.partial(factory, **head_options)
     if path is None:
         located: _Classifiers | None = _locate(model, num_classes)
         assert located is not None
@@ -370,16 +381,18 @@ def replace_classifier(
                 "head classifies among at least 2 classes: build the model with 2 classes and train it with "
                 "cross-entropy"
             )
-        head = head_factory(old.in_channels, old.out_channels)
-        if not isinstance(head, AdaptiveHead):
-            raise TypeError(f"head_factory must return an AdaptiveHead, got {type(head).__name__}")
+        new = factory(old.in_channels, old.out_channels)
+        if not isinstance(new, AdaptiveHead):
+            raise TypeError(
+                f"head must be a head name, a head class or a callable returning an AdaptiveHead, got {head!r}"
+            )
         param = old.weight
-        head.to(device=param.device, dtype=param.dtype)
-        head.adopt_classifier(old, copy_weights)
-        head.train(old.training)
-        _set(model, p, head)
+        new.to(device=param.device, dtype=param.dtype)
+        new.adopt_classifier(old, copy_weights)
+        new.train(old.training)
+        _set(model, p, new)
         if absorb_dropout:
-            _absorb_dropout(model, p, head)
+            _absorb_dropout(model, p, new)
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
     replaced = [*previous, *paths]

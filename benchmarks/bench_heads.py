@@ -22,7 +22,7 @@ The baseline's CE is this library's tiled ``upsampled_cross_entropy``; the ``con
 Examples:
     python benchmarks/bench_heads.py                   # default sweep (512 px, strides 4 and 8), ~1.5 min on CPU
     python benchmarks/bench_heads.py --quick           # seconds
-    python benchmarks/bench_heads.py --full --device cuda --dtype bf16
+    python benchmarks/bench_heads.py --full --device cuda --dtype fp32 bf16
     python benchmarks/bench_heads.py --model --sizes 512 1024
 """
 
@@ -153,16 +153,14 @@ class Config:
     def __init__(self, cfg: dict, args) -> None:
         self.cfg, self.args = cfg, args
         self.device = torch.device(args.device)
-        self.amp = None if args.dtype == "fp32" else DTYPES[args.dtype]
+        self.amp = None if cfg["dtype"] == "fp32" else DTYPES[cfg["dtype"]]
         size, n = cfg["size"], cfg["n"]
         gen = torch.Generator().manual_seed(0)
         self.target = torch.randint(0, n, (args.batch, size, size), generator=gen)
         self.target[:, : size // 16] = 255
         self.target = self.target.to(self.device)
         names = ["conv", *(["conv+plainCE"] if not args.model else []), *args.heads]
-        self.rows = [
-            {**cfg, "batch": args.batch, "head": nm, "dtype": args.dtype, "device": args.device} for nm in names
-        ]
+        self.rows = [{**cfg, "batch": args.batch, "head": nm, "device": args.device} for nm in names]
 
     def trains(self, name: str) -> bool:
         return not self.args.no_training and not (self.args.model and name == "conv+plainCE")
@@ -175,7 +173,9 @@ class Config:
         gen = torch.Generator().manual_seed(1)
         if self.args.model:
             return torch.randn(b, 3, size, size, generator=gen).to(self.device)
-        return torch.randn(b, c, size // stride, size // stride, generator=gen).relu().to(self.device)
+        feat = torch.randn(b, c, size // stride, size // stride, generator=gen).relu()
+        # under autocast a decoder hands its classifier half features: the head sees what it would see in a model
+        return feat.to(device=self.device, dtype=self.amp or torch.float32)
 
     def runners(self, name: str):
         """``(infer, train, feat)``; ``feat`` is None in ``--model`` mode."""
@@ -281,7 +281,8 @@ _TRAIN_COLUMNS = [
 
 def markdown_table(rows: list[dict]) -> str:
     """One row per (configuration, head); inference or training columns only when measured."""
-    columns = [(k, (lambda r, k=k: str(r[k]))) for k in ("size", "stride", "n", "C", "head")]
+    keys = ("size", "stride", "n", "C", *(["dtype"] if len({r.get("dtype") for r in rows}) > 1 else []), "head")
+    columns = [(k, (lambda r, k=k: str(r[k]))) for k in keys]
     if any("infer_s" in r for r in rows):
         columns += _INFER_COLUMNS
     if any("train_s" in r for r in rows):
@@ -318,12 +319,14 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    groups = sorted({(r["head"], r["stride"], r["n"], r["C"]) for r in rows if r["head"] != "conv"})
-    for head, stride, n, c in groups:
-        sel = sorted((r for r in rows if (r["head"], r["stride"], r["n"], r["C"]) == (head, stride, n, c)),
-                     key=lambda r: r["size"])  # fmt: skip
+
+    def group(r: dict) -> tuple:
+        return r["head"], r["stride"], r["n"], r["C"], r.get("dtype", "fp32")
+
+    for head, stride, n, c, dtype in sorted({group(r) for r in rows if r["head"] != "conv"}):
+        sel = sorted((r for r in rows if group(r) == (head, stride, n, c, dtype)), key=lambda r: r["size"])
         sizes = [r["size"] for r in sel]
-        label = f"{head} s{stride} n{n} C{c}"
+        label = f"{head} s{stride} n{n} C{c} {dtype}"
         for ax, key in zip(axes, ("train_time_ratio", "train_extra_mib"), strict=False):
             if all(key in r for r in sel):
                 ax.plot(sizes, [r[key] for r in sel], marker="o", label=label)
@@ -364,7 +367,8 @@ def parse_args(argv=None):
     p.add_argument("--channels", type=int, nargs="+", help="feature channels C (default 512; --full: 256 512)")
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS), help="heads (default all)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp32, or autocast bf16/fp16")
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32"],
+                   help="fp32, or autocast bf16/fp16 (half features into the head); several: rows of each")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=7, help="timed inference repeats (median; default 7)")
     p.add_argument("--train-repeats", type=int, default=2, help="timed training repeats (median; default 2)")
@@ -397,8 +401,8 @@ def configs(args) -> list[dict]:
     strides = [4] if args.model else (args.strides or strides)  # MiniUPerNet's features are at stride 4
     classes = args.classes or classes
     channels = args.channels or channels
-    grid = itertools.product(sizes, strides, classes, channels)
-    return [{"size": s, "stride": st, "n": n, "C": c} for s, st, n, c in grid]
+    grid = itertools.product(sizes, strides, classes, channels, args.dtype)
+    return [{"size": s, "stride": st, "n": n, "C": c, "dtype": d} for s, st, n, c, d in grid]
 
 
 def tables(rows: list[dict]) -> str:
@@ -444,7 +448,7 @@ def main(argv=None) -> list[dict]:
         else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     )
     meta = (
-        f"{device_name}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, "
+        f"{device_name}, torch {torch.__version__}, {' and '.join(args.dtype)}, batch {args.batch}, "
         f"{'whole MiniUPerNet' if args.model else 'head only'}; memory: "
         f"{CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
     )

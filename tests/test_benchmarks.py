@@ -94,3 +94,19 @@ def test_interleaved_median_times_runs_round_robin_and_takes_medians():
     times = interleaved_median_times(fns, torch.device("cpu"), warmup=1, repeats=3)
     assert calls == ["conv", "cac", "ssa"] + ["conv", "cac", "ssa"] * 3  # warm-up, then one call of each per round
     assert set(times) == set(fns) and all(t >= 0 for t in times.values())
+
+
+def test_bench_float32_and_bf16_side_by_side(tmp_path):
+    from benchmarks import bench_heads
+
+    rows = bench_heads.main(
+        ["--quick", "--sizes", "64", "--heads", "cac", "--no-inference", "--dtype", "fp32", "bf16",
+         "--no-progress", "--no-plot", "--out", str(tmp_path / "d.json")]
+    )  # fmt: skip
+    assert sorted({(r["dtype"], r["head"]) for r in rows}) == [
+        ("bf16", "cac"), ("bf16", "conv"), ("bf16", "conv+plainCE"),
+        ("fp32", "cac"), ("fp32", "conv"), ("fp32", "conv+plainCE"),
+    ]  # fmt: skip
+    table = bench_heads.markdown_table(rows)
+    assert "| dtype |" in table and "| 64 | 4 | 19 | 64 | bf16 | cac |" in table
+    assert all(r["train_time_ratio"] > 0 for r in rows)  # each dtype against its own conv

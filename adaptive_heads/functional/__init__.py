@@ -40,7 +40,12 @@ from .pooling import (
     soft_class_pool,
     soft_class_sums,
 )
-from .prototypes import prototype_contrast_from_stats, prototype_contrast_sums, prototype_similarity_stats
+from .prototypes import (
+    prototype_best_similarity,
+    prototype_contrast_from_stats,
+    prototype_contrast_sums,
+    prototype_similarity_stats,
+)
 from .reductions import classwise_weighted_mean
 from .sinkhorn import classwise_sinkhorn
 from .upsampled import bilinear_source_rows, upsampled_cross_entropy, upsampled_sigmoid_stats
@@ -61,6 +66,7 @@ __all__ = [
     "label_one_hot",
     "pointwise_conv",
     "position_distillation",
+    "prototype_best_similarity",
     "prototype_contrast_from_stats",
     "prototype_contrast_sums",
     "prototype_similarity_stats",

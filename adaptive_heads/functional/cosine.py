@@ -9,6 +9,7 @@ from torch import Tensor
 from .._layout import is_channels_last
 from .._precision import float32_math, upcast_half
 from .._validation import is_tracing
+from ._half import classify_pixels
 
 __all__ = ["channel_norm", "cosine_logits", "pointwise_conv"]
 
@@ -60,11 +61,13 @@ _NORM_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunked_sq_norm(x: Tensor) -> Tensor:
+    """``Σ_c x²`` ``[B, 1, N]`` in float32 (or wider), a half input upcast one pixel chunk at a time."""
     b, c, n = x.shape
-    out = x.new_empty(b, 1, n)
+    out = x.new_empty(b, 1, n, dtype=torch.promote_types(x.dtype, torch.float32))
     step = max(1, _NORM_CHUNK_ELEMENTS // max(1, c))
     for start in range(0, n, step):
-        out[:, :, start : start + step] = x[:, :, start : start + step].square().sum(1, keepdim=True)
+        chunk = upcast_half(x[:, :, start : start + step])
+        out[:, :, start : start + step] = chunk.square().sum(1, keepdim=True)
     return out
 
 
@@ -80,11 +83,11 @@ class _ChannelNorm(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         x, norm = ctx.saved_tensors
         scale = torch.where(norm > 0, grad / norm.clamp_min(torch.finfo(norm.dtype).tiny), torch.zeros_like(norm))
-        return x * scale
+        return (x * scale).to(x.dtype)
 
 
 def channel_norm(x: Tensor) -> Tensor:
-    """L2 norm over the channel axis of ``[B, C, N]`` → ``[B, 1, N]``, in pixel chunks.
+    """L2 norm over the channel axis of ``[B, C, N]`` → ``[B, 1, N]`` (float32 for half input), in pixel chunks.
 
     Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` but several times faster on CPU (the strided
     reduction runs chunk by chunk in cache) and without an ``x²`` copy. The gradient at a zero vector is 0.
@@ -95,7 +98,7 @@ def channel_norm(x: Tensor) -> Tensor:
         tensor([[[5., 0.]]])
     """
     if is_tracing():
-        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        return torch.linalg.vector_norm(upcast_half(x), dim=1, keepdim=True)
     if torch.is_grad_enabled() and x.requires_grad:
         return _ChannelNorm.apply(x)
     return _chunked_sq_norm(x).sqrt_()
@@ -122,16 +125,12 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
         tensor([15.,  0.])
     """
     _b, _, h, w = feat.shape
-    x = upcast_half(feat.flatten(2))  # [B, C, N]
+    x = feat.flatten(2)  # [B, C, N], half features stay half (no float32 copy kept for backward)
     with float32_math(x.device):
-        wt = upcast_half(weight).to(x.dtype)
+        wt = upcast_half(weight).to(torch.promote_types(x.dtype, torch.float32))
         # max(‖·‖, eps) rather than ‖·‖ + eps: identical in float32 for any non-zero vector, and exporters cannot
         # fold it away (the ONNX exporter drops "+ 1e-12", turning all-zero pixels into NaN)
         w_hat = wt / torch.linalg.vector_norm(wt, dim=-1, keepdim=True).clamp_min(eps)
-        inv_norm = scale / channel_norm(x).clamp_min(eps)  # [B, 1, N]
-        if w_hat.dim() == 2:
-            logits = torch.matmul(w_hat, x)  # [n, C] @ [B, C, N] -> [B, n, N]
-        else:
-            logits = torch.bmm(w_hat, x)
-        logits = logits * inv_norm
+        inv_norm = scale / channel_norm(x).clamp_min(eps)  # [B, 1, N], float32
+        logits = classify_pixels(w_hat, x) * inv_norm  # [n, C] or [B, n, C] @ [B, C, N] -> [B, n, N]
     return rearrange(logits, "b n (h w) -> b n h w", h=h, w=w)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .._precision import float32_math, upcast_half
+from ._half import class_sums
 
 __all__ = [
     "class_means",
@@ -39,11 +40,10 @@ def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
         >>> sums.squeeze(-1), area
         (tensor([[2., 3.]]), tensor([[1., 1.]]))
     """
-    probs = upcast_half(probs.flatten(2))
-    feat = upcast_half(feat.flatten(2))
+    probs, feat = probs.flatten(2), feat.flatten(2)
     with float32_math(feat.device):
-        probs = probs.to(feat.dtype)
-        return torch.bmm(probs, feat.transpose(1, 2)), probs.sum(dim=-1)
+        probs = upcast_half(probs).to(torch.promote_types(feat.dtype, torch.float32))
+        return class_sums(probs, feat), probs.sum(dim=-1)
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
@@ -145,12 +145,13 @@ def hard_class_pool(
         >>> sums.squeeze(-1), counts
         (tensor([[0., 3.]]), tensor([[1., 2.]]))
     """
-    x = upcast_half(feat.flatten(2))
+    x = feat.flatten(2)  # half features stay half
+    dtype = torch.promote_types(x.dtype, torch.float32)
     with float32_math(x.device):
         if one_hot is None:
-            one_hot = label_one_hot(labels, num_classes, ignore_index, x.dtype)  # [B, n, N]
-        one_hot = one_hot.to(x.dtype)
-        sums = torch.bmm(one_hot, x.transpose(1, 2))  # [B, n, C]
+            one_hot = label_one_hot(labels, num_classes, ignore_index, dtype)  # [B, n, N]
+        one_hot = one_hot.to(dtype)
+        sums = class_sums(one_hot, x)  # [B, n, C]
         counts = one_hot.sum(dim=-1)  # [B, n]
         if not per_image:
             sums, counts = sums.sum(dim=0), counts.sum(dim=0)

@@ -17,7 +17,12 @@ from torch import Tensor
 
 from .._precision import upcast_half
 
-__all__ = ["prototype_contrast_from_stats", "prototype_contrast_sums", "prototype_similarity_stats"]
+__all__ = [
+    "prototype_best_similarity",
+    "prototype_contrast_from_stats",
+    "prototype_contrast_sums",
+    "prototype_similarity_stats",
+]
 
 #: elements of one ``[chunk, n·K]`` similarity block (~64 MB in float32)
 CHUNK_ELEMENTS = 1 << 24
@@ -101,6 +106,32 @@ def prototype_similarity_stats(
     return _PrototypeSimilarityStats.apply(emb, protos.detach().to(emb.dtype), labels, num_classes, budget)
 
 
+def prototype_best_similarity(emb: Tensor, protos: Tensor, num_classes: int, budget: int | None = None) -> Tensor:
+    """``best [N, n]`` = ``max_k emb @ protosᵀ`` per class, without keeping the ``[N, n·K]`` cosines (inference).
+
+    One ``[chunk, n·K]`` matmul per pixel chunk, as training's :func:`prototype_similarity_stats`; no gradient.
+
+    Args:
+        emb: ``[N, D]`` unit pixel embeddings.
+        protos: ``[n·K, D]`` unit prototypes, row ``c·K + k``.
+        budget: elements of one ``[chunk, n·K]`` block (default :data:`CHUNK_ELEMENTS`).
+
+    Example:
+        >>> emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+        >>> protos = torch.nn.functional.normalize(torch.randn(3 * 2, 4), dim=1)  # n = 3 classes, K = 2
+        >>> best = prototype_best_similarity(emb, protos, 3)
+        >>> torch.equal(best, (emb @ protos.t()).view(6, 3, 2).amax(-1))
+        True
+    """
+    n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
+    with torch.no_grad():
+        protos_t = protos.to(emb.dtype).t()
+        best = emb.new_empty(n_pixels, num_classes, dtype=torch.promote_types(emb.dtype, protos_t.dtype))
+        for sl in _chunks(n_pixels, protos.shape[0], budget):
+            best[sl] = (emb[sl] @ protos_t).view(-1, num_classes, k).amax(dim=-1)
+    return best
+
+
 class _PrototypeContrast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, emb, protos, target, temperature, budget):
@@ -112,8 +143,9 @@ class _PrototypeContrast(torch.autograd.Function):
             sims = emb[sl] @ protos.t()
             picked = sims.gather(1, safe[sl].unsqueeze(1)).squeeze(1)
             keep = valid[sl].to(sims.dtype)
-            ppc += ((torch.logsumexp(sims / temperature, dim=1) - picked / temperature) * keep).sum()
-            ppd += ((1 - picked).pow(2) * keep).sum()
+            # out of place: torch 2.11's inductor zeroes the gradient of an output updated in place
+            ppc = ppc + ((torch.logsumexp(sims / temperature, dim=1) - picked / temperature) * keep).sum()
+            ppd = ppd + ((1 - picked).pow(2) * keep).sum()
         ctx.save_for_backward(emb, protos, safe, valid)
         ctx.temperature, ctx.budget = temperature, budget
         return ppc, ppd

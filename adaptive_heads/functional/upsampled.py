@@ -158,6 +158,10 @@ def _tiling(logits: Tensor, target: Tensor, align_corners: bool, tile_elements: 
     return i0, i1, w1, tiles, align_corners, with_grad
 
 
+# The outputs of the Functions below are accumulated out of place: torch 2.11's inductor gives zero gradients
+# through a custom Function whose output is a ``new_zeros`` tensor updated in place (``+=``), silently.
+
+
 class _TiledUpsampledCE(torch.autograd.Function):
     """Σ_pixels weight · CE(upsample(logits), target), one row tile at a time.
 
@@ -181,7 +185,7 @@ class _TiledUpsampledCE(torch.autograd.Function):
             picked = shifted.gather(-1, index)
             prob = shifted.exp_()
             mass = prob.sum(dim=-1, keepdim=True)
-            total += ((mass.log() - picked) * weight).sum()
+            total = total + ((mass.log() - picked) * weight).sum()  # out of place (torch 2.11, see above)
             if with_grad:
                 prob.div_(mass).scatter_add_(-1, index, torch.full_like(picked, -1.0)).mul_(weight)
                 _add_upsample_adjoint_(grad, prob, rows, tile, align_corners)
@@ -287,8 +291,8 @@ class _TiledSigmoidStats(torch.autograd.Function):
             index = target[:, tile[0] : tile[1], :, None]
             mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
             picked = prob.gather(-1, index)
-            total += prob.sum(dim=(1, 2))
-            own.scatter_add_(1, index.reshape(b, -1), (picked * mask).reshape(b, -1))
+            total = total + prob.sum(dim=(1, 2))  # out of place (torch 2.11, see above)
+            own = own.scatter_add(1, index.reshape(b, -1), (picked * mask).reshape(b, -1))
             if with_grad:
                 slope = prob.mul_(1 - prob)  # dσ/dz
                 own_slope = torch.zeros_like(slope).scatter_(-1, index, slope.gather(-1, index) * mask)

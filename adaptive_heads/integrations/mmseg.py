@@ -82,6 +82,7 @@ def make_adaptive_decode_head(base_cls: type) -> type:
                 with torch.no_grad():
                     inner.weight.copy_(conv.weight)
                     inner.bias.copy_(conv.bias)
+            head.warn_unsupervised = False  # loss() supervises it; mmseg's cascades also run forward() in training
             self.conv_seg = head
             self.adaptive_loss = head.loss_type(ignore_index=self.ignore_index, weights=adaptive_loss_weights)
 
