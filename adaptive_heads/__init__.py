@@ -13,13 +13,13 @@ lives in :mod:`adaptive_heads.functional`; :data:`adaptive_heads.registry.HEADS`
 from . import functional
 from ._validation import set_debug
 from .base import AdaptiveHead, HeadLoss, HeadOutput
-from .cac import CACOutput, ContextAwareClassifier, ContextAwareLoss, context_aware_loss
+from .cac import CACOutput, ContextAwareClassifier, ContextAwareLoss
 from .functional import context_aware_distillation
-from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput, prototype_loss
+from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput
 from .registry import HEADS, head_by_name
 from .replace import find_classifier, replace_classifier
 from .slide import slide_inference
-from .ssa import SSAClassifier, SSALoss, SSAOutput, ssa_loss
+from .ssa import SSAClassifier, SSALoss, SSAOutput
 from .supervise import Supervision, supervise
 
 __version__ = "0.2.0"
@@ -40,14 +40,11 @@ __all__ = [
     "SSAOutput",
     "Supervision",
     "context_aware_distillation",
-    "context_aware_loss",
     "find_classifier",
     "functional",
     "head_by_name",
-    "prototype_loss",
     "replace_classifier",
     "set_debug",
     "slide_inference",
-    "ssa_loss",
     "supervise",
 ]

@@ -11,25 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._checkpoint import load_prefixed_state_dict
-from ._deprecation import loss_function, renamed_method, warn
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
 from ._validation import check_choice, check_unit_interval
 from .base import (
     LABEL_POOLINGS,
+    ClassDirection,
     CosineHead,
-    CosineHeadOptions,
     HeadLoss,
     HeadOutput,
     LabelPooling,
-    LossOptions,
+    Reduction,
     feature_resolution_target,
 )
 from .functional import (
@@ -39,9 +38,6 @@ from .functional import (
     resize_labels_nearest,
     soft_class_sums,
 )
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["CACOutput", "ContextAwareClassifier", "ContextAwareLoss"]
 
@@ -86,12 +82,13 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
     pixels; ``main_average="all"`` reproduces that. An all-ignored batch gives a finite 0.
 
     Args:
-        num_classes: deprecated, unused.
         distill_mode: ``"mixed"`` (official 0.5 label-mixed soft CE) or ``"kl"`` (paper).
         distill_mix: teacher share of the mixed target (official 0.5).
         class_average: ``"present"`` (official) or ``"all"`` (paper Eq. 11).
-        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
-            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce_context``).
+        ignore_index: label ignored by every term.
+        weights: per-term weights, merged into the official ``default_weights``.
+        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
+        main_average: denominator of the main CE ``ce_context``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
 
     Example:
         >>> head = ContextAwareClassifier(16, 5)
@@ -107,16 +104,16 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
 
     def __init__(
         self,
-        num_classes: int | None = None,
         *,
         distill_mode: Literal["mixed", "kl"] = "mixed",
         distill_mix: float = 0.5,
         class_average: Literal["present", "all"] = "present",
-        **options: Unpack[LossOptions],
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: Reduction = "mean",
+        main_average: Literal["valid", "all"] = "valid",
     ) -> None:
-        super().__init__(**options)
-        if num_classes is not None:
-            warn("ContextAwareLoss(num_classes=...)", "ContextAwareLoss() (the argument was never used)")
+        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
         check_choice("distill_mode", distill_mode, ("mixed", "kl"))
         check_choice("class_average", class_average, ("present", "all"))
         check_unit_interval("distill_mix", distill_mix)
@@ -173,9 +170,15 @@ class ContextAwareClassifier(CosineHead):
         oracle_pooling: ``"batch"`` (official: this process's batch), ``"image"`` (paper) or ``"global"`` (every
             rank's batch under ``torch.distributed``: the oracle of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost).
-        **options: the options of every cosine head, :class:`~adaptive_heads.base.CosineHeadOptions` (``tau``,
-            official 15; ``dropout``, official 0.1; ``ignore_index``; ``eps``, official 1e-12; ``init_std``;
-            ``kernel_size``, ``dilation`` and ``class_direction`` for a k×k coarse classifier).
+        tau: cosine scale (official 15).
+        dropout: ``Dropout2d`` probability on the coarse classifier's input only (official 0.1; 0 disables).
+        ignore_index: label the label-built branch ignores (and the default of the loss).
+        eps: added to norms and soft areas (official 1e-12).
+        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+        kernel_size: of the coarse classifier ``conv_seg`` (odd; 1 officially, or the replaced classifier's).
+        dilation: of ``conv_seg`` (the replaced classifier's).
+        class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
+            (:class:`~adaptive_heads.base.CosineHead`).
 
     Example:
         >>> head = ContextAwareClassifier(in_channels=16, num_classes=5)
@@ -193,9 +196,19 @@ class ContextAwareClassifier(CosineHead):
         num_classes: int,
         *,
         oracle_pooling: LabelPooling = "batch",
-        **options: Unpack[CosineHeadOptions],
+        tau: float = 15.0,
+        dropout: float = 0.1,
+        ignore_index: int | None = 255,
+        eps: float = 1e-12,
+        init_std: float = 0.01,
+        kernel_size: int = 1,
+        dilation: int = 1,
+        class_direction: ClassDirection = "sum",
     ) -> None:
-        super().__init__(in_channels, num_classes, **options)
+        super().__init__(
+            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
+            init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
+        )  # fmt: skip
         check_choice("oracle_pooling", oracle_pooling, LABEL_POOLINGS)
         self.oracle_pooling = oracle_pooling
         self.proj = prototype_mlp(in_channels)
@@ -262,8 +275,6 @@ class ContextAwareClassifier(CosineHead):
         oracle = oracle.to(logits.dtype)
         return CACOutput(logits=logits, coarse=coarse, oracle=oracle, feature_target=feature_target)
 
-    strip_oracle = renamed_method("strip_training_layers", "strip_oracle")
-
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
     ) -> _IncompatibleKeys:
@@ -288,6 +299,3 @@ class ContextAwareClassifier(CosineHead):
             candidates=("decode_head.", "decode_head.1.", ""),
             strict=strict,
         )
-
-
-context_aware_loss = loss_function(ContextAwareLoss, "context_aware_loss")

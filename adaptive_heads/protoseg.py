@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,10 @@ from torch.nn.modules.module import _IncompatibleKeys
 from torch.utils.checkpoint import checkpoint
 
 from ._checkpoint import load_prefixed_state_dict
-from ._deprecation import loss_function
 from ._distributed import all_reduce_, is_distributed
 from ._precision import HALF_DTYPES, float32_math, upcast_half
 from ._validation import check_choice, is_tracing
-from .base import AdaptiveHead, HeadLoss, HeadOutput, LossOptions
+from .base import AdaptiveHead, HeadLoss, HeadOutput, Reduction
 from .functional import (
     classwise_sinkhorn,
     pointwise_conv,
@@ -36,9 +35,6 @@ from .functional import (
     unit_layer_norm,
     upsampled_cross_entropy,
 )
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["PrototypeClassifier", "PrototypeLoss", "PrototypeOutput"]
 
@@ -106,8 +102,10 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
     Args:
         ppc_temperature: temperature T of PPC (official 1).
         class_weight: optional ``[n]`` CE class weights (moved to the logits' device once, at the first call).
-        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
-            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce``).
+        ignore_index: label ignored by every term.
+        weights: per-term weights, merged into the official ``default_weights``.
+        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
+        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
 
     Example:
         >>> head = PrototypeClassifier(16, 5, num_prototypes=3)
@@ -122,9 +120,16 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
     options = ("ppc_temperature",)
 
     def __init__(
-        self, *, ppc_temperature: float = 1.0, class_weight: Tensor | None = None, **options: Unpack[LossOptions]
+        self,
+        *,
+        ppc_temperature: float = 1.0,
+        class_weight: Tensor | None = None,
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: Reduction = "mean",
+        main_average: Literal["valid", "all"] = "valid",
     ) -> None:
-        super().__init__(**options)
+        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
         if ppc_temperature <= 0:
             raise ValueError(f"ppc_temperature must be positive, got {ppc_temperature}")
         self.ppc_temperature = ppc_temperature
@@ -457,6 +462,3 @@ class PrototypeClassifier(AdaptiveHead):
             "update_assignment", "projection_norm", "sync", "checkpoint_embedding",
         )  # fmt: skip
         return {**super().options(), **{name: getattr(self, name) for name in names}}
-
-
-prototype_loss = loss_function(PrototypeLoss, "prototype_loss")

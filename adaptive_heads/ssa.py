@@ -12,25 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._checkpoint import load_prefixed_state_dict
-from ._deprecation import loss_function, renamed_method
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
 from ._validation import check_choice, check_unit_interval
 from .base import (
     LABEL_POOLINGS,
+    ClassDirection,
     CosineHead,
-    CosineHeadOptions,
     HeadLoss,
     HeadOutput,
     LabelPooling,
-    LossOptions,
+    Reduction,
     feature_resolution_target,
 )
 from .functional import (
@@ -46,9 +45,6 @@ from .functional import (
     soft_class_pool,
     soft_class_sums,
 )
-
-if TYPE_CHECKING:
-    from typing_extensions import Unpack
 
 __all__ = ["SSAClassifier", "SSALoss", "SSAOutput"]
 
@@ -111,8 +107,10 @@ class SSALoss(HeadLoss[SSAOutput]):
     Args:
         distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
         tau: scale of the relation matrices of ``relation`` (official 15).
-        **options: the options every loss takes, :class:`~adaptive_heads.base.LossOptions` (``ignore_index``,
-            ``weights``, ``reduction``, ``main_average``; ``main_average`` applies to ``ce``).
+        ignore_index: label ignored by every term.
+        weights: per-term weights, merged into the official ``default_weights``.
+        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
+        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
 
     Example:
         >>> head = SSAClassifier(16, 5)
@@ -126,8 +124,17 @@ class SSALoss(HeadLoss[SSAOutput]):
     main_term = "ce"
     options = ("distill_mix", "tau")
 
-    def __init__(self, *, distill_mix: float = 0.5, tau: float = 15.0, **options: Unpack[LossOptions]) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        *,
+        distill_mix: float = 0.5,
+        tau: float = 15.0,
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: Reduction = "mean",
+        main_average: Literal["valid", "all"] = "valid",
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
         check_unit_interval("distill_mix", distill_mix)
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
@@ -182,9 +189,16 @@ class SSAClassifier(CosineHead):
             rank's batch under ``torch.distributed``: the teacher of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost). The spatial GT centres
             are per image in every mode.
-        **options: the options of every cosine head, :class:`~adaptive_heads.base.CosineHeadOptions` (``tau``,
-            official 15; ``dropout``, official 0.1, 0 in the OCR head; ``ignore_index``; ``eps``, official 1e-12;
-            ``init_std``; ``kernel_size``, ``dilation`` and ``class_direction`` for a k×k coarse classifier).
+        tau: cosine scale (official 15).
+        dropout: ``Dropout2d`` probability on the coarse classifier's input only (official 0.1, 0 in the OCR
+            head; 0 disables).
+        ignore_index: label the label-built branch ignores (and the default of the loss).
+        eps: added to norms and soft areas (official 1e-12).
+        init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
+        kernel_size: of the coarse classifier ``conv_seg`` (odd; 1 officially, or the replaced classifier's).
+        dilation: of ``conv_seg`` (the replaced classifier's).
+        class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
+            (:class:`~adaptive_heads.base.CosineHead`).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)
@@ -202,9 +216,19 @@ class SSAClassifier(CosineHead):
         num_classes: int,
         *,
         semantic_gt_pooling: LabelPooling = "batch",
-        **options: Unpack[CosineHeadOptions],
+        tau: float = 15.0,
+        dropout: float = 0.1,
+        ignore_index: int | None = 255,
+        eps: float = 1e-12,
+        init_std: float = 0.01,
+        kernel_size: int = 1,
+        dilation: int = 1,
+        class_direction: ClassDirection = "sum",
     ) -> None:
-        super().__init__(in_channels, num_classes, **options)
+        super().__init__(
+            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
+            init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
+        )  # fmt: skip
         check_choice("semantic_gt_pooling", semantic_gt_pooling, LABEL_POOLINGS)
         c = in_channels
         self.semantic_gt_pooling = semantic_gt_pooling
@@ -354,8 +378,6 @@ class SSAClassifier(CosineHead):
             feature_target=feature_target,
         )
 
-    strip_teacher = renamed_method("strip_training_layers", "strip_teacher")
-
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False
     ) -> _IncompatibleKeys:
@@ -375,6 +397,3 @@ class SSAClassifier(CosineHead):
             strict=strict,
             ignored=("ssa_loss.criterion.empty_weight",),
         )
-
-
-ssa_loss = loss_function(SSALoss, "ssa_loss")

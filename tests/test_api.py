@@ -69,3 +69,46 @@ def test_the_warning_points_at_the_users_call():
     with pytest.warns(UserWarning) as record:
         head(torch.randn(1, 8, 4, 4))
     assert record[0].filename == __file__
+
+
+COSINE_OPTIONS = {"tau": 15.0, "dropout": 0.1, "ignore_index": 255, "eps": 1e-12, "init_std": 0.01, "kernel_size": 1,
+                  "dilation": 1, "class_direction": "sum"}  # fmt: skip
+LOSS_OPTIONS = {"ignore_index": 255, "weights": None, "reduction": "mean", "main_average": "valid"}
+SIGNATURES = {
+    "ContextAwareClassifier": {"oracle_pooling": "batch", **COSINE_OPTIONS},
+    "SSAClassifier": {"semantic_gt_pooling": "batch", **COSINE_OPTIONS},
+    "PrototypeClassifier": {
+        "num_prototypes": 10,
+        "embed_dim": None,
+        "gamma": 0.999,
+        "sinkhorn_iters": 3,
+        "sinkhorn_eps": 0.05,
+        "update_prototypes": True,
+        "update_assignment": "gumbel",
+        "projection_norm": "channel",
+        "sync": True,
+        "ignore_index": 255,
+        "init_std": 0.02,
+        "checkpoint_embedding": False,
+    },
+    "ContextAwareLoss": {
+        "distill_mode": "mixed",
+        "distill_mix": 0.5,
+        "class_average": "present",
+        **LOSS_OPTIONS,
+    },
+    "SSALoss": {"distill_mix": 0.5, "tau": 15.0, **LOSS_OPTIONS},
+    "PrototypeLoss": {"ppc_temperature": 1.0, "class_weight": None, **LOSS_OPTIONS},
+}
+
+
+@pytest.mark.parametrize("name", list(SIGNATURES))
+def test_every_option_is_a_named_keyword_with_its_default(name):
+    import inspect
+
+    import adaptive_heads
+
+    parameters = inspect.signature(getattr(adaptive_heads, name)).parameters
+    assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # no hidden **options
+    options = {k: p.default for k, p in parameters.items() if k not in ("in_channels", "num_classes") or "Loss" in name}
+    assert options == SIGNATURES[name]

@@ -1,10 +1,9 @@
-"""The package's structure: one-way imports, one registry of heads, one API for every head and loss, and the
-deprecated 0.1 names still working (with a warning) for one release."""
+"""The package's structure: one-way imports, one registry of heads, one API for every head and loss, and no
+shims for the never-published 0.1 names."""
 
 from __future__ import annotations
 
 import ast
-import warnings
 from pathlib import Path
 
 import pytest
@@ -129,52 +128,23 @@ def test_strip_training_layers_keeps_inference_and_refuses_training(head_name):
 
 
 @pytest.mark.parametrize(
-    ("head_type", "old"), [(ah.ContextAwareClassifier, "strip_oracle"), (ah.SSAClassifier, "strip_teacher")]
-)
-def test_deprecated_strip_methods(head_type, old):
-    head = head_type(6, 4)
-    with pytest.warns(DeprecationWarning, match=f"{old}\\(\\) is deprecated .* strip_training_layers"):
-        assert getattr(head, old)() is head
-    assert head.stripped
-
-
-@pytest.mark.parametrize(
-    ("function", "loss_type", "options"),
+    "name",
     [
-        (ah.context_aware_loss, ah.ContextAwareLoss, {"main_average": "all"}),
-        (ah.ssa_loss, ah.SSALoss, {"distill_mix": 0.3}),
-        (ah.prototype_loss, ah.PrototypeLoss, {"ppc_temperature": 0.5}),
+        "context_aware_loss",
+        "ssa_loss",
+        "prototype_loss",
+        "strip_oracle",
+        "strip_teacher",
+        "float32_math",
+        "upcast_half",
     ],
 )
-def test_deprecated_loss_functions_equal_the_modules(function, loss_type, options):
-    name = next(k for k, v in HEADS.items() if v.loss_type is loss_type)
-    torch.manual_seed(0)
-    head = make_head(name, 6, 4, **({"update_prototypes": False} if name == "proto" else {}))
-    target = torch.randint(0, 4, (2, 8, 8))
-    out = head(torch.randn(2, 6, 4, 4), target)
-    with pytest.warns(DeprecationWarning, match=f"{function.__name__}\\(\\) is deprecated"):
-        old = function(out, target, **options)
-    new = loss_type(**options)(out, target)
-    assert old.keys() == new.keys()
-    for key in new:
-        torch.testing.assert_close(old[key], new[key])
-
-
-def test_context_aware_loss_num_classes_is_deprecated():
-    with pytest.warns(DeprecationWarning, match="num_classes"):
-        ah.ContextAwareLoss(num_classes=5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ah.ContextAwareLoss()
-
-
-@pytest.mark.parametrize("name", ["float32_math", "upcast_half", "prototype_mlp"])
-def test_moved_functional_names_still_resolve_with_a_warning(name):
-    with pytest.warns(DeprecationWarning, match=f"functional.{name} is deprecated"):
-        assert callable(getattr(AF, name))
-    assert name not in AF.__all__
-    with pytest.raises(AttributeError):
-        AF.no_such_function  # noqa: B018
+def test_no_shims_for_a_version_nobody_installed(name):
+    """0.1 was never published: its names are gone, not deprecated."""
+    assert not hasattr(ah, name) and not hasattr(AF, name)
+    assert not hasattr(ah.ContextAwareClassifier, name) and not hasattr(ah.SSAClassifier, name)
+    with pytest.raises(TypeError):
+        ah.ContextAwareLoss(5)  # the unused num_classes argument
 
 
 def test_functional_all_is_complete_and_tensor_only():

@@ -19,8 +19,6 @@ sum over 400k pixels overflows float16.
 
 from __future__ import annotations
 
-import warnings
-
 from .cosine import channel_norm, cosine_logits, pointwise_conv
 from .dice import sigmoid_dice_loss
 from .distillation import (
@@ -80,24 +78,3 @@ __all__ = [
     "upsampled_cross_entropy",
     "upsampled_sigmoid_stats",
 ]
-
-# names that were public here in 0.1 and moved to private modules (not tensor math); removed in 0.3
-_MOVED = {
-    "float32_math": ("adaptive_heads._precision", "float32_math"),
-    "upcast_half": ("adaptive_heads._precision", "upcast_half"),
-    "prototype_mlp": ("adaptive_heads._layers", "prototype_mlp"),
-}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        module, attr = _MOVED[name]
-        warnings.warn(
-            f"adaptive_heads.functional.{name} is deprecated (not tensor math) and will be removed in 0.3",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
