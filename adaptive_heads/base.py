@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypedDict, TypeVar, cast
 
@@ -518,8 +518,17 @@ class HeadLoss(nn.Module, Generic[OutputT]):
         self.main_average = main_average
 
     def terms(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
-        """Every named loss term of ``out`` against ``target`` (no total)."""
+        """The named loss terms of ``out`` against ``target`` (no total): every term with a non-zero weight, and
+        the main term (reported for logging even where a model's own loss covers it)."""
         raise NotImplementedError
+
+    def computed(self, terms: Mapping[str, Callable[[], Tensor]]) -> dict[str, Tensor]:
+        """Evaluate the term functions :meth:`terms` wants: a term weighted 0 is not computed at all."""
+        return {
+            name: compute()
+            for name, compute in terms.items()
+            if name == self.main_term or self.weights.get(name, 0.0) != 0
+        }
 
     def cross_entropy(
         self, logits: Tensor, target: Tensor, *, align_corners: bool, average: Literal["valid", "all"] = "valid"

@@ -125,21 +125,25 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
-        return {
-            "ce": self.cross_entropy(out.coarse, target, align_corners=True),
-            "ce_context": self.cross_entropy(out.logits, target, align_corners=False, average=self.main_average),
-            "ce_oracle": self.cross_entropy(out.oracle, target, align_corners=True),
-            "distill": context_aware_distillation(
-                out.logits,
-                out.oracle,
-                feature_target,
-                n,
-                ignore_index=self.ignore_index,
-                mix=self.distill_mix,
-                mode=self.distill_mode,
-                class_average=self.class_average,
-            ),
-        }
+        return self.computed(
+            {
+                "ce": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
+                "ce_context": lambda: self.cross_entropy(
+                    out.logits, target, align_corners=False, average=self.main_average
+                ),
+                "ce_oracle": lambda: self.cross_entropy(out.oracle, target, align_corners=True),
+                "distill": lambda: context_aware_distillation(
+                    out.logits,
+                    out.oracle,
+                    feature_target,
+                    n,
+                    ignore_index=self.ignore_index,
+                    mix=self.distill_mix,
+                    mode=self.distill_mode,
+                    class_average=self.class_average,
+                ),
+            }
+        )
 
 
 class ContextAwareClassifier(CosineHead):

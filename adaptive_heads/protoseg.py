@@ -143,26 +143,35 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
             raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
         if self.class_weight is not None and self.class_weight.device != out.logits.device:
             self.class_weight = self.class_weight.to(out.logits.device)  # once, not a copy per step
-        with float32_math(out.embeddings.device):
-            if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
-                ppc_sum, ppd_sum = prototype_contrast_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)
-            else:
-                emb = upcast_half(out.embeddings)
-                ppc_sum, ppd_sum = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
-        count = (out.proto_target >= 0).sum().clamp_min(1)
-        return {
-            "ce": upsampled_cross_entropy(
-                out.logits,
-                target,
-                ignore_index=self.ignore_index,
-                align_corners=True,
-                average=self.main_average,
-                reduction=self.reduction,
-                class_weight=self.class_weight,
-            ),
-            "ppc": ppc_sum / count,
-            "ppd": ppd_sum / count,
-        }
+        contrast: list[Tensor] = []  # ppc and ppd come from one pass over the pixels, computed once if wanted
+
+        def contrast_mean(index: int) -> Tensor:
+            if not contrast:
+                with float32_math(out.embeddings.device):
+                    if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
+                        sums = prototype_contrast_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)
+                    else:
+                        emb = upcast_half(out.embeddings)
+                        sums = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
+                count = (out.proto_target >= 0).sum().clamp_min(1)
+                contrast.extend(total / count for total in sums)
+            return contrast[index]
+
+        return self.computed(
+            {
+                "ce": lambda: upsampled_cross_entropy(
+                    out.logits,
+                    target,
+                    ignore_index=self.ignore_index,
+                    align_corners=True,
+                    average=self.main_average,
+                    reduction=self.reduction,
+                    class_weight=self.class_weight,
+                ),
+                "ppc": lambda: contrast_mean(0),
+                "ppd": lambda: contrast_mean(1),
+            }
+        )
 
 
 class ProjectionHead(nn.Module):

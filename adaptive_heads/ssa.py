@@ -145,18 +145,20 @@ class SSALoss(HeadLoss[SSAOutput]):
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
-        return {
-            "ce": self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
-            "ce_coarse": self.cross_entropy(out.coarse, target, align_corners=True),
-            "ce_teacher": self.cross_entropy(out.teacher, target, align_corners=True),
-            "distill": boundary_distillation(
-                out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
-            ),
-            "dice": sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
-            "dice_teacher": sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
-            "relation": relation_distillation(out.semantic, out.semantic_teacher, self.tau),
-            "position": position_distillation(out.position, out.position_teacher),
-        }
+        return self.computed(
+            {
+                "ce": lambda: self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
+                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
+                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
+                "distill": lambda: boundary_distillation(
+                    out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
+                ),
+                "dice": lambda: sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
+                "dice_teacher": lambda: sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
+                "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.tau),
+                "position": lambda: position_distillation(out.position, out.position_teacher),
+            }
+        )
 
 
 class SSAClassifier(CosineHead):

@@ -44,7 +44,7 @@ class Supervision:
         self,
         model: nn.Module,
         target: Tensor,
-        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
         head_weights: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -60,13 +60,13 @@ class Supervision:
             raise ValueError(
                 "supervise(): the model contains no adaptive head; call replace_classifier(model, ...) first"
             )
-        if isinstance(losses, HeadLoss):
-            losses = dict.fromkeys(self.heads, losses)
-        unknown = set(losses or {}) - set(self.heads)
+        if isinstance(loss_fns, HeadLoss):
+            loss_fns = dict.fromkeys(self.heads, loss_fns)
+        unknown = set(loss_fns or {}) - set(self.heads)
         if unknown:
-            raise ValueError(f"losses names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
+            raise ValueError(f"loss_fns names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
         self.loss_fns: dict[str, HeadLoss[Any]] = {
-            name: (losses or {}).get(name) or head.default_loss() for name, head in self.heads.items()
+            name: (loss_fns or {}).get(name) or head.default_loss() for name, head in self.heads.items()
         }
         unknown = set(head_weights or {}) - set(self.heads)
         if unknown:
@@ -80,6 +80,7 @@ class Supervision:
             name: float({**recorded, **(head_weights or {})}.get(name, 1.0)) for name in self.heads
         }
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
+        self._terms: dict[str, list[dict[str, Tensor]]] | None = None  # each recorded output's terms, computed once
         self._names = {id(h): name for name, h in self.heads.items()}
 
     def __enter__(self) -> Supervision:
@@ -97,20 +98,30 @@ class Supervision:
 
     def record(self, head: AdaptiveHead, out: HeadOutput) -> None:
         self.outputs[self._names[id(head)]].append(out)
+        self._terms = None
+
+    def _computed_terms(self) -> dict[str, list[dict[str, Tensor]]]:
+        """Every recorded output's terms, computed at the first call after the forward and reused after."""
+        if self._terms is None:
+            self._terms = {
+                name: [self.loss_fns[name].terms(out, self.target) for out in outs]
+                for name, outs in self.outputs.items()
+            }
+        return self._terms
 
     def losses(self, include_main: bool = False) -> dict[str, Tensor]:
         """Every recorded head's named loss terms as ``{"<head path>.<term>": value}`` plus ``"loss"``.
 
         ``"loss"`` sums the weighted terms of every head and every recorded call, each head's scaled by its
         :attr:`head_weights`; the main CE of each head is left out of it unless ``include_main`` (the terms
-        themselves are always reported, unscaled).
+        themselves are reported, unscaled: each head's main term and every term with a non-zero weight). The
+        terms are computed once per forward: :meth:`loss` and :meth:`losses` share them.
         """
         result: dict[str, Tensor] = {}
         total: Tensor | None = None
-        for name, outs in self.outputs.items():
+        for name, outs in self._computed_terms().items():
             loss_fn = self.loss_fns[name]
-            for i, out in enumerate(outs):
-                terms = loss_fn.terms(out, self.target)
+            for i, terms in enumerate(outs):
                 exclude = () if include_main else (loss_fn.main_term,)
                 part = self.head_weights[name] * loss_fn.combine(terms, exclude=exclude)
                 total = part if total is None else total + part
@@ -132,7 +143,7 @@ class Supervision:
 def supervise(
     model: nn.Module,
     target: Tensor,
-    losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+    loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     head_weights: Mapping[str, float] | None = None,
 ) -> Supervision:
     """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
@@ -140,7 +151,7 @@ def supervise(
     Args:
         model: any module containing :class:`~adaptive_heads.base.AdaptiveHead` submodules.
         target: the label map of the batch (any resolution; heads resize it themselves).
-        losses: one loss module for all heads, or ``{head path: loss}``; default: each head's
+        loss_fns: one loss module for all heads, or ``{head path: loss module}``; default: each head's
             ``default_loss()``.
         head_weights: ``{head path: weight}`` of each head's share of ``sup.loss()``; default: the host
             library's auxiliary-loss weight for an auxiliary head replaced by
@@ -158,4 +169,4 @@ def supervise(
         >>> sorted(sup.losses())
         ['1.ce', '1.ce_context', '1.ce_oracle', '1.distill', 'loss']
     """
-    return Supervision(model, target, losses, head_weights)
+    return Supervision(model, target, loss_fns, head_weights)

@@ -112,3 +112,36 @@ def test_every_option_is_a_named_keyword_with_its_default(name):
     assert all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in parameters.values())  # no hidden **options
     options = {k: p.default for k, p in parameters.items() if k not in ("in_channels", "num_classes") or "Loss" in name}
     assert options == SIGNATURES[name]
+
+
+def test_supervise_computes_each_term_once_per_forward(monkeypatch):
+    from adaptive_heads import ContextAwareLoss
+
+    model = replace_classifier(_model(), "cac", path="2").train()
+    target = torch.randint(0, 4, (2, 8, 8))
+    calls = []
+    original = ContextAwareLoss.terms
+    monkeypatch.setattr(ContextAwareLoss, "terms", lambda self, out, t: calls.append(1) or original(self, out, t))
+    with supervise(model, target) as sup:
+        model(torch.randn(2, 3, 8, 8))
+    total = sup.loss()
+    terms = sup.losses()
+    assert sup.loss(include_main=True) is not None and len(calls) == 1  # one evaluation serves all three
+    assert torch.equal(terms["loss"], total)  # the weighted sum is re-added (cheap), the terms are shared
+
+
+def test_a_term_weighted_zero_is_not_computed(monkeypatch):
+    import adaptive_heads.ssa as ssa_module
+    from adaptive_heads import SSALoss
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a term weighted 0 was computed")
+
+    monkeypatch.setattr(ssa_module, "sigmoid_dice_loss", forbidden)
+    model = replace_classifier(_model(), "ssa", path="2").train()
+    target = torch.randint(0, 4, (2, 8, 8))
+    loss_fn = SSALoss(weights={"dice": 0.0, "dice_teacher": 0.0})
+    with supervise(model, target, loss_fns=loss_fn) as sup:
+        model(torch.randn(2, 3, 8, 8))
+    terms = sup.losses()
+    assert "2.dice" not in terms and "2.ce" in terms and "2.relation" in terms  # the main term is always reported

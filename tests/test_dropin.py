@@ -181,7 +181,7 @@ def test_supervise_custom_loss_module():
     model = TinyFCN()
     replace_classifier(model, ContextAwareClassifier)
     target = torch.randint(0, 4, (2, 16, 16))
-    with supervise(model, target, losses=ContextAwareLoss(weights={"ce": 0, "ce_oracle": 0, "distill": 3.0})) as s:
+    with supervise(model, target, loss_fns=ContextAwareLoss(weights={"ce": 0, "ce_oracle": 0, "distill": 3.0})) as s:
         model(torch.randn(2, 3, 16, 16))
         terms = s.losses()
     torch.testing.assert_close(terms["loss"], 3.0 * terms["classifier.4.distill"])

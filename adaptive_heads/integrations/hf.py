@@ -55,7 +55,7 @@ class AdaptiveSegmentationModel(nn.Module):
         model: e.g. ``SegformerForSemanticSegmentation``, ``UperNetForSemanticSegmentation``, ``DPT...``, ``Beit...``.
         head_factory: ``(in_channels, num_classes) -> AdaptiveHead``; ``None`` if the model already has one.
         include_aux: also replace the auxiliary classifier (UperNet, BEiT, DPT).
-        losses: loss module(s) for :func:`~adaptive_heads.supervise` (default: each head's ``default_loss()``).
+        loss_fns: loss module(s) for :func:`~adaptive_heads.supervise` (default: each head's ``default_loss()``).
 
     The heads take ``config.semantic_loss_ignore_index`` (UperNet: ``loss_ignore_index``) as their
     ``ignore_index``, the label the model's own loss ignores; an auxiliary head's extra terms are weighted by
@@ -72,7 +72,7 @@ class AdaptiveSegmentationModel(nn.Module):
         head_factory: Callable[[int, int], AdaptiveHead] | None = None,
         *,
         include_aux: bool = False,
-        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     ) -> None:
         super().__init__()
         if head_factory is not None:
@@ -87,7 +87,7 @@ class AdaptiveSegmentationModel(nn.Module):
                 if isinstance(module, AdaptiveHead):
                     module.ignore_index = ignore_index
         self.model = model
-        self.losses = losses
+        self.loss_fns = loss_fns
         self.last_losses: dict[str, Tensor] = {}
 
     @property
@@ -97,7 +97,7 @@ class AdaptiveSegmentationModel(nn.Module):
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None, **kwargs):
         if labels is None or not self.training:
             return self.model(pixel_values=pixel_values, labels=labels, **kwargs)
-        with supervise(self.model, labels, self.losses) as sup:
+        with supervise(self.model, labels, self.loss_fns) as sup:
             out = self.model(pixel_values=pixel_values, labels=labels, **kwargs)
             terms = sup.losses()
         self.last_losses = {k: v.detach() for k, v in terms.items()}
@@ -131,7 +131,7 @@ class AdaptiveSegmentationModel(nn.Module):
         directory: str | os.PathLike,
         *,
         model_class: type | None = None,
-        losses: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     ) -> AdaptiveSegmentationModel:
         """Rebuild a model saved by :meth:`save_pretrained`: its HF class (``config.architectures[0]``, or
         ``model_class``) from the config, each adaptive head at its path with its options, and every weight from
@@ -169,4 +169,4 @@ class AdaptiveSegmentationModel(nn.Module):
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise RuntimeError(f"loading {directory} left keys unmatched: {problems}")
-        return cls(model, losses=losses)
+        return cls(model, loss_fns=loss_fns)
