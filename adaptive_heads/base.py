@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -74,6 +76,17 @@ def feature_resolution_target(feature_target: Tensor | None, target: Tensor, log
     if feature_target is not None and feature_target.shape[-2:] == logits.shape[-2:]:
         return feature_target
     return resize_labels_nearest(target, tuple(logits.shape[-2:]))
+
+
+_INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside torch and this package: the user's call that ran the model."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class AdaptiveHead(nn.Module):
@@ -171,7 +184,7 @@ class AdaptiveHead(nn.Module):
             "term, ProtoSeg's prototypes never move). Wrap the forward in `with supervise(model, target) as sup:` "
             "and add sup.loss(); set head.warn_unsupervised = False if this is deliberate",
             UserWarning,
-            stacklevel=5,  # the head's caller (past this, forward, Module._call_impl, Module._wrapped_call_impl)
+            stacklevel=_caller_level(),
         )
 
     def _train(self, feat: Tensor, target: Tensor) -> HeadOutput:
@@ -218,6 +231,10 @@ class AdaptiveHead(nn.Module):
         The base implementation uses nothing of it (ProtoSeg: its prototypes replace the learned class weights, so
         a 1×1 and a k×k classifier are replaced alike); :class:`CosineHead` copies it into its coarse classifier.
         """
+
+    def built_with(self, option: str) -> bool:
+        """Whether the constructor was given ``option`` explicitly (``False`` for a default)."""
+        return option in self.__dict__.get("_construction", (None, (), {}))[2]
 
     def take_input_dropout(self, p: float) -> bool:
         """Take over the rate ``p`` of a dropout the host model applies right before this head's input
@@ -379,7 +396,7 @@ class CosineHead(AdaptiveHead):
         ``p = 0`` removes it. A head built with an explicit ``dropout=`` keeps that rate. Returns ``True``."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        if "dropout" not in self.__dict__["_construction"][2]:
+        if not self.built_with("dropout"):
             self.dropout = nn.Dropout2d(p) if p > 0 else nn.Identity()
         return True
 

@@ -68,7 +68,10 @@ def test_the_warning_points_at_the_users_call():
     head = ContextAwareClassifier(8, 4).train()
     with pytest.warns(UserWarning) as record:
         head(torch.randn(1, 8, 4, 4))
-    assert record[0].filename == __file__
+    model = replace_classifier(_model(), "cac", path="2").train()
+    with pytest.warns(UserWarning) as inside:
+        model(torch.randn(1, 3, 4, 4))  # the head deep inside torch's Sequential
+    assert record[0].filename == __file__ and inside[0].filename == __file__
 
 
 COSINE_OPTIONS = {"tau": 15.0, "dropout": 0.1, "ignore_index": 255, "eps": 1e-12, "init_std": 0.01, "kernel_size": 1,

@@ -53,13 +53,17 @@ class AdaptiveSegmentationModel(nn.Module):
 
     Args:
         model: e.g. ``SegformerForSemanticSegmentation``, ``UperNetForSemanticSegmentation``, ``DPT...``, ``Beit...``.
-        head_factory: ``(in_channels, num_classes) -> AdaptiveHead``; ``None`` if the model already has one.
+        head: the head, as for :func:`~adaptive_heads.replace_classifier` (a name such as ``"cac"``, a class or a
+            callable); ``None`` if the model already has one.
         include_aux: also replace the auxiliary classifier (UperNet, BEiT, DPT).
         loss_fns: loss module(s) for :func:`~adaptive_heads.supervise` (default: each head's ``default_loss()``).
+        **head_options: the head's keyword options (``tau=10.0``).
 
     The heads take ``config.semantic_loss_ignore_index`` (UperNet: ``loss_ignore_index``) as their
-    ``ignore_index``, the label the model's own loss ignores; an auxiliary head's extra terms are weighted by
-    ``config.auxiliary_loss_weight``, as the model weighs its auxiliary CE.
+    ``ignore_index``, the label the model's own loss ignores (a head built with another ``ignore_index`` is
+    refused: set the config instead); an auxiliary head's extra terms are weighted by
+    ``config.auxiliary_loss_weight``, as the model weighs its auxiliary CE. The paths replaced are in
+    ``wrapper.model.adaptive_head_paths``.
 
     ``forward(pixel_values, labels=None, **kwargs)`` returns the model's output; in training with labels its
     ``loss`` is the model's loss plus ``sup.loss()`` (the extra terms: the model's own CE already covers each
@@ -69,23 +73,33 @@ class AdaptiveSegmentationModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        head_factory: Callable[[int, int], AdaptiveHead] | None = None,
+        head: str | Callable[[int, int], AdaptiveHead] | None = None,
         *,
         include_aux: bool = False,
         loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        **head_options: Any,
     ) -> None:
         super().__init__()
-        if head_factory is not None:
-            replace_classifier(model, head_factory, include_aux=include_aux)
+        if head is not None:
+            replace_classifier(model, head, include_aux=include_aux, **head_options)
+        elif head_options:
+            raise TypeError(f"head options {sorted(head_options)} given without a head")
         if not any(isinstance(m, AdaptiveHead) for m in model.modules()):
-            raise ValueError("the model has no adaptive head; pass head_factory=")
+            raise ValueError("the model has no adaptive head; pass head= (e.g. \"cac\")")
         # the label the model's own loss ignores is the one the heads ignore (UperNet names it loss_ignore_index)
         config = getattr(model, "config", None)
         ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
         if ignore_index is not None:
-            for module in model.modules():
-                if isinstance(module, AdaptiveHead):
-                    module.ignore_index = ignore_index
+            for path, module in model.named_modules():
+                if not isinstance(module, AdaptiveHead) or module.ignore_index == ignore_index:
+                    continue
+                if module.built_with("ignore_index"):  # the user chose another one
+                    raise ValueError(
+                        f"the head at {path!r} was built with ignore_index={module.ignore_index} but the model's own "
+                        f"loss ignores {ignore_index} (config.semantic_loss_ignore_index / loss_ignore_index): set "
+                        "the config's value instead, so that both losses ignore the same label"
+                    )
+                module.ignore_index = ignore_index
         self.model = model
         self.loss_fns = loss_fns
         self.last_losses: dict[str, Tensor] = {}

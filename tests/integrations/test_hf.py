@@ -187,3 +187,13 @@ def test_heads_take_the_models_ignore_index_and_auxiliary_weight():
     main = sum(terms[f"decode_head.classifier.{k}"] for k in extra)
     aux = sum(terms[f"auxiliary_head.classifier.{k}"] for k in extra)
     torch.testing.assert_close(terms["loss"], main + 0.3 * aux)
+
+
+def test_wrapper_takes_a_head_name_with_options_and_refuses_a_mismatched_ignore_index():
+    model = AdaptiveSegmentationModel(_segformer(), "ssa", tau=10.0)
+    assert model.model.decode_head.classifier.tau == 10.0
+    assert model.model.adaptive_head_paths == ["decode_head.classifier"]
+    with pytest.raises(TypeError, match="given without a head"):
+        AdaptiveSegmentationModel(model.model, tau=10.0)
+    with pytest.raises(ValueError, match=r"built with ignore_index=-1 but the model's own loss ignores 255"):
+        AdaptiveSegmentationModel(_segformer(), "cac", ignore_index=-1)
