@@ -85,7 +85,7 @@ class AdaptiveSegmentationModel(nn.Module):
         elif head_options:
             raise TypeError(f"head options {sorted(head_options)} given without a head")
         if not any(isinstance(m, AdaptiveHead) for m in model.modules()):
-            raise ValueError("the model has no adaptive head; pass head= (e.g. \"cac\")")
+            raise ValueError('the model has no adaptive head; pass head= (e.g. "cac")')
         # the label the model's own loss ignores is the one the heads ignore (UperNet names it loss_ignore_index)
         config = getattr(model, "config", None)
         ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
