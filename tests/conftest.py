@@ -30,3 +30,22 @@ def make_loss(name: str, **options: object) -> HeadLoss:
 def head_name(request: pytest.FixtureRequest) -> str:
     """Every registered head, by short name."""
     return request.param
+
+
+def assert_dropout_on_the_coarse_path_only(model, forward, target, paths) -> None:
+    """Two training forwards of the same input (``forward()``) inside ``supervise``: at each head path the
+    label-built logits (CAC's oracle, SSA-Seg's teacher) are identical and the coarse logits differ, i.e. the dropout
+    acts on the coarse path only. BatchNorm normalises both forwards with the same batch statistics."""
+    from adaptive_heads import supervise
+
+    model.train()
+    outputs = []
+    for _ in range(2):
+        with supervise(model, target) as sup:
+            forward()
+        outputs.append(sup.outputs)
+    for path in paths:
+        first, second = outputs[0][path][0], outputs[1][path][0]
+        label_built = "oracle" if hasattr(first, "oracle") else "teacher"
+        torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
+        assert not torch.equal(first.coarse, second.coarse), path

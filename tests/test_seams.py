@@ -23,6 +23,7 @@ from adaptive_heads import (
 from adaptive_heads import _validation as validation
 from adaptive_heads.registry import HEADS
 
+from .conftest import assert_dropout_on_the_coarse_path_only
 from .models import TinyFCN
 from .test_sync_free import DeviceDiscipline
 
@@ -78,17 +79,7 @@ def test_host_dropout_moves_to_the_coarse_path(name, caplog):
     assert main.dropout.p == 0.3 and aux.dropout.p == 0.1 and main.options()["dropout"] == 0.3
     assert "'classifier.3'" in caplog.text and "absorb_dropout=False" in caplog.text
     images, target = torch.randn(2, 3, 32, 32), torch.randint(0, 4, (2, 32, 32))
-    model.train()
-    outs = []
-    for _ in range(2):
-        with supervise(model, target) as sup:
-            model(images)
-        outs.append(sup.outputs)
-    label_built = "oracle" if name == "cac" else "teacher"
-    for path in ("classifier.4", "aux_classifier.4"):
-        first, second = outs[0][path][0], outs[1][path][0]
-        torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
-        assert not torch.equal(first.coarse, second.coarse)  # the coarse path still gets dropout
+    assert_dropout_on_the_coarse_path_only(model, lambda: model(images), target, ["classifier.4", "aux_classifier.4"])
 
 
 def test_an_explicit_head_dropout_is_kept():

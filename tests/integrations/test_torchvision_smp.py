@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from adaptive_heads import ContextAwareClassifier, replace_classifier, supervise
 from adaptive_heads.registry import HEADS
 
+from ..conftest import assert_dropout_on_the_coarse_path_only
+
 
 def _train_steps(model, images, target, key=None, steps=2):
     """Two SGD steps through supervise; returns the last logits and the per-term losses."""
@@ -133,17 +135,7 @@ def test_torchvision_dropout_moves_to_the_coarse_path_of_main_and_aux_heads(name
         assert isinstance(sequential[3], torch.nn.Identity)  # was torchvision's Dropout(0.1)
         assert sequential[4].dropout.p == 0.1
     images, target = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
-    model.train()
-    outputs = []
-    for _ in range(2):  # the same input and weights: BatchNorm normalises with the same batch statistics
-        with supervise(model, target) as sup:
-            model(images)
-        outputs.append(sup.outputs)
-    label_built = "oracle" if name == "cac" else "teacher"
-    for path in ("classifier.4", "aux_classifier.4"):
-        first, second = outputs[0][path][0], outputs[1][path][0]
-        torch.testing.assert_close(getattr(first, label_built), getattr(second, label_built), rtol=0, atol=0)
-        assert not torch.equal(first.coarse, second.coarse)  # the coarse path still gets dropout
+    assert_dropout_on_the_coarse_path_only(model, lambda: model(images), target, ["classifier.4", "aux_classifier.4"])
     assert model.adaptive_head_weights == {"aux_classifier.4": 0.5}
 
 
