@@ -7,7 +7,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypedDict, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +34,6 @@ LabelPooling = Literal["batch", "image", "global"]
 LABEL_POOLINGS: tuple[str, ...] = ("batch", "image", "global")
 #: the ``[n, C]`` class direction of a k×k coarse classifier: the sum over its taps, or its centre tap
 ClassDirection = Literal["sum", "centre"]
-
-
-class LossOptions(TypedDict, total=False):
-    """The options every loss takes (see :class:`HeadLoss`); a loss's own options come on top."""
-
-    ignore_index: int | None
-    weights: Mapping[str, float] | None
-    reduction: Reduction
-    main_average: Literal["valid", "all"]
-
-
-class CosineHeadOptions(TypedDict, total=False):
-    """The options every cosine-classifier head takes (see :class:`CosineHead`)."""
-
-    tau: float
-    dropout: float
-    ignore_index: int | None
-    eps: float
-    init_std: float
-    kernel_size: int
-    dilation: int
-    class_direction: ClassDirection
 
 
 @dataclass
