@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +86,7 @@ def _join(prefix: str, path: str) -> str:
     return f"{prefix}.{path}" if prefix else path
 
 
-def _known_key(module: nn.Module, table: dict) -> str | None:
+def _known_key(module: nn.Module, table: Container[str]) -> str | None:
     """The first class of ``module``'s MRO that ``table`` names as ``"<library>.<class>"``."""
     for cls in type(module).__mro__:
         key = f"{cls.__module__.partition('.')[0]}.{cls.__name__}"
@@ -264,21 +264,26 @@ def feeding_dropout(model: nn.Module, path: str) -> str | None:
         >>> feeding_dropout(model, "2")
         '1'
     """
+    try:
+        known = _known_classifiers(model)
+    except ValueError:
+        known = None
+    return _feeding_dropout(model, path, known)
+
+
+def _feeding_dropout(model: nn.Module, path: str, known: _Classifiers | None) -> str | None:
+    """:func:`feeding_dropout` with the model's known classifiers (``None``: not a known model) already located."""
     parent_path, _, leaf = path.rpartition(".")
     parent = _get(model, parent_path) if parent_path else model
     candidates: list[str] = []
     if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
         candidates.append(_join(parent_path, str(int(leaf) - 1)))
     if leaf in ("classifier", "conv_seg") and parent is not None:
-        if _known_key(parent, dict.fromkeys(_SHARED_DROPOUTS)) is None:
+        if _known_key(parent, _SHARED_DROPOUTS) is None:
             candidates.append(_join(parent_path, "dropout"))
     grand_path, _, parent_leaf = parent_path.rpartition(".")
     if leaf == "convolution" and parent_leaf == "classifier":
         candidates.append(_join(grand_path, "dropout"))
-    try:
-        known = _known_classifiers(model)
-    except ValueError:
-        known = None
     if known is not None and known.main == path and known.main_dropout is not None:
         candidates.append(known.main_dropout)
     for candidate in candidates:
@@ -287,8 +292,8 @@ def feeding_dropout(model: nn.Module, path: str) -> str | None:
     return None
 
 
-def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead) -> None:
-    dropout_path = feeding_dropout(model, path)
+def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, known: _Classifiers | None) -> None:
+    dropout_path = _feeding_dropout(model, path, known)
     if dropout_path is None:
         return
     dropout = model.get_submodule(dropout_path)
@@ -392,7 +397,7 @@ def replace_classifier(
         new.train(old.training)
         _set(model, p, new)
         if absorb_dropout:
-            _absorb_dropout(model, p, new)
+            _absorb_dropout(model, p, new, located)
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
     replaced = [*previous, *paths]
