@@ -53,32 +53,30 @@ class Supervision:
             raise TypeError(f"target must be a torch.Tensor of shape [B, H, W], got {type(target).__name__}")
         self.model = model
         self.target = target
-        self.heads: dict[str, AdaptiveHead] = {
-            name: m for name, m in model.named_modules() if isinstance(m, AdaptiveHead)
-        }
+        # one walk of the module tree per step: the heads, and the aux weights replace_classifier recorded on this
+        # model or on a model inside it
+        self.heads: dict[str, AdaptiveHead] = {}
+        recorded: dict[str, float] = {}
+        for prefix, module in model.named_modules():
+            if isinstance(module, AdaptiveHead):
+                self.heads[prefix] = module
+            for path, weight in (getattr(module, "adaptive_head_weights", None) or {}).items():
+                recorded[f"{prefix}.{path}" if prefix else path] = weight
         if not self.heads:
             raise ValueError(
                 "supervise(): the model contains no adaptive head; call replace_classifier(model, ...) first"
             )
         if isinstance(loss_fns, HeadLoss):
             loss_fns = dict.fromkeys(self.heads, loss_fns)
-        unknown = set(loss_fns or {}) - set(self.heads)
-        if unknown:
-            raise ValueError(f"loss_fns names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
+        for argument, given in (("loss_fns", loss_fns), ("head_weights", head_weights)):
+            unknown = set(given or {}) - set(self.heads)
+            if unknown:
+                raise ValueError(f"{argument} names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
         self.loss_fns: dict[str, HeadLoss[Any]] = {
             name: (loss_fns or {}).get(name) or head.default_loss() for name, head in self.heads.items()
         }
-        unknown = set(head_weights or {}) - set(self.heads)
-        if unknown:
-            raise ValueError(f"head_weights names unknown heads {sorted(unknown)}; heads: {list(self.heads)}")
-        recorded = {  # what replace_classifier recorded, on this model or on a model inside it
-            f"{prefix}.{path}" if prefix else path: weight
-            for prefix, module in model.named_modules()
-            for path, weight in (getattr(module, "adaptive_head_weights", None) or {}).items()
-        }
-        self.head_weights: dict[str, float] = {
-            name: float({**recorded, **(head_weights or {})}.get(name, 1.0)) for name in self.heads
-        }
+        weights = {**recorded, **(head_weights or {})}
+        self.head_weights: dict[str, float] = {name: float(weights.get(name, 1.0)) for name in self.heads}
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
         self._terms: dict[str, list[dict[str, Tensor]]] | None = None  # each recorded output's terms, computed once
         self._names = {id(h): name for name, h in self.heads.items()}
