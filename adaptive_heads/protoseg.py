@@ -22,9 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from ._checkpoint import load_prefixed_state_dict
 from ._distributed import all_reduce_, is_distributed
 from ._precision import HALF_DTYPES, float32_math, upcast_half
-from ._validation import check_choice, is_tracing
+from ._validation import check_choice, check_features, check_target, is_tracing
 from .base import AdaptiveHead, HeadLoss, HeadOutput, Reduction
 from .functional import (
+    classwise_kmeans,
     classwise_sinkhorn,
     pointwise_conv,
     prototype_best_similarity,
@@ -424,6 +425,51 @@ class PrototypeClassifier(AdaptiveHead):
         moved = F.normalize(self.gamma * old + (1.0 - self.gamma) * F.normalize(sums, dim=-1), dim=-1)
         new = torch.where(counts.unsqueeze(1) > 0, moved.to(current.dtype), current)
         self.prototypes.copy_(new.view_as(self.prototypes))
+
+    # ------------------------------------------------------------------ prototypes from data
+    @torch.no_grad()
+    def init_prototypes(
+        self, feat: Tensor, target: Tensor, *, iters: int = 10, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Set the prototypes from data: class-wise spherical k-means of the embeddings of ``feat``.
+
+        For fitting the head onto a trained model (not in the official code, whose prototypes always start
+        random): the K prototypes of each class become the centroids of that class's pixel embeddings
+        (:func:`~adaptive_heads.functional.classwise_kmeans`; each pixel labelled by ``target`` nearest-resized to
+        the feature map). A class with no labelled pixel keeps its prototypes. Pass features of as many training
+        images as fit in memory (the decoder features the head receives, e.g. from a forward pre-hook).
+
+        Args:
+            feat: ``[B, C, h, w]`` features.
+            target: ``[B, H, W]`` labels (``ignore_index`` and other values outside ``[0, n)`` are left out).
+            iters: Lloyd rounds.
+            generator: for the draw of the starting pixels.
+
+        Returns:
+            ``[n]`` the labelled pixels of each class (0: that class kept its prototypes).
+
+        Example:
+            >>> head = PrototypeClassifier(16, 5, num_prototypes=3)
+            >>> feat, target = torch.randn(4, 16, 8, 8), torch.randint(0, 4, (4, 32, 32))
+            >>> counts = head.init_prototypes(feat, target)  # class 4 has no pixel: its prototypes stay
+            >>> counts.shape, bool(counts[4] == 0), head.prototype_diversity().shape
+            (torch.Size([5]), True, torch.Size([5]))
+        """
+        check_features(feat, self.in_channels)
+        target = check_target(
+            target, batch_size=feat.shape[0], num_classes=self.num_classes, ignore_index=self.ignore_index,
+            device=feat.device,
+        )  # fmt: skip
+        emb = self._embed(feat).reshape(-1, self.embed_dim)
+        labels = resize_labels_nearest(target, feat.shape[-2:]).reshape(-1)
+        if self.ignore_index is not None:
+            labels = torch.where(labels == self.ignore_index, -1, labels)
+        centroids, counts = classwise_kmeans(
+            emb, labels, self.num_classes, self.num_prototypes, iters=iters, init=self.unit_prototypes(),
+            generator=generator,
+        )  # fmt: skip
+        self.prototypes.copy_(centroids.to(self.prototypes))
+        return counts
 
     # ------------------------------------------------------------------ diagnostics and I/O
     @torch.no_grad()

@@ -13,6 +13,7 @@ on the number of loader workers.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,8 +64,9 @@ def splits_present(root: Path) -> list[str]:
     return [s for s in SPLITS if (root / s).is_dir() and (root / f"{s}annot").is_dir()]
 
 
-def load_split(root: Path, split: str, limit: int | None = None) -> CamVidSplit:
-    """Read ``root/split`` and ``root/splitannot`` (pairs by file name), Unlabelled → :data:`IGNORE_INDEX`."""
+def load_split(root: Path, split: str, per_sequence: int | None = None) -> CamVidSplit:
+    """Read ``root/split`` and ``root/splitannot`` (pairs by file name), Unlabelled → :data:`IGNORE_INDEX`;
+    ``per_sequence`` keeps only the first frames of every video sequence (smoke tests)."""
     from PIL import Image
 
     image_dir, label_dir = root / split, root / f"{split}annot"
@@ -74,7 +76,15 @@ def load_split(root: Path, split: str, limit: int | None = None) -> CamVidSplit:
         raise FileNotFoundError(f"{len(missing)} images of {image_dir} have no label in {label_dir}: {missing[:3]}")
     if not files:
         raise FileNotFoundError(f"no PNG images in {image_dir}")
-    files = files[:limit] if limit else files
+    if per_sequence:
+        taken: Counter[str] = Counter()
+        kept = []
+        for f in files:
+            sequence = f.split("_")[0]
+            if taken[sequence] < per_sequence:
+                kept.append(f)
+                taken[sequence] += 1
+        files = kept
     images = np.stack([np.asarray(Image.open(image_dir / f).convert("RGB")) for f in files])
     labels = np.stack([np.asarray(Image.open(label_dir / f)) for f in files]).copy()
     if labels.ndim != 3:

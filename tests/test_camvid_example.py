@@ -18,13 +18,15 @@ from examples.segmentation_net import SegmentationNet
 
 
 def write_camvid(root, splits=("train", "val"), frames=3, size=(36, 48), seed=0):
-    """Random frames and labels (0–11, 11 = Unlabelled) named like CamVid's, two sequences per split."""
+    """Random frames and labels (0–11, 11 = Unlabelled) named like CamVid's: two sequences per split, and in train a
+    third, 0006R0 (the default held-out sequence), after ``frames``."""
     rng = np.random.default_rng(seed)
     for split in splits:
         (root / split).mkdir(parents=True)
         (root / f"{split}annot").mkdir()
-        for i in range(frames):
-            name = f"{'0016E5' if i % 2 else 'Seq05VD'}_{i:05d}.png"
+        names = [f"{'0016E5' if i % 2 else 'Seq05VD'}_{i:05d}.png" for i in range(frames)]
+        names += [f"0006R0_{i:05d}.png" for i in range(2)] if split == "train" else []
+        for i, name in enumerate(names):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / split / name)
             labels = rng.integers(0, 12, size, dtype=np.uint8)
             labels[: size[0] // 2] = i % 11  # a large region, so crops are not pure noise
@@ -40,12 +42,13 @@ def test_quick_run_writes_results(tmp_path):
     )
     saved = json.loads((out / "camvid-quick.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(result["runs"]))
-    assert [r["classifier"] for r in saved["runs"]] == ["conv", "cac", "ssa", "proto"]
+    assert [r["classifier"] for r in saved["runs"]] == ["conv", "cosine", "cac", "ssa", "proto"]
     for run in saved["runs"]:
         assert run["seed"] == 0 and 0.0 <= run["val_miou"] <= 100.0
         assert set(run["per_class_iou"]) == set(camvid_data.CLASSES)
         assert run["curve"][-1] == [1, run["val_miou"]] and run["s_per_epoch"] > 0
-        assert set(run["splits"]) == {"val", "test"}  # every split present is evaluated at the end
+        assert set(run["splits"]) == {"val", "test", "unseen"}  # every split present is evaluated at the end
+        assert set(run["splits"]["unseen"]["per_sequence"]) == {"0006R0"} and run["splits"]["unseen"]["frames"] == 2
         assert set(run["splits"]["test"]["per_sequence"]) == {"0016E5", "Seq05VD"}
     assert (out / "camvid-quick_miou.png").stat().st_size > 0
     assert (out / "camvid-quick_predictions.png").stat().st_size > 0
@@ -58,6 +61,14 @@ def test_quick_run_writes_results(tmp_path):
         assert a["val_miou"] == b["val_miou"] and a["curve"] == b["curve"]
     text = train_camvid.render(out / "camvid-quick.json", update=False)  # the README block and the docs page
     assert "## Does it help? CamVid" in text and "| proto |" in text and "### test (3 frames)" in text
+    assert "| cosine |" in text and "### unseen (2 frames)" in text
+    # fitting each classifier onto the trained conv network, ProtoSeg also from k-means prototypes
+    tuned = train_camvid.main(
+        ["--data", str(data), "--quick", "--no-progress", "--no-plots", "--out", str(out), "--checkpoints",
+         str(tmp_path / "ck"), "--finetune-from", "camvid-quick", "--tag", "finetune-quick"]
+    )  # fmt: skip
+    assert [r["classifier"] for r in tuned["runs"]] == ["conv", "cosine", "cac", "ssa", "proto", "proto-kmeans"]
+    assert tuned["config"]["finetune_from"] == "camvid-quick"
     from examples import camvid_tiles
 
     tiles = camvid_tiles.main(
@@ -180,3 +191,60 @@ def test_static_classifier_gives_the_coarse_logits_and_restores_the_head():
 def test_recorded_arguments_name_no_local_folder():
     argv = ["--data", "/x/CamVid", "--seeds", "0", "--out=/y", "--checkpoints", "z", "--data=/w", "--quick"]
     assert train_camvid.recorded_arguments(argv) == ["--seeds", "0", "--quick"]
+
+
+def _quick(data, tmp_path, *extra):
+    return ["--data", str(data), "--quick", "--no-progress", "--no-plots", "--out", str(tmp_path / "out"),
+            "--checkpoints", str(tmp_path / "ck"), *extra]  # fmt: skip
+
+
+def test_finetuning_starts_from_the_trained_conv_network(tmp_path):
+    data = write_camvid(tmp_path / "CamVid")
+    train_camvid.main(_quick(data, tmp_path, "--classifiers", "conv"))
+    trained = torch.load(tmp_path / "ck" / "camvid-quick-conv-s0.pt", weights_only=False)["model"]
+    args = train_camvid.parse_args(_quick(data, tmp_path, "--finetune-from", "camvid-quick"))
+    split = train_camvid.load_data(args)["train"]
+    fit = (split, camvid_data.channel_statistics(split.images))
+    models = {
+        name: train_camvid.build_model(name, args, 0, fit=fit) for name in ("cosine", "cac", "proto", "proto-kmeans")
+    }
+    for model in models.values():
+        encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+        assert all(torch.equal(v, trained[k]) for k, v in encoder.items())
+    conv_weight = trained["decoder.classifier.weight"]
+    assert torch.equal(models["cac"].decoder.classifier.conv_seg.weight, conv_weight)
+    assert torch.equal(models["cosine"].decoder.classifier.weight, conv_weight.flatten(1))
+    random, fitted = models["proto"].decoder.classifier, models["proto-kmeans"].decoder.classifier
+    assert not torch.allclose(random.prototypes, fitted.prototypes)
+    assert fitted.prototype_diversity().mean() > random.prototype_diversity().mean()  # data, not noise
+    with pytest.raises(SystemExit):
+        train_camvid.parse_args(_quick(data, tmp_path, "--classifiers", "proto-kmeans"))  # needs a trained network
+
+
+def test_same_command_same_numbers_and_resume_continues_exactly(tmp_path, monkeypatch):
+    """Two runs of one command agree bit for bit; a run interrupted after an epoch and resumed ends where the
+    uninterrupted one does (the dropout and Gumbel draws continue from the checkpoint's random state)."""
+    data = write_camvid(tmp_path / "CamVid")
+    small = ["--epochs", "2", "--classifiers", "cosine", "proto", "--tag", "repro"]
+    first = train_camvid.main(_quick(data, tmp_path / "a", *small))
+    again = train_camvid.main(_quick(data, tmp_path / "b", *small))
+    saves = []
+    real_save = train_camvid.torch.save
+
+    def save_then_stop(obj, path):
+        real_save(obj, path)
+        saves.append(path)
+        if len(saves) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_camvid.torch, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_camvid.main(_quick(data, tmp_path / "c", *small))
+    monkeypatch.setattr(train_camvid.torch, "save", real_save)
+    resumed = train_camvid.main(_quick(data, tmp_path / "c", *small, "--resume"))
+    for runs in (again["runs"], resumed["runs"]):
+        for a, b in zip(first["runs"], runs, strict=True):
+            assert a["curve"] == b["curve"] and a["splits"] == b["splits"]
+    for name in ("cosine", "proto"):
+        weights = [torch.load(tmp_path / d / "ck" / f"repro-{name}-s0.pt", weights_only=False)["model"] for d in "abc"]
+        assert all(torch.equal(weights[0][k], w[k]) for w in weights[1:] for k in weights[0])

@@ -267,3 +267,35 @@ def test_checkpoint_embedding_gives_the_same_step():
         grads[-1] += [p.grad for p in head.parameters()]
     for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- prototypes from data
+def test_init_prototypes_is_classwise_kmeans_of_the_embeddings():
+    from adaptive_heads.functional import classwise_kmeans, resize_labels_nearest
+
+    head, feat, target = make()
+    before = head.prototypes.clone()
+    counts = head.init_prototypes(feat, target, iters=4, generator=torch.Generator().manual_seed(0))
+    labels = resize_labels_nearest(target, feat.shape[-2:]).reshape(-1)
+    labels = torch.where(labels == 255, -1, labels)
+    emb = head.embed(feat).reshape(-1, C)
+    expected, expected_counts = classwise_kmeans(
+        emb, labels, N_CLS, K, iters=4, init=F.normalize(before, dim=-1), generator=torch.Generator().manual_seed(0)
+    )
+    assert torch.equal(counts, expected_counts) and counts[2] == 0
+    torch.testing.assert_close(head.prototypes, expected)
+    assert torch.equal(head.prototypes[2], before[2])  # the class without pixels keeps its prototypes
+    assert not torch.allclose(head.prototypes[0], before[0])
+    # each fitted prototype is the normalised mean direction of the pixels nearest to it
+    own = emb[labels == 0]
+    nearest = (own @ head.prototypes[0].T).argmax(1)
+    for k in nearest.unique().tolist():
+        torch.testing.assert_close(head.prototypes[0, k], F.normalize(own[nearest == k].sum(0), dim=0))
+
+
+def test_init_prototypes_checks_its_inputs():
+    head, feat, target = make()
+    with pytest.raises(ValueError, match="target has batch size 1"):
+        head.init_prototypes(feat, target[:1])
+    with pytest.raises(ValueError, match="feat"):
+        head.init_prototypes(feat[:, :3], target)

@@ -39,6 +39,7 @@ from .pooling import (
     soft_class_sums,
 )
 from .prototypes import (
+    classwise_kmeans,
     prototype_best_similarity,
     prototype_contrast_from_stats,
     prototype_contrast_sums,
@@ -55,6 +56,7 @@ __all__ = [
     "channel_norm",
     "class_means",
     "class_pixel_counts",
+    "classwise_kmeans",
     "classwise_sinkhorn",
     "classwise_weighted_mean",
     "context_aware_distillation",

@@ -13,11 +13,13 @@ does two forward and four backward).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._precision import upcast_half
 
 __all__ = [
+    "classwise_kmeans",
     "prototype_best_similarity",
     "prototype_contrast_from_stats",
     "prototype_contrast_sums",
@@ -217,3 +219,85 @@ def prototype_contrast_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor
     ppc = torch.where(keep, lse - picked, torch.zeros_like(picked)).sum()
     ppd = torch.where(keep, (1 - picked).pow(2), torch.zeros_like(picked)).sum()
     return ppc, ppd
+
+
+@torch.no_grad()
+def classwise_kmeans(
+    emb: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    num_prototypes: int,
+    *,
+    iters: int = 10,
+    init: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Spherical k-means of every class's pixel embeddings, all classes at once: K unit centroids per class.
+
+    Starts from K pixels of each class drawn by k-means++ (Arthur and Vassilvitskii, 2007: each next start with
+    probability proportional to its squared distance to the nearest start so far; a class with fewer distinct
+    pixels than K repeats them), then ``iters`` Lloyd rounds: each pixel joins the nearest (cosine) centroid of its own
+    class, each centroid becomes the normalised sum of its pixels; a centroid left without pixels keeps its
+    place. One ``[chunk, n·K]`` similarity block at a time (:func:`prototype_similarity_stats`), no loop over
+    classes.
+
+    Args:
+        emb: ``[N, D]`` unit pixel embeddings.
+        labels: ``[N]`` class of each pixel; values outside ``[0, n)`` (an ignore label) leave the pixel out.
+        num_classes: n.
+        num_prototypes: K.
+        iters: Lloyd rounds (0 keeps the drawn pixels).
+        init: ``[n, K, D]`` centroids returned for the classes without pixels (default: zeros).
+        generator: for the draw of the starting pixels.
+
+    Returns:
+        ``centroids [n, K, D]`` (float32 or wider) and ``counts [n]``, the pixels of each class.
+
+    Example:
+        >>> emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [-1.0, 0.0], [0.0, 1.0]]), dim=1)
+        >>> centroids, counts = classwise_kmeans(emb, torch.tensor([0, 0, 0, 1]), num_classes=2, num_prototypes=2)
+        >>> counts.tolist(), centroids[1, 0].tolist()
+        ([3, 1], [0.0, 1.0])
+        >>> sorted(round(c[0].item(), 3) for c in centroids[0])  # the pair at +x and the pixel at -x
+        [-1.0, 1.0]
+    """
+    if emb.dim() != 2 or labels.shape != emb.shape[:1]:
+        raise ValueError(f"emb must be [N, D] and labels [N], got {tuple(emb.shape)} and {tuple(labels.shape)}")
+    if num_classes < 1 or num_prototypes < 1 or iters < 0:
+        raise ValueError(f"need num_classes, num_prototypes >= 1 and iters >= 0, got {num_classes}, "
+                         f"{num_prototypes}, {iters}")  # fmt: skip
+    n, k = num_classes, num_prototypes
+    emb = upcast_half(emb)
+    n_pixels, dim = emb.shape
+    valid = (labels >= 0) & (labels < n)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    counts = torch.zeros(n + 1, dtype=torch.long, device=emb.device)
+    counts = counts.index_add_(0, torch.where(valid, safe, n), torch.ones_like(safe))[:n]
+    fallback = emb.new_zeros(n, k, dim) if init is None else init.to(emb)
+    if n_pixels == 0:
+        return fallback, counts
+    # k-means++ starts, K rounds for all classes at once: each class draws one pixel with probability ∝ its squared
+    # distance to the nearest start drawn so far (uniform in round 0), by the exponential-race trick: the pixel with
+    # the smallest Exp(1)/weight of its class; pixels at distance 0 draw only when nothing else is left (a repeat)
+    group = torch.where(valid, safe, n)  # the ignored pixels sort last
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)[:-1]])
+    nearest = emb.new_full((n_pixels,), -1.0)  # max cosine to the starts of the pixel's class
+    chosen = []
+    for _ in range(k):
+        race = torch.empty_like(nearest).exponential_(generator=generator)
+        weight = (2.0 - 2.0 * nearest).clamp_min(0.0)
+        key = torch.where(weight > 0, race / weight, torch.full_like(race, float("inf")))
+        order = key.argsort()
+        order = order[group[order].argsort(stable=True)]  # by class, the smallest key first
+        pick = order[starts.clamp_max(n_pixels - 1)]  # [n]
+        chosen.append(emb[pick])
+        nearest = torch.maximum(nearest, (emb * emb[pick][safe]).sum(1))
+    centroids = torch.where((counts > 0)[:, None, None], torch.stack(chosen, 1), fallback)
+    for _ in range(iters):
+        _, own, _ = prototype_similarity_stats(emb, centroids.reshape(n * k, dim), safe, n)
+        slot = torch.where(valid, safe * k + own.argmax(dim=1), n * k)
+        sums = emb.new_zeros(n * k + 1, dim).index_add_(0, slot, emb)[:-1]
+        filled = emb.new_zeros(n * k + 1).index_add_(0, slot, torch.ones_like(emb[:, 0]))[:-1] > 0
+        centroids = torch.where(filled[:, None], F.normalize(sums, dim=1), centroids.reshape(n * k, dim))
+        centroids = centroids.view(n, k, dim)
+    return centroids, counts

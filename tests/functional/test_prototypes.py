@@ -69,3 +69,64 @@ def test_similarity_pass_keeps_no_int64_pixel_by_class_tensor():
     with mode:
         AF.prototype_similarity_stats(emb, protos, labels, n, budget=n * k * 256)  # 16 chunks
     assert not mode.seen, mode.seen
+
+
+# ----------------------------------------------------------------------------- class-wise k-means
+def _kmeans_loop(emb, labels, start, iters):
+    """One class at a time: Lloyd rounds of spherical k-means from ``start [n, K, D]``."""
+    centroids = start.clone()
+    for c in range(start.shape[0]):
+        pixels = emb[labels == c]
+        if len(pixels) == 0:
+            continue
+        for _ in range(iters):
+            nearest = (pixels @ centroids[c].T).argmax(1)
+            for k in range(start.shape[1]):
+                members = pixels[nearest == k]
+                if len(members):
+                    centroids[c, k] = F.normalize(members.sum(0), dim=0)
+    return centroids
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_classwise_kmeans_matches_a_loop_over_classes():
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(500, 8, generator=g, dtype=torch.float64), dim=1)
+    labels = torch.randint(-1, 5, (500,), generator=g)
+    labels[labels == 3] = 2  # class 3 has no pixel
+    init = F.normalize(torch.randn(5, 4, 8, dtype=torch.float64), dim=-1)
+    start, counts = AF.classwise_kmeans(
+        emb, labels, 5, 4, iters=0, init=init, generator=torch.Generator().manual_seed(1)
+    )
+    fitted, _ = AF.classwise_kmeans(emb, labels, 5, 4, iters=6, init=init, generator=torch.Generator().manual_seed(1))
+    assert counts.tolist() == [int((labels == c).sum()) for c in range(5)]
+    torch.testing.assert_close(start[3], init[3])  # no pixel: the given centroids
+    torch.testing.assert_close(fitted[3], init[3])
+    # the starts are distinct pixels of their own class
+    for c in (0, 1, 2, 4):
+        own = emb[labels == c]
+        assert ((start[c] @ own.T) > 1 - 1e-12).any(1).all()
+        assert torch.linalg.matrix_rank(start[c]) == 4
+    torch.testing.assert_close(fitted, _kmeans_loop(emb, labels, start, 6))
+    torch.testing.assert_close(fitted.norm(dim=-1), torch.ones(5, 4, dtype=torch.float64))
+
+
+def test_classwise_kmeans_finds_separated_clusters_and_handles_small_classes():
+    centres = F.normalize(torch.eye(4)[:3] + 0.0, dim=1)  # class 0: three tight clusters on the axes
+    g = torch.Generator().manual_seed(2)
+    emb = F.normalize(centres.repeat_interleave(50, 0) + 0.01 * torch.randn(150, 4, generator=g), dim=1)
+    emb = torch.cat([emb, F.normalize(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), dim=1)])  # class 1: one pixel
+    labels = torch.tensor([0] * 150 + [1])
+    fitted, counts = AF.classwise_kmeans(emb, labels, 2, 3, iters=10, generator=torch.Generator().manual_seed(0))
+    assert counts.tolist() == [150, 1]
+    found = (fitted[0] @ centres.T).max(0).values  # every true centre has a centroid next to it
+    assert (found > 0.999).all()
+    torch.testing.assert_close(fitted[1], emb[-1].expand(3, 4))  # fewer pixels than K: the pixel, repeated
+
+
+def test_classwise_kmeans_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"emb must be \[N, D\] and labels \[N\]"):
+        AF.classwise_kmeans(torch.randn(4, 3), torch.zeros(5, dtype=torch.long), 2, 2)
