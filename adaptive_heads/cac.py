@@ -41,7 +41,7 @@ from .functional import (
 
 __all__ = ["CACOutput", "ContextAwareClassifier", "ContextAwareLoss"]
 
-DEFAULT_WEIGHTS = {"ce": 1.0, "ce_context": 1.0, "ce_oracle": 1.0, "distill": 1.0}
+DEFAULT_WEIGHTS = {"ce": 1.0, "ce_coarse": 1.0, "ce_teacher": 1.0, "distill": 1.0}
 
 
 @dataclass
@@ -51,17 +51,17 @@ class CACOutput(HeadOutput):
     Attributes:
         logits: ``p_p`` ``[B, n, h, w]``, the context-aware prediction (also the inference output).
         coarse: ``p`` ``[B, n, h, w]``, the plain 1×1-conv logits (with dropout, with bias).
-        oracle: ``p_y`` ``[B, n, h, w]``, the oracle classifier's logits built from the labels.
+        teacher: ``p_y`` ``[B, n, h, w]``, the logits of the label-built classifier (the paper's *oracle*).
         feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
 
     Example:
         >>> out = ContextAwareClassifier(16, 5)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32)))
-        >>> out.logits.shape, out.oracle.shape, out.feature_target.shape
+        >>> out.logits.shape, out.teacher.shape, out.feature_target.shape
         (torch.Size([2, 5, 8, 8]), torch.Size([2, 5, 8, 8]), torch.Size([2, 8, 8]))
     """
 
     coarse: Tensor
-    oracle: Tensor
+    teacher: Tensor
     feature_target: Tensor
 
 
@@ -71,10 +71,11 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
     ``loss_fn(out, target)`` with ``out`` the :class:`~adaptive_heads.cac.CACOutput` of
     ``head(feat, target)`` and ``target [B, H, W]`` returns:
 
-    - ``ce``: CE of the plain logits ``p`` (bilinear upsampling with ``align_corners=True``, mean over valid
-      pixels) — official ``PreSelfLoss``;
-    - ``ce_context``: CE of the context-aware logits ``p_p`` (``align_corners=False``) — official main loss;
-    - ``ce_oracle``: CE of the oracle logits ``p_y`` (``align_corners=True``) — official ``PreLoss``;
+    - ``ce``: CE of the context-aware logits ``p_p``, the logits the head returns (``align_corners=False``) —
+      official main loss;
+    - ``ce_coarse``: CE of the coarse logits ``p`` of ``conv_seg`` (bilinear upsampling with
+      ``align_corners=True``, mean over valid pixels) — official ``PreSelfLoss``;
+    - ``ce_teacher``: CE of the label-built (oracle) logits ``p_y`` (``align_corners=True``) — official ``PreLoss``;
     - ``distill``: :func:`context_aware_distillation` of ``p_y`` (detached) into ``p_p`` at feature resolution;
     - ``loss``: ``Σ weights[k]·term_k`` (all weights 1, as hard-coded officially).
 
@@ -88,7 +89,7 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
         ignore_index: label ignored by every term.
         weights: per-term weights, merged into the official ``default_weights``.
         reduction: ``"mean"`` or ``"sum"`` of the CE terms.
-        main_average: denominator of the main CE ``ce_context``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
+        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
 
     Example:
         >>> head = ContextAwareClassifier(16, 5)
@@ -99,7 +100,7 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
 
     default_weights = DEFAULT_WEIGHTS
     output_type = CACOutput
-    main_term = "ce_context"
+    main_term = "ce"
     options = ("distill_mode", "distill_mix", "class_average")
 
     def __init__(
@@ -127,14 +128,12 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
         return self.computed(
             {
-                "ce": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
-                "ce_context": lambda: self.cross_entropy(
-                    out.logits, target, align_corners=False, average=self.main_average
-                ),
-                "ce_oracle": lambda: self.cross_entropy(out.oracle, target, align_corners=True),
+                "ce": lambda: self.cross_entropy(out.logits, target, align_corners=False, average=self.main_average),
+                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
+                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
                 "distill": lambda: context_aware_distillation(
                     out.logits,
-                    out.oracle,
+                    out.teacher,
                     feature_target,
                     n,
                     ignore_index=self.ignore_index,
@@ -166,12 +165,14 @@ class ContextAwareClassifier(CosineHead):
     - cosine logits ×``tau`` with ``+eps`` on the norms (the official ASPP/OCR variants have no eps and
       give NaN on all-zero pixels; here an all-zero pixel gets logits 0).
 
-    Paper variants: ``oracle_pooling="image"`` pools the oracle prototypes per image (the paper's Eq. 1).
+    Paper variants: ``teacher_pooling="image"`` pools the oracle prototypes per image (the paper's Eq. 1). The
+    package calls the paper's oracle branch the *teacher*, as SSA-Seg does: the same option and term names
+    (``teacher_pooling``, ``ce_teacher``) mean the same thing in both heads.
 
     Args:
         in_channels: C, channels of the decoder feature map.
         num_classes: n.
-        oracle_pooling: ``"batch"`` (official: this process's batch), ``"image"`` (paper) or ``"global"`` (every
+        teacher_pooling: ``"batch"`` (official: this process's batch), ``"image"`` (paper) or ``"global"`` (every
             rank's batch under ``torch.distributed``: the oracle of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost).
         tau: cosine scale (official 15).
@@ -189,7 +190,7 @@ class ContextAwareClassifier(CosineHead):
         >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
         >>> losses = head.default_loss()(head(feat, target), target)  # training: structured output + its loss
         >>> sorted(losses)
-        ['ce', 'ce_context', 'ce_oracle', 'distill', 'loss']
+        ['ce', 'ce_coarse', 'ce_teacher', 'distill', 'loss']
         >>> head.eval()(feat).shape  # inference: logits, like the 1×1 conv it replaces
         torch.Size([2, 5, 8, 8])
     """
@@ -199,7 +200,7 @@ class ContextAwareClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        oracle_pooling: LabelPooling = "batch",
+        teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
         dropout: float = 0.1,
         ignore_index: int | None = 255,
@@ -213,8 +214,8 @@ class ContextAwareClassifier(CosineHead):
             in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
             init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
         )  # fmt: skip
-        check_choice("oracle_pooling", oracle_pooling, LABEL_POOLINGS)
-        self.oracle_pooling = oracle_pooling
+        check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
+        self.teacher_pooling = teacher_pooling
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
 
@@ -222,7 +223,7 @@ class ContextAwareClassifier(CosineHead):
     training_only = ("apd_proj",)
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "oracle_pooling": self.oracle_pooling}
+        return {**super().options(), "teacher_pooling": self.teacher_pooling}
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
@@ -264,9 +265,10 @@ class ContextAwareClassifier(CosineHead):
     def forward_logits(self, feat: Tensor) -> Tensor:
         return self.logits_from_context(feat, self.context_statistics(feat))
 
-    def oracle_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
-        """Oracle classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global pooling) or ``[B, n, C]``."""
-        sums, counts = self.label_class_statistics(feat, feature_target, self.oracle_pooling)
+    def teacher_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
+        """The label-built (oracle) classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global
+        pooling) or ``[B, n, C]``."""
+        sums, counts = self.label_class_statistics(feat, feature_target, self.teacher_pooling)
         weight = self.classifier_weight
         prototypes = class_means(sums, counts, weight.detach())
         return self._fuse(self.apd_proj, prototypes, weight.expand_as(sums))
@@ -275,9 +277,9 @@ class ContextAwareClassifier(CosineHead):
         coarse = self.coarse_logits(feat)
         logits = self._context_logits(feat, coarse)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
-        oracle = cosine_logits(feat, self.oracle_classifier(feat, feature_target), self.tau, eps=self.eps)
-        oracle = oracle.to(logits.dtype)
-        return CACOutput(logits=logits, coarse=coarse, oracle=oracle, feature_target=feature_target)
+        teacher = cosine_logits(feat, self.teacher_classifier(feat, feature_target), self.tau, eps=self.eps)
+        teacher = teacher.to(logits.dtype)
+        return CACOutput(logits=logits, coarse=coarse, teacher=teacher, feature_target=feature_target)
 
     def load_official_state_dict(
         self, state_dict: Mapping[str, Tensor], prefix: str | None = None, strict: bool = False

@@ -180,14 +180,14 @@ class SSAClassifier(CosineHead):
     Training adds the online teacher: semantic GT centres pooled over the **whole batch** (absent classes fall
     back to the detached ``W`` row), spatial GT centres per image (absent classes: detached ``E`` row),
     ``gt_center_content_proj([G, W])``, ``gt_center_pos_proj([H, E])`` (note the concat orders), the same
-    cosine with ``gt_center_proj``. ``semantic_gt_pooling="image"`` pools the semantic GT centres per image.
+    cosine with ``gt_center_proj``. ``teacher_pooling="image"`` pools the semantic GT centres per image.
 
     Teacher layers (``gt_*``) are training-only: :meth:`strip_training_layers` drops them for deployment.
 
     Args:
         in_channels: C.
         num_classes: n.
-        semantic_gt_pooling: ``"batch"`` (official: this process's batch), ``"image"`` or ``"global"`` (every
+        teacher_pooling: ``"batch"`` (official: this process's batch), ``"image"`` or ``"global"`` (every
             rank's batch under ``torch.distributed``: the teacher of one process on the global batch; see
             :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost). The spatial GT centres
             are per image in every mode.
@@ -217,7 +217,7 @@ class SSAClassifier(CosineHead):
         in_channels: int,
         num_classes: int,
         *,
-        semantic_gt_pooling: LabelPooling = "batch",
+        teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
         dropout: float = 0.1,
         ignore_index: int | None = 255,
@@ -231,9 +231,9 @@ class SSAClassifier(CosineHead):
             in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
             init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
         )  # fmt: skip
-        check_choice("semantic_gt_pooling", semantic_gt_pooling, LABEL_POOLINGS)
+        check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         c = in_channels
-        self.semantic_gt_pooling = semantic_gt_pooling
+        self.teacher_pooling = teacher_pooling
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
         self.center_pos = nn.Embedding(num_classes, c)
         self.center_content_proj = prototype_mlp(c)
@@ -247,7 +247,7 @@ class SSAClassifier(CosineHead):
     training_only = ("gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj")
 
     def options(self) -> dict[str, Any]:
-        return {**super().options(), "semantic_gt_pooling": self.semantic_gt_pooling}
+        return {**super().options(), "teacher_pooling": self.teacher_pooling}
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
@@ -347,7 +347,7 @@ class SSAClassifier(CosineHead):
         weight = self.classifier_weight
         basis = self.center_pos.weight
         one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, torch.float32)  # shared
-        sums, counts = self.label_class_statistics(feat, feature_target, self.semantic_gt_pooling, one_hot)
+        sums, counts = self.label_class_statistics(feat, feature_target, self.teacher_pooling, one_hot)
         sem_gt = class_means(sums, counts, weight.detach())
         semantic = self._fuse(self.gt_center_content_proj, sem_gt, weight.expand_as(sem_gt))
         semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic

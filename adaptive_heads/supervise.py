@@ -165,6 +165,6 @@ def supervise(
         ...     loss = torch.nn.functional.cross_entropy(logits, target) + sup.loss()
         >>> loss.backward()
         >>> sorted(sup.losses())
-        ['1.ce', '1.ce_context', '1.ce_oracle', '1.distill', 'loss']
+        ['1.ce', '1.ce_coarse', '1.ce_teacher', '1.distill', 'loss']
     """
     return Supervision(model, target, loss_fns, head_weights)

@@ -33,8 +33,8 @@ def test_replace_classifier_takes_a_name_a_class_or_a_callable(head):
 
 
 def test_replace_classifier_passes_the_heads_options():
-    model = replace_classifier(_model(), "cac", path="2", tau=10.0, oracle_pooling="image")
-    assert (model[2].tau, model[2].oracle_pooling) == (10.0, "image")
+    model = replace_classifier(_model(), "cac", path="2", tau=10.0, teacher_pooling="image")
+    assert (model[2].tau, model[2].teacher_pooling) == (10.0, "image")
     with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
         replace_classifier(_model(), "cac", path="2", nope=1)
     with pytest.raises(ValueError, match=r"unknown head 'casc'; known: \['cac', 'ssa', 'proto'"):
@@ -78,8 +78,8 @@ COSINE_OPTIONS = {"tau": 15.0, "dropout": 0.1, "ignore_index": 255, "eps": 1e-12
                   "dilation": 1, "class_direction": "sum"}  # fmt: skip
 LOSS_OPTIONS = {"ignore_index": 255, "weights": None, "reduction": "mean", "main_average": "valid"}
 SIGNATURES = {
-    "ContextAwareClassifier": {"oracle_pooling": "batch", **COSINE_OPTIONS},
-    "SSAClassifier": {"semantic_gt_pooling": "batch", **COSINE_OPTIONS},
+    "ContextAwareClassifier": {"teacher_pooling": "batch", **COSINE_OPTIONS},
+    "SSAClassifier": {"teacher_pooling": "batch", **COSINE_OPTIONS},
     "PrototypeClassifier": {
         "num_prototypes": 10,
         "embed_dim": None,
@@ -148,3 +148,39 @@ def test_a_term_weighted_zero_is_not_computed(monkeypatch):
         model(torch.randn(2, 3, 8, 8))
     terms = sup.losses()
     assert "2.dice" not in terms and "2.ce" in terms and "2.relation" in terms  # the main term is always reported
+
+
+# ----------------------------------------------------------------------------- one vocabulary
+#: bilinear upsampling of each head's main CE, as its official code does it
+MAIN_ALIGN_CORNERS = {"cac": False, "ssa": True, "proto": True}
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_ce_is_the_cross_entropy_of_the_logits_the_head_returns(name):
+    torch.manual_seed(0)
+    head = head_by_name(name)(8, 4, **({} if name == "proto" else {"dropout": 0.0}))
+    feat, target = torch.randn(2, 8, 5, 6), torch.randint(0, 4, (2, 20, 24))
+    out = head(feat, target)
+    terms = head.default_loss()(out, target)
+    up = nn.functional.interpolate(out.logits, size=(20, 24), mode="bilinear", align_corners=MAIN_ALIGN_CORNERS[name])
+    torch.testing.assert_close(terms["ce"], nn.functional.cross_entropy(up, target))
+    assert type(head.default_loss()).main_term == "ce"
+    if name != "proto":  # and it is the prediction (ProtoSeg's eval sees the prototypes after the update)
+        with torch.no_grad():
+            torch.testing.assert_close(head.eval()(feat), out.logits.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_the_label_built_branch_has_one_name_in_both_cosine_heads(name):
+    torch.manual_seed(0)
+    head = head_by_name(name)(8, 4, teacher_pooling="image", dropout=0.0)
+    feat, target = torch.randn(2, 8, 5, 6), torch.randint(0, 4, (2, 20, 24))
+    out = head(feat, target)
+    terms = head.default_loss()(out, target)
+    assert {"ce", "ce_coarse", "ce_teacher", "distill"} <= set(terms)
+    up = functools.partial(nn.functional.interpolate, size=(20, 24), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(terms["ce_teacher"], nn.functional.cross_entropy(up(out.teacher), target))
+    torch.testing.assert_close(terms["ce_coarse"], nn.functional.cross_entropy(up(out.coarse), target))
+    torch.testing.assert_close(out.coarse, head.conv_seg(feat))
+    with pytest.raises(ValueError, match=r"unknown loss terms in weights: \['ce_oracle'\]"):
+        type(head.default_loss())(weights={"ce_oracle": 0.0})

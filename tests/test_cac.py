@@ -37,7 +37,7 @@ def test_training_output_fields_and_shapes():
     head, feat, target = make(dropout=0.1)
     out = head(feat, target)
     assert isinstance(out, CACOutput)
-    for t in (out.logits, out.coarse, out.oracle):
+    for t in (out.logits, out.coarse, out.teacher):
         assert t.shape == (3, N, 6, 7)
     assert out.feature_target.shape == (3, 6, 7)
 
@@ -47,7 +47,7 @@ def test_estimated_and_oracle_match_reference_loops():
     out = head(feat, target)
     torch.testing.assert_close(out.coarse, head.conv_seg(feat))
     torch.testing.assert_close(out.logits, ref.estimated_logits(head, feat, out.coarse))
-    torch.testing.assert_close(out.oracle, ref.oracle_logits(head, feat, target))
+    torch.testing.assert_close(out.teacher, ref.oracle_logits(head, feat, target))
     head.eval()
     torch.testing.assert_close(head(feat), out.logits)
 
@@ -55,19 +55,19 @@ def test_estimated_and_oracle_match_reference_loops():
 def test_oracle_absent_class_uses_classifier_row():
     head, feat, target = make(dtype=torch.float64)
     small = ref.nearest_labels(target, (6, 7))
-    proto = head.oracle_classifier(feat, small)
+    proto = head.teacher_classifier(feat, small)
     w = head.classifier_weight
     expected_absent = head.apd_proj(torch.cat([w[3], w[3]])[None])[0]
     torch.testing.assert_close(proto[3], expected_absent)
 
 
 def test_oracle_per_image_option():
-    head, feat, target = make(dtype=torch.float64, oracle_pooling="image")
+    head, feat, target = make(dtype=torch.float64, teacher_pooling="image")
     out = head(feat, target)
     # per image == batch pooling on each image alone
     for b in range(3):
         single = ref.oracle_logits(head, feat[b : b + 1], target[b : b + 1])
-        torch.testing.assert_close(out.oracle[b : b + 1], single)
+        torch.testing.assert_close(out.teacher[b : b + 1], single)
 
 
 def test_losses_match_reference():
@@ -76,15 +76,16 @@ def test_losses_match_reference():
     terms = ContextAwareLoss()(out, target)
     size = target.shape[-2:]
     up = lambda z, ac: F.interpolate(z, size=size, mode="bilinear", align_corners=ac)  # noqa: E731
-    torch.testing.assert_close(terms["ce"], F.cross_entropy(up(out.coarse, True), target, ignore_index=255))
-    torch.testing.assert_close(terms["ce_context"], F.cross_entropy(up(out.logits, False), target, ignore_index=255))
-    torch.testing.assert_close(terms["ce_oracle"], F.cross_entropy(up(out.oracle, True), target, ignore_index=255))
-    torch.testing.assert_close(terms["distill"], ref.distill_loss(out.logits, out.oracle, target), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(terms["loss"], terms["ce"] + terms["ce_context"] + terms["ce_oracle"] + terms["distill"])
+    torch.testing.assert_close(terms["ce_coarse"], F.cross_entropy(up(out.coarse, True), target, ignore_index=255))
+    torch.testing.assert_close(terms["ce"], F.cross_entropy(up(out.logits, False), target, ignore_index=255))
+    torch.testing.assert_close(terms["ce_teacher"], F.cross_entropy(up(out.teacher, True), target, ignore_index=255))
+    distill = ref.distill_loss(out.logits, out.teacher, target)
+    torch.testing.assert_close(terms["distill"], distill, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(terms["loss"], terms["ce_coarse"] + terms["ce"] + terms["ce_teacher"] + terms["distill"])
     # official mmseg-0.x main term: mean over all pixels
     official = ContextAwareLoss(main_average="all")(out, target)
     all_mean = F.cross_entropy(up(out.logits, False), target, ignore_index=255, reduction="sum") / target.numel()
-    torch.testing.assert_close(official["ce_context"], all_mean)
+    torch.testing.assert_close(official["ce"], all_mean)
 
 
 def test_distill_is_soft_ce_not_kl_and_kl_option():
@@ -121,10 +122,10 @@ def _grads(head, feat, loss):
 @pytest.mark.parametrize(
     "term,expected",
     [
-        ("ce", dict(feat=True, w=True, b=True, proj=False, apd_proj=False)),
-        ("ce_context", dict(feat=True, w=True, b=True, proj=True, apd_proj=False)),
+        ("ce_coarse", dict(feat=True, w=True, b=True, proj=False, apd_proj=False)),
+        ("ce", dict(feat=True, w=True, b=True, proj=True, apd_proj=False)),
         ("distill", dict(feat=True, w=True, b=True, proj=True, apd_proj=False)),
-        ("ce_oracle", dict(feat=True, w=True, b=False, proj=False, apd_proj=True)),
+        ("ce_teacher", dict(feat=True, w=True, b=False, proj=False, apd_proj=True)),
     ],
 )
 def test_gradient_flow_matches_detach_table(term, expected):
@@ -139,7 +140,7 @@ def test_oracle_first_concat_half_is_detached():
     with torch.no_grad():
         head.apd_proj[0].weight[:, C:] = 0  # cut the W half of the oracle projector input
     loss_fn = ContextAwareLoss()
-    got = _grads(head, feat, lambda f: loss_fn(head(f, target), target)["ce_oracle"])
+    got = _grads(head, feat, lambda f: loss_fn(head(f, target), target)["ce_teacher"])
     assert not got["w"]  # the pooled/fallback half carries no gradient into conv_seg
 
 
@@ -277,8 +278,8 @@ def test_bad_input_errors(feat, target, exc, match):
 
 
 def test_constructor_and_loss_argument_errors():
-    with pytest.raises(ValueError, match="oracle_pooling"):
-        ContextAwareClassifier(C, N, oracle_pooling="pixel")
+    with pytest.raises(ValueError, match="teacher_pooling"):
+        ContextAwareClassifier(C, N, teacher_pooling="pixel")
     with pytest.raises(ValueError, match="in_channels"):
         ContextAwareClassifier(0, N)
     with pytest.raises(ValueError, match="unknown loss terms"):
@@ -301,8 +302,8 @@ def test_weights_and_sum_reduction():
     head, feat, target = make(dtype=torch.float64)
     out = head(feat, target)
     base = ContextAwareLoss()(out, target)
-    weighted = ContextAwareLoss(weights={"distill": 2.0, "ce": 0.0})(out, target)
-    torch.testing.assert_close(weighted["loss"], base["ce_context"] + base["ce_oracle"] + 2 * base["distill"])
+    weighted = ContextAwareLoss(weights={"distill": 2.0, "ce_coarse": 0.0})(out, target)
+    torch.testing.assert_close(weighted["loss"], base["ce"] + base["ce_teacher"] + 2 * base["distill"])
     summed = ContextAwareLoss(reduction="sum")(out, target)
     valid = (target != 255).sum()
-    torch.testing.assert_close(summed["ce"], base["ce"] * valid)
+    torch.testing.assert_close(summed["ce_coarse"], base["ce_coarse"] * valid)

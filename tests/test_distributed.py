@@ -25,7 +25,7 @@ from adaptive_heads.registry import HEADS
 
 WORLD = 2
 N_CLS, C, K = 4, 6, 3
-POOLING = {"cac": "oracle_pooling", "ssa": "semantic_gt_pooling"}  # the label-built branch of each cosine head
+POOLING = {"cac": "teacher_pooling", "ssa": "teacher_pooling"}  # the label-built branch of each cosine head
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed (gloo)"
@@ -84,7 +84,7 @@ def _cosine_run(name: str, pooling: str, feat: torch.Tensor, target: torch.Tenso
     out = head(x, target)
     terms = head.default_loss().terms(out, target)
     sum(terms.values()).backward()
-    label_built = out.oracle if name == "cac" else out.teacher
+    label_built = out.teacher
     return {
         "logits": out.logits.detach(),
         "label_built": label_built.detach(),
@@ -182,7 +182,7 @@ def test_global_label_pooling_equals_one_process_on_the_global_batch(ranks, name
     halves = [slice(0, 2), slice(2, 4)]
     per_rank_terms = [loss_fn.terms(_slice_output(out, sl, 4), target[sl]) for sl in halves]
     sum(sum(t.values()) for t in per_rank_terms).backward()  # Σ_ranks of each rank's loss
-    label_built = out.oracle if name == "cac" else out.teacher
+    label_built = out.teacher
     for rank, sl in enumerate(halves):
         got = ranks[rank][f"{name}-global"]
         torch.testing.assert_close(got["logits"], out.logits[sl].detach(), rtol=1e-5, atol=1e-5)

@@ -143,21 +143,21 @@ def test_supervise_end_to_end_matches_direct_call():
         main = F.cross_entropy(logits, target, ignore_index=255)
         losses = sup.losses()
         total = main + sup.loss()
-    assert set(losses) == {"classifier.4.ce", "classifier.4.ce_context", "classifier.4.ce_oracle",
+    assert set(losses) == {"classifier.4.ce_coarse", "classifier.4.ce", "classifier.4.ce_teacher",
                            "classifier.4.distill", "loss"}  # fmt: skip
     # the same numbers by calling the head directly on the decoder features
     feats = model.classifier[:4](model.backbone(images))
     direct = ContextAwareLoss()(model.classifier[4](feats, target), target)
-    for k in ("ce", "ce_oracle", "distill"):
+    for k in ("ce_coarse", "ce_teacher", "distill"):
         torch.testing.assert_close(losses[f"classifier.4.{k}"], direct[k])
-    torch.testing.assert_close(losses["loss"], direct["ce"] + direct["ce_oracle"] + direct["distill"])
+    torch.testing.assert_close(losses["loss"], direct["ce_coarse"] + direct["ce_teacher"] + direct["distill"])
     total.backward()
     assert model.classifier[4].apd_proj[0].weight.grad is not None  # the oracle branch was trained
     assert model.classifier[4]._supervisor is None  # context cleaned up
     with supervise(model, target) as sup:
         model(images)
         with_main = sup.loss(include_main=True)
-        torch.testing.assert_close(with_main, sup.loss() + sup.losses()["classifier.4.ce_context"])
+        torch.testing.assert_close(with_main, sup.loss() + sup.losses()["classifier.4.ce"])
 
 
 def test_supervise_errors():
@@ -181,7 +181,8 @@ def test_supervise_custom_loss_module():
     model = TinyFCN()
     replace_classifier(model, ContextAwareClassifier)
     target = torch.randint(0, 4, (2, 16, 16))
-    with supervise(model, target, loss_fns=ContextAwareLoss(weights={"ce": 0, "ce_oracle": 0, "distill": 3.0})) as s:
+    loss_fn = ContextAwareLoss(weights={"ce_coarse": 0, "ce_teacher": 0, "distill": 3.0})
+    with supervise(model, target, loss_fns=loss_fn) as s:
         model(torch.randn(2, 3, 16, 16))
         terms = s.losses()
     torch.testing.assert_close(terms["loss"], 3.0 * terms["classifier.4.distill"])

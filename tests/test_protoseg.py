@@ -253,7 +253,7 @@ def _cac_like():
     from adaptive_heads import CACOutput
 
     z = torch.zeros(2, N_CLS, 5, 6)
-    return CACOutput(logits=z, coarse=z, oracle=z, feature_target=torch.zeros(2, 5, 6, dtype=torch.long))
+    return CACOutput(logits=z, coarse=z, teacher=z, feature_target=torch.zeros(2, 5, 6, dtype=torch.long))
 
 
 def test_checkpoint_embedding_gives_the_same_step():

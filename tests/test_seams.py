@@ -186,7 +186,7 @@ def test_supervise_weighs_an_auxiliary_head_as_the_host_library():
     with supervise(model, target) as sup:
         model(images)
     terms = sup.losses()
-    extra = ("ce", "ce_oracle", "distill")
+    extra = ("ce_coarse", "ce_teacher", "distill")
     main = sum(terms[f"classifier.4.{k}"] for k in extra)
     aux = sum(terms[f"aux_classifier.4.{k}"] for k in extra)
     torch.testing.assert_close(terms["loss"], main + 0.5 * aux)
@@ -281,7 +281,7 @@ def test_cpu_labels_are_read_at_once_with_the_bad_values():
         ("cac", (), set()),
         ("ssa", (), set()),
         ("proto", (), set()),
-        ("cac", ("ce_oracle",), {"apd_proj"}),
+        ("cac", ("ce_teacher",), {"apd_proj"}),
         ("ssa", ("ce_teacher", "dice_teacher"), {"gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj"}),
         ("ssa", ("ce_teacher",), set()),
         ("proto", ("ce",), {"mask_norm"}),

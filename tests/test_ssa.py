@@ -57,7 +57,7 @@ def test_forward_matches_reference_loops():
 
 
 def test_semantic_gt_per_image_option():
-    head, feat, target = make(dtype=torch.float64, semantic_gt_pooling="image")
+    head, feat, target = make(dtype=torch.float64, teacher_pooling="image")
     out = head(feat, target)
     for b in range(3):
         single = ref.forward(head, feat[b : b + 1], target[b : b + 1])
@@ -249,7 +249,7 @@ def test_bad_input_and_argument_errors():
         head(torch.randn(1, 3, 4, 4))
     with pytest.raises(ValueError, match="outside"):
         head(feat, torch.full((3, 8, 8), N))
-    with pytest.raises(ValueError, match="semantic_gt_pooling"):
-        SSAClassifier(C, N, semantic_gt_pooling="pixel")
+    with pytest.raises(ValueError, match="teacher_pooling"):
+        SSAClassifier(C, N, teacher_pooling="pixel")
     with pytest.raises(ValueError, match="unknown loss terms"):
         SSALoss(weights={"focal": 1.0})

@@ -8,6 +8,6 @@ model = dict(
     decode_head=dict(
         type="AdaptiveUPerHead",  # was "UPerHead": same arguments, conv_seg becomes the adaptive classifier
         adaptive=dict(type="ContextAwareClassifier", tau=15.0),  # or SSAClassifier / PrototypeClassifier
-        adaptive_loss_weights=None,  # e.g. dict(distill=1.0, ce_oracle=1.0)
+        adaptive_loss_weights=None,  # e.g. dict(distill=1.0, ce_teacher=1.0)
     )
 )
