@@ -18,6 +18,9 @@ def _unwrap(checkpoint: Mapping[str, object]) -> Mapping[str, Tensor]:
     return checkpoint  # type: ignore[return-value]
 
 
+_EXTRA_STATE = "_extra_state"
+
+
 def load_prefixed_state_dict(
     module: nn.Module,
     state_dict: Mapping[str, object],
@@ -43,7 +46,9 @@ def load_prefixed_state_dict(
         ``_IncompatibleKeys(missing_keys, unexpected_keys)`` with keys relative to the prefix.
     """
     flat = _unwrap(state_dict)
-    own = module.state_dict()
+    # official checkpoints hold weights only: a head's saved options (its ``_extra_state``) are neither expected
+    # nor read here (AdaptiveHead.load_state_dict checks them)
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith(_EXTRA_STATE)}
     if prefix is None:
         options = [p for c in candidates for p in (c, "module." + c)]
         scores = [sum((p + k) in flat for k in own) for p in options]
@@ -61,7 +66,7 @@ def load_prefixed_state_dict(
         if not key.startswith(prefix):
             continue
         sub = key[len(prefix) :]
-        if sub in skip:
+        if sub in skip or sub.endswith(_EXTRA_STATE):
             continue
         if rename is not None:
             renamed = rename(sub)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
+from ._saved_options import encode_saved_options, refuse_other_options
 from ._validation import check_choice, check_features, check_target, is_tracing
 from .functional.cosine import pointwise_conv
 from .functional.labels import resize_labels_nearest
@@ -286,6 +287,32 @@ class AdaptiveHead(nn.Module):
         has the same architecture (its weights come from the state dict); used to save models with their heads."""
         return {"ignore_index": self.ignore_index}
 
+    #: options that change only how the head trains: a checkpoint saved with other values loads with a warning
+    training_options: ClassVar[tuple[str, ...]] = ("ignore_index",)
+    #: options without effect on the numbers (init, memory, collectives): not compared when loading
+    free_options: ClassVar[tuple[str, ...]] = ()
+
+    def get_extra_state(self) -> Tensor:
+        """The head's class, shape and :meth:`options`, saved in its state dict (``<prefix>_extra_state``, a uint8
+        tensor of JSON): loading into a head built with other function options (``tau``...) is refused, naming
+        them; other training options warn. See ``adaptive_heads/_saved_options.py``."""
+        return encode_saved_options(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Checked in :meth:`_load_from_state_dict`, before any weight is copied; nothing to restore."""
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        saved = state_dict.get(prefix + "_extra_state")
+        if saved is not None:
+            warning = refuse_other_options(self, saved, prefix.rstrip(".") or type(self).__name__)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=_caller_level())
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
         return f"in_channels={self.in_channels}, num_classes={self.num_classes}, {options}"
@@ -330,6 +357,8 @@ class CosineHead(AdaptiveHead):
     """
 
     coarse_classifier = "conv_seg"
+    training_options = ("ignore_index", "dropout", "teacher_pooling")
+    free_options = ("init_std",)
 
     def __init__(
         self,

@@ -250,6 +250,10 @@ class PrototypeClassifier(AdaptiveHead):
     """
 
     loss_type = PrototypeLoss
+    training_options = (
+        "ignore_index", "gamma", "sinkhorn_iters", "sinkhorn_eps", "update_prototypes", "update_assignment",
+    )  # fmt: skip
+    free_options = ("init_std", "sync", "checkpoint_embedding")
     prototypes: Tensor
     usage_counts: Tensor
 

@@ -211,6 +211,7 @@ def test_state_dict_round_trip_and_keys():
         "apd_proj.0.weight",
         "apd_proj.2.weight",
         "apd_proj.2.bias",
+        "_extra_state",  # the class and options (tests/test_saved_options.py)
     }
     other = ContextAwareClassifier(C, N, dropout=0.0)
     other.load_state_dict(head.state_dict())

@@ -98,6 +98,7 @@ def test_prototypes_are_a_unit_buffer_not_a_parameter():
     assert set(head.state_dict()) == {
         "prototypes", "proj_head.proj.0.weight", "proj_head.proj.0.bias", "proj_head.proj.2.weight",
         "proj_head.proj.2.bias", "feat_norm.weight", "feat_norm.bias", "mask_norm.weight", "mask_norm.bias",
+        "_extra_state",  # the class and options (tests/test_saved_options.py)
     }  # fmt: skip
 
 
