@@ -12,14 +12,16 @@ lives in :mod:`adaptive_heads.functional`; :data:`adaptive_heads.registry.HEADS`
 
 from . import functional
 from ._validation import set_debug
-from .base import AdaptiveHead, HeadLoss, HeadOutput
-from .cac import CACOutput, ContextAwareClassifier, ContextAwareLoss
+from .cac import ContextAwareClassifier
 from .functional import context_aware_distillation
-from .protoseg import PrototypeClassifier, PrototypeLoss, PrototypeOutput
+from .head import AdaptiveHead
+from .losses import ContextAwareLoss, HeadLoss, PrototypeLoss, SSALoss
+from .outputs import CACOutput, HeadOutput, PrototypeOutput, SSAOutput
+from .protoseg import PrototypeClassifier
 from .registry import HEADS, head_by_name
 from .replace import find_classifier, replace_classifier
 from .slide import slide_inference
-from .ssa import SSAClassifier, SSALoss, SSAOutput
+from .ssa import SSAClassifier
 from .supervise import Supervision, supervise
 
 __version__ = "0.2.0"

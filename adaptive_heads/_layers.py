@@ -1,10 +1,14 @@
-"""Small layers shared by the cosine-classifier heads."""
+"""Small layers of the heads: the cosine heads' projector, ProtoSeg's projection head."""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import cast
 
-__all__ = ["prototype_mlp"]
+from torch import Tensor, nn
+
+from .functional.cosine import pointwise_conv
+
+__all__ = ["ProjectionHead", "prototype_mlp"]
 
 
 def prototype_mlp(channels: int, hidden: int | None = None) -> nn.Sequential:
@@ -19,3 +23,17 @@ def prototype_mlp(channels: int, hidden: int | None = None) -> nn.Sequential:
         nn.ReLU(inplace=True),
         nn.Linear(hidden, channels),
     )
+
+
+class ProjectionHead(nn.Module):
+    """``1×1 conv (C→C) → ReLU → 1×1 conv (C→D)``; named ``proj`` like the official ``proj_head.proj``."""
+
+    def __init__(self, in_channels: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(inplace=True), nn.Conv2d(in_channels, embed_dim, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv1, relu, conv2 = cast(nn.Conv2d, self.proj[0]), self.proj[1], cast(nn.Conv2d, self.proj[2])
+        return pointwise_conv(relu(pointwise_conv(x, conv1.weight, conv1.bias)), conv2.weight, conv2.bias)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .base import AdaptiveHead
+    from .head import AdaptiveHead
 
 __all__ = ["decode_saved_options", "encode_saved_options", "refuse_other_options"]
 

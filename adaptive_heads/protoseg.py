@@ -9,8 +9,7 @@ prototypes with Sinkhorn–Knopp (equipartition) and the prototypes follow a mom
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,172 +20,25 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checkpoint import load_prefixed_state_dict
 from ._distributed import all_reduce_, is_distributed
-from ._precision import HALF_DTYPES, float32_math, upcast_half
+from ._layers import ProjectionHead
+from ._precision import HALF_DTYPES, upcast_half
 from ._validation import check_choice, check_features, check_target, is_tracing
-from .base import AdaptiveHead, HeadLoss, HeadOutput, Reduction
 from .functional import (
     classwise_kmeans,
     classwise_sinkhorn,
-    pointwise_conv,
     prototype_best_similarity,
-    prototype_contrast_from_stats,
-    prototype_contrast_sums,
     prototype_similarity_stats,
     resize_labels_nearest,
     unit_layer_norm,
-    upsampled_cross_entropy,
 )
+from .head import AdaptiveHead
+from .losses import PrototypeLoss
+from .outputs import PrototypeOutput
 
-__all__ = ["PrototypeClassifier", "PrototypeLoss", "PrototypeOutput"]
+__all__ = ["PrototypeClassifier"]
 
 #: buffers that stay float32 (or wider) when the module is cast to a half type
 _FLOAT32_BUFFERS = ("prototypes", "usage_counts")
-
-DEFAULT_WEIGHTS = {"ce": 1.0, "ppc": 0.01, "ppd": 0.001}
-
-
-@dataclass
-class PrototypeOutput(HeadOutput):
-    """Training output of :class:`PrototypeClassifier`.
-
-    Attributes:
-        logits: ``[B, n, h, w]`` segmentation logits (``mask_norm`` of the per-class best cosine).
-        embeddings: ``[N, D]`` unit pixel embeddings (``N = B·h·w`` in ``(b, h, w)`` order, with gradient).
-        prototypes: ``[n·K, D]`` unit prototypes used for this step (pre-update copy), row ``c·K + k``.
-        proto_target: ``[N]`` long, ``c·K + k`` with k the Sinkhorn assignment of the pixel within its class
-            ``c``; ``-1`` for ignored pixels.
-        feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
-        own_similarity: ``[N, K]`` cosines to the prototypes of the pixel's own class (with gradient); the
-            PPC/PPD target cosine is ``own_similarity[i, proto_target[i] % K]``.
-        contrast_lse: ``[N]`` ``log Σ_j exp(s_ij)`` over all ``n·K`` prototype cosines (with gradient), the PPC
-            normaliser at temperature 1.
-
-    Example:
-        >>> out = PrototypeClassifier(16, 5, num_prototypes=3)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 8, 8)))
-        >>> out.embeddings.shape, out.prototypes.shape, out.proto_target.shape
-        (torch.Size([128, 16]), torch.Size([15, 16]), torch.Size([128]))
-    """
-
-    embeddings: Tensor
-    prototypes: Tensor
-    proto_target: Tensor
-    feature_target: Tensor
-    own_similarity: Tensor | None = None
-    contrast_lse: Tensor | None = None
-
-    @property
-    def proto_logits(self) -> Tensor:
-        """``[N, n·K]`` cosine of every pixel to every prototype (the official ``contrast_logits``).
-
-        Materialised on access; :class:`~adaptive_heads.PrototypeLoss` never builds it.
-        """
-        return self.embeddings @ self.prototypes.t().to(self.embeddings.dtype)
-
-
-class PrototypeLoss(HeadLoss[PrototypeOutput]):
-    """ProtoSeg's ``PixelPrototypeCELoss``: ``ce + 0.01·ppc + 0.001·ppd``.
-
-    - ``ce``: CE of the segmentation logits upsampled bilinearly (``align_corners=True``, as the official code)
-      to the label size, mean over valid pixels (class-weighted mean with ``class_weight``, e.g. the official
-      Cityscapes weights);
-    - ``ppc``: pixel–prototype contrast, CE over all ``n·K`` prototype cosines,
-      ``logsumexp_j(s_ij/T) − s_{i,t_i}/T``, mean over valid pixels at feature resolution
-      (``ppc_temperature`` T, official 1 — the paper writes a temperature);
-    - ``ppd``: pixel–prototype distance ``(1 − s_{i,t_i})²``, mean over valid pixels.
-
-    The ``[N, n·K]`` similarities are never kept for backward. At T = 1 PPC and PPD come from the per-pixel
-    statistics the head's single chunked similarity pass already produced (``contrast_lse``, ``own_similarity``);
-    other temperatures run their own chunked pass (:func:`~adaptive_heads.functional.prototype_contrast_sums`).
-
-    All-ignored batches give finite zeros (the official code gives NaN).
-
-    Args:
-        ppc_temperature: temperature T of PPC (official 1).
-        class_weight: optional ``[n]`` CE class weights (moved to the logits' device once, at the first call).
-        ignore_index: label ignored by every term.
-        weights: per-term weights, merged into the official ``default_weights``.
-        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
-        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
-
-    Example:
-        >>> head = PrototypeClassifier(16, 5, num_prototypes=3)
-        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
-        >>> terms = PrototypeLoss(ppc_temperature=0.1)(head(feat, target), target)
-        >>> terms["loss"].backward()
-    """
-
-    default_weights = DEFAULT_WEIGHTS
-    output_type = PrototypeOutput
-    main_term = "ce"
-    options = ("ppc_temperature",)
-
-    def __init__(
-        self,
-        *,
-        ppc_temperature: float = 1.0,
-        class_weight: Tensor | None = None,
-        ignore_index: int | None = 255,
-        weights: Mapping[str, float] | None = None,
-        reduction: Reduction = "mean",
-        main_average: Literal["valid", "all"] = "valid",
-    ) -> None:
-        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
-        if ppc_temperature <= 0:
-            raise ValueError(f"ppc_temperature must be positive, got {ppc_temperature}")
-        self.ppc_temperature = ppc_temperature
-        self.class_weight: Tensor | None
-        self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight))
-
-    def terms(self, out: PrototypeOutput, target: Tensor) -> dict[str, Tensor]:
-        target = self.checked_target(out, target)
-        n = out.logits.shape[1]
-        if self.class_weight is not None and self.class_weight.shape != (n,):
-            raise ValueError(f"class_weight must have shape [{n}], got {tuple(self.class_weight.shape)}")
-        if self.class_weight is not None and self.class_weight.device != out.logits.device:
-            self.class_weight = self.class_weight.to(out.logits.device)  # once, not a copy per step
-        contrast: list[Tensor] = []  # ppc and ppd come from one pass over the pixels, computed once if wanted
-
-        def contrast_mean(index: int) -> Tensor:
-            if not contrast:
-                with float32_math(out.embeddings.device):
-                    if self.ppc_temperature == 1.0 and out.contrast_lse is not None and out.own_similarity is not None:
-                        sums = prototype_contrast_from_stats(out.own_similarity, out.contrast_lse, out.proto_target)
-                    else:
-                        emb = upcast_half(out.embeddings)
-                        sums = prototype_contrast_sums(emb, out.prototypes, out.proto_target, self.ppc_temperature)
-                count = (out.proto_target >= 0).sum().clamp_min(1)
-                contrast.extend(total / count for total in sums)
-            return contrast[index]
-
-        return self.computed(
-            {
-                "ce": lambda: upsampled_cross_entropy(
-                    out.logits,
-                    target,
-                    ignore_index=self.ignore_index,
-                    align_corners=True,
-                    average=self.main_average,
-                    reduction=self.reduction,
-                    class_weight=self.class_weight,
-                ),
-                "ppc": lambda: contrast_mean(0),
-                "ppd": lambda: contrast_mean(1),
-            }
-        )
-
-
-class ProjectionHead(nn.Module):
-    """``1×1 conv (C→C) → ReLU → 1×1 conv (C→D)``; named ``proj`` like the official ``proj_head.proj``."""
-
-    def __init__(self, in_channels: int, embed_dim: int) -> None:
-        super().__init__()
-        self.proj = nn.Sequential(
-            nn.Conv2d(in_channels, in_channels, 1), nn.ReLU(inplace=True), nn.Conv2d(in_channels, embed_dim, 1)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        conv1, relu, conv2 = cast(nn.Conv2d, self.proj[0]), self.proj[1], cast(nn.Conv2d, self.proj[2])
-        return pointwise_conv(relu(pointwise_conv(x, conv1.weight, conv1.bias)), conv2.weight, conv2.bias)
 
 
 class PrototypeClassifier(AdaptiveHead):

@@ -6,8 +6,8 @@ tests, benchmarks, examples and integrations iterate over :data:`HEADS`.
 
 from __future__ import annotations
 
-from .base import AdaptiveHead
 from .cac import ContextAwareClassifier
+from .head import AdaptiveHead
 from .protoseg import PrototypeClassifier
 from .ssa import SSAClassifier
 

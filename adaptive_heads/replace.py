@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from .base import AdaptiveHead
+from .head import AdaptiveHead
 from .registry import head_by_name
 
 __all__ = ["KNOWN_CLASSIFIER_PATHS", "find_classifier", "replace_classifier"]
@@ -329,13 +329,13 @@ def replace_classifier(
         num_classes: for the fallback search when the model class is not known.
         include_aux: also replace the known auxiliary classifier.
         copy_weights: copy the original conv's weight and bias (1×1 or k×k) into the new head's coarse classifier
-            (:meth:`~adaptive_heads.base.AdaptiveHead.adopt_classifier`).
+            (:meth:`~adaptive_heads.head.AdaptiveHead.adopt_classifier`).
         absorb_dropout: a dropout the model applies right before the classifier (:func:`feeding_dropout`:
             torchvision's FCN heads, HF Segformer and DPT, mmseg's decode heads) would reach every branch of a CAC
             or SSA-Seg head; the official heads apply dropout to the coarse logits' input only. With ``True``
             (default) that dropout becomes ``nn.Identity`` and the head's own coarse-path dropout takes its rate
             (unless the head was built with an explicit ``dropout=``)
-            (:meth:`~adaptive_heads.base.AdaptiveHead.take_input_dropout`; logged at INFO level by
+            (:meth:`~adaptive_heads.head.AdaptiveHead.take_input_dropout`; logged at INFO level by
             ``logging.getLogger("adaptive_heads.replace")``). ProtoSeg keeps the host's dropout (the official
             ProtoSeg embeds dropped-out features).
         **head_options: keyword options of the head (``tau=10.0``), given to it for every classifier replaced.

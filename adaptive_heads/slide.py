@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import check_choice
-from .base import AdaptiveHead
+from .head import AdaptiveHead
 
 __all__ = ["slide_inference", "tile_grid"]
 

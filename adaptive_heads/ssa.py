@@ -11,8 +11,7 @@ training an online teacher built from the labels supervises the student through 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,144 +20,22 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._validation import check_choice, check_unit_interval
-from .base import (
-    LABEL_POOLINGS,
-    ClassDirection,
-    CosineHead,
-    HeadLoss,
-    HeadOutput,
-    LabelPooling,
-    Reduction,
-    feature_resolution_target,
-)
+from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
+from ._validation import check_choice
+from .cosine_head import CosineHead
 from .functional import (
-    boundary_distillation,
     class_means,
     cosine_logits,
     hard_class_pool,
     label_one_hot,
-    position_distillation,
-    relation_distillation,
     resize_labels_nearest,
-    sigmoid_dice_loss,
     soft_class_pool,
     soft_class_sums,
 )
+from .losses import SSALoss
+from .outputs import SSAOutput
 
-__all__ = ["SSAClassifier", "SSALoss", "SSAOutput"]
-
-DEFAULT_WEIGHTS = {
-    "ce": 1.0,
-    "ce_coarse": 1.0,
-    "ce_teacher": 1.0,
-    "distill": 1.0,
-    "dice": 1.0,
-    "dice_teacher": 1.0,
-    "relation": 10.0,
-    "position": 0.4,
-}
-
-
-@dataclass
-class SSAOutput(HeadOutput):
-    """Training output of :class:`SSAClassifier` (``[B, n, h, w]`` maps, ``[B, n, C]`` prototypes).
-
-    Attributes:
-        logits: the SSA (student) logits, also the inference output.
-        coarse: the coarse mask ``conv_seg(dropout(feat))``.
-        teacher: the online teacher's logits (not detached: its CE and dice train the ``gt_*`` layers).
-        semantic: student semantic prototypes ``S_p``.
-        semantic_teacher: teacher semantic prototypes ``S_p^T``.
-        position: student spatial prototypes ``P_p``.
-        position_teacher: teacher spatial prototypes ``P_p^T``.
-        feature_target: ``[B, h, w]`` labels nearest-resized to the feature resolution.
-
-    Example:
-        >>> out = SSAClassifier(16, 5)(torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32)))
-        >>> out.teacher.shape, out.semantic.shape, out.position_teacher.shape
-        (torch.Size([2, 5, 8, 8]), torch.Size([2, 5, 16]), torch.Size([2, 5, 16]))
-    """
-
-    coarse: Tensor
-    teacher: Tensor
-    semantic: Tensor
-    semantic_teacher: Tensor
-    position: Tensor
-    position_teacher: Tensor
-    feature_target: Tensor
-
-
-class SSALoss(HeadLoss[SSAOutput]):
-    """Every SSA-Seg training term, as the official code computes them; ``loss`` is their weighted sum.
-
-    - ``ce``: CE of the SSA logits (main term), ``ce_coarse``: CE of the coarse mask, ``ce_teacher``: CE of the
-      teacher (not detached — it trains the ``gt_*`` layers); all upsampled bilinearly with
-      ``align_corners=True`` and averaged over valid pixels (``main_average="all"``: the official mmseg main
-      term divides by all pixels);
-    - ``distill``: :func:`~adaptive_heads.functional.boundary_distillation` (feature resolution);
-    - ``dice`` / ``dice_teacher``: :func:`~adaptive_heads.functional.sigmoid_dice_loss` on student / teacher;
-    - ``relation`` (×10): :func:`~adaptive_heads.functional.relation_distillation` of ``S_p`` toward ``S_p^T``;
-    - ``position`` (×0.4): :func:`~adaptive_heads.functional.position_distillation` of ``P_p`` toward ``P_p^T``.
-
-    The official sigmoid focal loss, computed and then discarded, is not computed. Everything is float32 and
-    finite on all-ignored batches (the official code returns float64, and NaN there).
-
-    Args:
-        distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
-        tau: scale of the relation matrices of ``relation`` (official 15).
-        ignore_index: label ignored by every term.
-        weights: per-term weights, merged into the official ``default_weights``.
-        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
-        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
-
-    Example:
-        >>> head = SSAClassifier(16, 5)
-        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
-        >>> loss_fn = SSALoss(weights={"relation": 0.0})  # switch one term off
-        >>> loss_fn(head(feat, target), target)["loss"].backward()
-    """
-
-    default_weights = DEFAULT_WEIGHTS
-    output_type = SSAOutput
-    main_term = "ce"
-    options = ("distill_mix", "tau")
-
-    def __init__(
-        self,
-        *,
-        distill_mix: float = 0.5,
-        tau: float = 15.0,
-        ignore_index: int | None = 255,
-        weights: Mapping[str, float] | None = None,
-        reduction: Reduction = "mean",
-        main_average: Literal["valid", "all"] = "valid",
-    ) -> None:
-        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
-        check_unit_interval("distill_mix", distill_mix)
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
-        self.distill_mix = distill_mix
-        self.tau = tau
-
-    def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
-        target = self.checked_target(out, target)
-        n = out.logits.shape[1]
-        feature_target = feature_resolution_target(out.feature_target, target, out.logits)
-        return self.computed(
-            {
-                "ce": lambda: self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
-                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
-                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
-                "distill": lambda: boundary_distillation(
-                    out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
-                ),
-                "dice": lambda: sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
-                "dice_teacher": lambda: sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
-                "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.tau),
-                "position": lambda: position_distillation(out.position, out.position_teacher),
-            }
-        )
+__all__ = ["SSAClassifier"]
 
 
 class SSAClassifier(CosineHead):
@@ -189,7 +66,7 @@ class SSAClassifier(CosineHead):
         num_classes: n.
         teacher_pooling: ``"batch"`` (official: this process's batch), ``"image"`` or ``"global"`` (every
             rank's batch under ``torch.distributed``: the teacher of one process on the global batch; see
-            :meth:`~adaptive_heads.base.CosineHead.label_class_statistics` for its cost). The spatial GT centres
+            :meth:`~adaptive_heads.cosine_head.CosineHead.label_class_statistics` for its cost). The spatial GT centres
             are per image in every mode.
         tau: cosine scale (official 15).
         dropout: ``Dropout2d`` probability on the coarse classifier's input only (official 0.1, 0 in the OCR
@@ -200,7 +77,7 @@ class SSAClassifier(CosineHead):
         kernel_size: of the coarse classifier ``conv_seg`` (odd; 1 officially, or the replaced classifier's).
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
-            (:class:`~adaptive_heads.base.CosineHead`).
+            (:class:`~adaptive_heads.cosine_head.CosineHead`).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)

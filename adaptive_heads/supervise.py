@@ -24,7 +24,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .base import AdaptiveHead, HeadLoss, HeadOutput
+from .head import AdaptiveHead
+from .losses import HeadLoss
+from .outputs import HeadOutput
 
 __all__ = ["Supervision", "supervise"]
 
@@ -147,7 +149,7 @@ def supervise(
     """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
 
     Args:
-        model: any module containing :class:`~adaptive_heads.base.AdaptiveHead` submodules.
+        model: any module containing :class:`~adaptive_heads.head.AdaptiveHead` submodules.
         target: the label map of the batch (any resolution; heads resize it themselves).
         loss_fns: one loss module for all heads, or ``{head path: loss module}``; default: each head's
             ``default_loss()``.

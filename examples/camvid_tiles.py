@@ -34,7 +34,7 @@ from camvid_data import EvalDataset, channel_statistics, load_split  # noqa: E40
 from train_camvid import build_model, confusion_matrix, parse_args, scores  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
-from adaptive_heads.base import CosineHead  # noqa: E402
+from adaptive_heads.cosine_head import CosineHead  # noqa: E402
 
 MODES = ("whole", "static", "tile", "image", "image_all")
 

@@ -59,6 +59,7 @@ from camvid_data import (  # noqa: E402
 from segmentation_net import CosineClassifier, ResNetEncoder, SegmentationNet, timm_encoder  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
+from adaptive_heads.cosine_head import CosineHead  # noqa: E402
 
 #: the plain 1×1 conv, the static cosine classifier (no adaptation, plain CE), every registered head, and ProtoSeg
 #: with its prototypes initialised by class-wise k-means of the training set's features (for ``--finetune-from``)
@@ -140,7 +141,7 @@ def build_model(
         )
     head = HEADS[name]
     if head is not None:
-        options = {"class_direction": args.class_direction} if issubclass(head, ah.base.CosineHead) else {}
+        options = {"class_direction": args.class_direction} if issubclass(head, CosineHead) else {}
         options.update(json.loads(args.head_options))
         ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
     model.to(device)

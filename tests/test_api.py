@@ -134,7 +134,7 @@ def test_supervise_computes_each_term_once_per_forward(monkeypatch):
 
 
 def test_a_term_weighted_zero_is_not_computed(monkeypatch):
-    import adaptive_heads.ssa as ssa_module
+    import adaptive_heads.losses.ssa as ssa_module
     from adaptive_heads import SSALoss
 
     def forbidden(*args, **kwargs):

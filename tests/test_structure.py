@@ -68,10 +68,41 @@ def test_no_import_cycles_inside_the_package():
             visit(node, [])
 
 
-def test_functional_layer_imports_no_head_or_loss():
-    heads = {"adaptive_heads.cac", "adaptive_heads.ssa", "adaptive_heads.protoseg", "adaptive_heads.base"}
-    for path in (PACKAGE / "functional").glob("*.py"):
-        assert not (_imports(path) & heads), path.name
+#: the package's layers, lowest first, one family per file: a module imports only from lower layers (and the
+#: functional modules from each other); where a reader looks for what
+LAYERS = [
+    ("helpers", {"_types", "_layout", "_precision", "_validation", "_distributed"}),
+    ("math", {"functional"}),
+    ("outputs, layers, checkpoints", {"outputs", "_layers", "_checkpoint", "_saved_options"}),
+    ("losses", {"losses"}),
+    ("the head base", {"head"}),
+    ("the cosine base", {"cosine_head"}),
+    ("heads", {"cac", "ssa", "protoseg"}),
+    ("registry", {"registry"}),
+    ("model surgery and training", {"replace", "slide", "supervise"}),
+]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:  # the package's __init__: above everything
+        return len(LAYERS)
+    for level, (_, names) in enumerate(LAYERS):
+        if parts[1] in names:
+            return level
+    raise AssertionError(f"{module} is in no layer of tests/test_structure.py: LAYERS")
+
+
+def test_imports_follow_the_layers():
+    for path in PACKAGE.rglob("*.py"):
+        module = _module_name(path)
+        if "integrations" in path.parts:
+            continue
+        own = _layer(module)
+        for target in _imports(path) - {module}:  # ``from . import functional`` names the package itself
+            if target.split(".")[1:2] == module.split(".")[1:2] and own in (1, 3):
+                continue  # functional/ and losses/ import their own modules
+            assert _layer(target) < own, f"{module} imports {target}"
 
 
 def test_registry_lists_every_head_once_and_each_declares_its_loss():

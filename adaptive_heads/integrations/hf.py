@@ -34,7 +34,8 @@ from typing import Any, cast
 from torch import Tensor, nn
 
 from .. import __version__
-from ..base import AdaptiveHead, HeadLoss
+from ..head import AdaptiveHead
+from ..losses import HeadLoss
 from ..registry import head_by_name
 from ..replace import replace_classifier
 from ..supervise import supervise
@@ -121,7 +122,7 @@ class AdaptiveSegmentationModel(nn.Module):
     # ------------------------------------------------------------------ saving and loading
     def heads_config(self) -> dict[str, Any]:
         """What :meth:`save_pretrained` stores under ``config.adaptive_heads``: every adaptive head's path, class
-        name and options (:meth:`~adaptive_heads.base.AdaptiveHead.options`), and the library version."""
+        name and options (:meth:`~adaptive_heads.head.AdaptiveHead.options`), and the library version."""
         heads = {
             path: {"type": type(module).__name__, "options": module.options()}
             for path, module in self.model.named_modules()

@@ -27,7 +27,7 @@ CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` 
 parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier). mmengine's
 ``init_weights()`` (called by ``Runner.train()``) applies the decode head's ``init_cfg`` (``Normal(std=0.01,
 override=conv_seg)``) to the whole adaptive head, then calls the head's own
-:meth:`~adaptive_heads.base.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
+:meth:`~adaptive_heads.head.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
 0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
 ``loss_decode.loss_weight``, as its CE.
 """
@@ -41,7 +41,7 @@ from mmseg.models import decode_heads as _decode_heads
 from mmseg.models.segmentors import EncoderDecoder
 from mmseg.registry import MODELS
 
-from ..base import CosineHead
+from ..cosine_head import CosineHead
 from ..registry import HEADS
 from ..slide import slide_inference
 from ..supervise import supervise

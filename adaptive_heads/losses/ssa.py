@@ -1,0 +1,106 @@
+"""SSA-Seg's training terms (Ma et al., NeurIPS 2024), as the official code computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+from torch import Tensor
+
+from .._types import Reduction
+from .._validation import check_unit_interval
+from ..functional import (
+    boundary_distillation,
+    position_distillation,
+    relation_distillation,
+    sigmoid_dice_loss,
+)
+from ..outputs import SSAOutput
+from .base import HeadLoss, feature_resolution_target
+
+__all__ = ["SSALoss"]
+
+
+DEFAULT_WEIGHTS = {
+    "ce": 1.0,
+    "ce_coarse": 1.0,
+    "ce_teacher": 1.0,
+    "distill": 1.0,
+    "dice": 1.0,
+    "dice_teacher": 1.0,
+    "relation": 10.0,
+    "position": 0.4,
+}
+
+
+class SSALoss(HeadLoss[SSAOutput]):
+    """Every SSA-Seg training term, as the official code computes them; ``loss`` is their weighted sum.
+
+    - ``ce``: CE of the SSA logits (main term), ``ce_coarse``: CE of the coarse mask, ``ce_teacher``: CE of the
+      teacher (not detached — it trains the ``gt_*`` layers); all upsampled bilinearly with
+      ``align_corners=True`` and averaged over valid pixels (``main_average="all"``: the official mmseg main
+      term divides by all pixels);
+    - ``distill``: :func:`~adaptive_heads.functional.boundary_distillation` (feature resolution);
+    - ``dice`` / ``dice_teacher``: :func:`~adaptive_heads.functional.sigmoid_dice_loss` on student / teacher;
+    - ``relation`` (×10): :func:`~adaptive_heads.functional.relation_distillation` of ``S_p`` toward ``S_p^T``;
+    - ``position`` (×0.4): :func:`~adaptive_heads.functional.position_distillation` of ``P_p`` toward ``P_p^T``.
+
+    The official sigmoid focal loss, computed and then discarded, is not computed. Everything is float32 and
+    finite on all-ignored batches (the official code returns float64, and NaN there).
+
+    Args:
+        distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
+        tau: scale of the relation matrices of ``relation`` (official 15).
+        ignore_index: label ignored by every term.
+        weights: per-term weights, merged into the official ``default_weights``.
+        reduction: ``"mean"`` or ``"sum"`` of the CE terms.
+        main_average: denominator of the main CE ``ce``: ``"valid"`` pixels or ``"all"`` pixels (mmseg 0.x's).
+
+    Example:
+        >>> from adaptive_heads import SSAClassifier
+        >>> head = SSAClassifier(16, 5)
+        >>> feat, target = torch.randn(2, 16, 8, 8), torch.randint(0, 5, (2, 32, 32))
+        >>> loss_fn = SSALoss(weights={"relation": 0.0})  # switch one term off
+        >>> loss_fn(head(feat, target), target)["loss"].backward()
+    """
+
+    default_weights = DEFAULT_WEIGHTS
+    output_type = SSAOutput
+    main_term = "ce"
+    options = ("distill_mix", "tau")
+
+    def __init__(
+        self,
+        *,
+        distill_mix: float = 0.5,
+        tau: float = 15.0,
+        ignore_index: int | None = 255,
+        weights: Mapping[str, float] | None = None,
+        reduction: Reduction = "mean",
+        main_average: Literal["valid", "all"] = "valid",
+    ) -> None:
+        super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
+        check_unit_interval("distill_mix", distill_mix)
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.distill_mix = distill_mix
+        self.tau = tau
+
+    def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
+        target = self.checked_target(out, target)
+        n = out.logits.shape[1]
+        feature_target = feature_resolution_target(out.feature_target, target, out.logits)
+        return self.computed(
+            {
+                "ce": lambda: self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
+                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
+                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
+                "distill": lambda: boundary_distillation(
+                    out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
+                ),
+                "dice": lambda: sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
+                "dice_teacher": lambda: sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
+                "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.tau),
+                "position": lambda: position_distillation(out.position, out.position_teacher),
+            }
+        )
