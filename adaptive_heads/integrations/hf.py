@@ -17,8 +17,9 @@ and, in training with labels, runs the model inside :func:`~adaptive_heads.super
     model = AdaptiveSegmentationModel.from_pretrained("my-model")
 
 It trains with ``transformers.Trainer`` (``Trainer(model=model, ...)``: its inputs are ``pixel_values`` and
-``labels``). Save the result with ``model.save_pretrained``: for a model that is not a ``PreTrainedModel``,
-``Trainer.save_model`` writes only a state dict. A plain ``SegformerForSemanticSegmentation.from_pretrained`` of a
+``labels``); :class:`AdaptiveTrainer` also logs each loss term beside the total. Save the result with
+``model.save_pretrained``: for a model that is not a ``PreTrainedModel``, ``Trainer.save_model`` writes only a
+state dict. A plain ``SegformerForSemanticSegmentation.from_pretrained`` of a
 saved folder loads everything but the classifier, which it initialises afresh (transformers reports its keys as
 missing and the adaptive head's as unexpected): load such folders with
 :meth:`AdaptiveSegmentationModel.from_pretrained`.
@@ -31,6 +32,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
+import torch
+import transformers
 from torch import Tensor, nn
 
 from .. import __version__
@@ -40,7 +43,7 @@ from ..registry import head_by_name
 from ..replace import replace_classifier
 from ..supervise import supervise
 
-__all__ = ["CONFIG_KEY", "AdaptiveSegmentationModel"]
+__all__ = ["CONFIG_KEY", "AdaptiveSegmentationModel", "AdaptiveTrainer"]
 
 #: the config attributes HF segmentation models read their loss's ignore_index from
 _IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "loss_ignore_index")
@@ -151,8 +154,6 @@ class AdaptiveSegmentationModel(nn.Module):
         """Rebuild a model saved by :meth:`save_pretrained`: its HF class (``config.architectures[0]``, or
         ``model_class``) from the config, each adaptive head at its path with its options, and every weight from
         the safetensors file(s), loaded strictly."""
-        import transformers
-
         config = transformers.AutoConfig.from_pretrained(directory)
         spec = getattr(config, CONFIG_KEY, None)
         if not isinstance(spec, dict) or "heads" not in spec:
@@ -185,3 +186,46 @@ class AdaptiveSegmentationModel(nn.Module):
         if problems:
             raise RuntimeError(f"loading {directory} left keys unmatched: {problems}")
         return cls(model, loss_fns=loss_fns)
+
+
+class AdaptiveTrainer(transformers.Trainer):
+    """``transformers.Trainer`` that logs every loss term of the adaptive heads beside ``loss``.
+
+    The plain ``Trainer`` logs only the total. Here each term of :attr:`AdaptiveSegmentationModel.last_losses`
+    (``decode_head.classifier.ce_teacher``, ``...distill``; ``loss`` there is the heads' extra total, logged as
+    ``adaptive_loss``) is averaged over the training steps since the previous log and added to the same log
+    record, so every reporter (console, TensorBoard, W&B, ``trainer.state.log_history``) shows it. The values
+    are read on the host only when a log is written. Under data parallelism each process logs its own
+    averages (the ``loss`` Trainer logs is averaged over processes, the terms are not).
+
+    Example::
+
+        trainer = AdaptiveTrainer(model=AdaptiveSegmentationModel(hf_model, "cac"), args=args, train_dataset=ds)
+        trainer.train()
+        trainer.state.log_history[0]  # {"loss": ..., "decode_head.classifier.distill": ..., ...}
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, Tensor] = {}
+        self._term_steps = 0
+
+    # **kwargs: transformers >= 4.46 passes num_items_in_batch, 4.45 does not
+    def compute_loss(  # type: ignore[override]
+        self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any
+    ) -> Any:
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
+        wrapper = getattr(model, "module", model)  # DDP / DataParallel wrap the model
+        if model.training and isinstance(wrapper, AdaptiveSegmentationModel) and wrapper.last_losses:
+            for name, value in wrapper.last_losses.items():
+                key = "adaptive_loss" if name == "loss" else name
+                self._term_sums[key] = self._term_sums.get(key, torch.zeros((), device=value.device)) + value.float()
+            self._term_steps += 1
+            wrapper.last_losses = {}  # counted once, even if this step's outputs are read again
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._term_steps and "loss" in logs:  # a training log (not an evaluation's)
+            logs.update({k: round(float(v) / self._term_steps, 4) for k, v in self._term_sums.items()})
+            self._term_sums, self._term_steps = {}, 0
+        super().log(logs, *args, **kwargs)

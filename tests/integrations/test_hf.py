@@ -11,7 +11,7 @@ from adaptive_heads.registry import HEADS
 from ..conftest import assert_dropout_on_the_coarse_path_only
 
 transformers = pytest.importorskip("transformers")
-from adaptive_heads.integrations.hf import AdaptiveSegmentationModel  # noqa: E402
+from adaptive_heads.integrations.hf import AdaptiveSegmentationModel, AdaptiveTrainer  # noqa: E402
 
 
 def _segformer():
@@ -191,3 +191,24 @@ def test_wrapper_takes_a_head_name_with_options_and_refuses_a_mismatched_ignore_
         AdaptiveSegmentationModel(model.model, tau=10.0)
     with pytest.raises(ValueError, match=r"built with ignore_index=-1 but the model's own loss ignores 255"):
         AdaptiveSegmentationModel(_segformer(), "cac", ignore_index=-1)
+
+
+def test_adaptive_trainer_logs_every_term_averaged_since_the_last_log(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    model = AdaptiveSegmentationModel(_upernet(), "ssa", include_aux=True)
+    seen = []
+    model.register_forward_hook(lambda module, args, out: seen.append(dict(module.last_losses)))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, logging_steps=2, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = AdaptiveTrainer(model=model, args=args, train_dataset=_Scenes())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and len(seen) == 4
+    terms = {k for k in seen[0] if k != "loss"}
+    assert {"decode_head.classifier.distill", "auxiliary_head.classifier.relation"} <= terms
+    for entry, steps in zip(logs, (seen[:2], seen[2:]), strict=True):
+        for name in terms:
+            assert entry[name] == pytest.approx(sum(float(s[name]) for s in steps) / 2, abs=1e-4), name
+        assert entry["adaptive_loss"] == pytest.approx(sum(float(s["loss"]) for s in steps) / 2, abs=1e-4)
