@@ -5,6 +5,7 @@ source takes over 40 minutes on 2 cores) a stand-in for the extension module let
 any compiled op called by mistake raises. The models built here (ResNetV1c, FCN head, slide inference) use none.
 """
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -33,6 +34,7 @@ def _stand_in_for_compiled_ops() -> None:
         return op
 
     ext = types.ModuleType("mmcv._ext")
+    ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)  # find_spec() callers (mmengine's Config)
     ext.__getattr__ = missing  # type: ignore[method-assign]
     sys.modules["mmcv._ext"] = ext
 
