@@ -137,6 +137,24 @@ class CosineHead(AdaptiveHead):
             return pointwise_conv(feat, conv.weight, conv.bias, p)
         return conv(F.dropout2d(feat, p) if p > 0 else feat)
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # a checkpoint of the model from before replace_classifier holds the replaced conv's weight and bias
+        # at this path: they are the coarse classifier's (what replace_classifier copies); the adaptive layers
+        # are then reported missing, as for any checkpoint without them
+        conv = prefix + "conv_seg."
+        if prefix + "weight" in state_dict and conv + "weight" not in state_dict:
+            weight = state_dict.pop(prefix + "weight")
+            if weight.numel() == self.conv_seg.weight.numel():
+                weight = weight.reshape(self.conv_seg.weight.shape)
+            state_dict[conv + "weight"] = weight
+            if prefix + "bias" in state_dict:
+                state_dict[conv + "bias"] = state_dict.pop(prefix + "bias")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def adopt_classifier(self, conv: nn.Conv2d, copy_weights: bool = True) -> None:
         """Take the replaced classifier's geometry (kernel, padding, dilation, padding mode) and, with
         ``copy_weights``, its weight and bias: the coarse logits equal the model's original logits."""

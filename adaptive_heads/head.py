@@ -11,7 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._saved_options import encode_saved_options, refuse_other_options
+from ._saved_options import encode_saved_options, option_mismatch, training_changes
 from ._validation import check_features, check_target, is_tracing
 from .losses.base import HeadLoss
 from .outputs import HeadOutput
@@ -257,22 +257,34 @@ class AdaptiveHead(nn.Module):
     free_options: ClassVar[tuple[str, ...]] = ()
 
     def get_extra_state(self) -> Tensor:
-        """The head's class, shape and :meth:`options`, saved in its state dict (``<prefix>_extra_state``, a uint8
-        tensor of JSON): loading into a head built with other function options (``tau``...) is refused, naming
-        them; other training options warn. See ``adaptive_heads/_saved_options.py``."""
+        """The head's class, shape and :meth:`options`, saved in its state dict (``<prefix>_extra_state``, ``[1024]``
+        uint8 of zero-padded JSON): loading into a head built with other function options (``tau``...) is an
+        error naming them; other training options warn. See ``adaptive_heads/_saved_options.py``."""
         return encode_saved_options(self)
 
     def set_extra_state(self, state: Any) -> None:
-        """Checked in :meth:`_load_from_state_dict`, before any weight is copied; nothing to restore."""
+        """Compare the saved options with this head's (loaders that call this directly, as transformers 5 does,
+        get the same checks): ``ValueError`` for a function option, a warning for a training option."""
+        where = type(self).__name__
+        error = option_mismatch(self, state, where)
+        if error is not None:
+            raise ValueError(error)
+        warning = training_changes(self, state, where)
+        if warning is not None:
+            warnings.warn(warning, stacklevel=_caller_level())
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         saved = state_dict.get(prefix + "_extra_state")
-        if saved is not None:
-            warning = refuse_other_options(self, saved, prefix.rstrip(".") or type(self).__name__)
-            if warning is not None:
-                warnings.warn(warning, stacklevel=_caller_level())
+        error = None if saved is None else option_mismatch(self, saved, prefix.rstrip(".") or type(self).__name__)
+        if error is not None:
+            # reported like a size mismatch (load_state_dict raises after the walk, mmengine's strict=False logs
+            # it), and none of this head's weights is copied: its keys leave the dict its submodules load from
+            error_msgs.append(error)
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                del state_dict[key]
+            return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -110,9 +110,10 @@ class Supervision:
         return self._terms
 
     def losses(self, include_main: bool = False) -> dict[str, Tensor]:
-        """Every recorded head's named loss terms as ``{"<head path>.<term>": value}`` plus ``"loss"``.
+        """Every recorded head's named loss terms as ``{"<head path>.<term>": value}`` plus ``"adaptive_loss"``.
 
-        ``"loss"`` sums the weighted terms of every head and every recorded call, each head's scaled by its
+        ``"adaptive_loss"`` (what :meth:`loss` returns; not ``"loss"``, which in a loss module's dict includes the
+        main CE) sums the weighted terms of every head and every recorded call, each head's scaled by its
         :attr:`head_weights`; the main CE of each head is left out of it unless ``include_main`` (the terms
         themselves are reported, unscaled: each head's main term and every term with a non-zero weight). The
         terms are computed once per forward: :meth:`loss` and :meth:`losses` share them.
@@ -132,12 +133,12 @@ class Supervision:
                 "no adaptive head ran in training mode inside the supervise() block "
                 "(is the model in train() mode and was it called inside the block?)"
             )
-        result["loss"] = total
+        result["adaptive_loss"] = total
         return result
 
     def loss(self, include_main: bool = False) -> Tensor:
         """The weighted sum of the extra loss terms of every adaptive head (see :meth:`losses`)."""
-        return self.losses(include_main=include_main)["loss"]
+        return self.losses(include_main=include_main)["adaptive_loss"]
 
 
 def supervise(
@@ -167,6 +168,6 @@ def supervise(
         ...     loss = torch.nn.functional.cross_entropy(logits, target) + sup.loss()
         >>> loss.backward()
         >>> sorted(sup.losses())
-        ['1.ce', '1.ce_coarse', '1.ce_teacher', '1.distill', 'loss']
+        ['1.ce', '1.ce_coarse', '1.ce_teacher', '1.distill', 'adaptive_loss']
     """
     return Supervision(model, target, loss_fns, head_weights)

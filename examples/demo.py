@@ -98,7 +98,7 @@ def main() -> None:
                     logits = model(images)["out"]
                     main_ce = F.cross_entropy(logits, target, ignore_index=255)
                     terms = sup.losses()
-                    loss = main_ce + terms["loss"]
+                    loss = main_ce + terms["adaptive_loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -100,7 +100,7 @@ SIGNATURES = {
         "class_average": "present",
         **LOSS_OPTIONS,
     },
-    "SSALoss": {"distill_mix": 0.5, "tau": 15.0, **LOSS_OPTIONS},
+    "SSALoss": {"distill_mix": 0.5, "relation_tau": 15.0, **LOSS_OPTIONS},
     "PrototypeLoss": {"ppc_temperature": 1.0, "class_weight": None, **LOSS_OPTIONS},
 }
 
@@ -130,7 +130,7 @@ def test_supervise_computes_each_term_once_per_forward(monkeypatch):
     total = sup.loss()
     terms = sup.losses()
     assert sup.loss(include_main=True) is not None and len(calls) == 1  # one evaluation serves all three
-    assert torch.equal(terms["loss"], total)  # the weighted sum is re-added (cheap), the terms are shared
+    assert torch.equal(terms["adaptive_loss"], total)  # the weighted sum is re-added (cheap), the terms are shared
 
 
 def test_a_term_weighted_zero_is_not_computed(monkeypatch):

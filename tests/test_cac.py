@@ -52,7 +52,7 @@ def test_estimated_and_oracle_match_reference_loops():
     torch.testing.assert_close(head(feat), out.logits)
 
 
-def test_oracle_absent_class_uses_classifier_row():
+def test_teacher_absent_class_uses_classifier_row():
     head, feat, target = make(dtype=torch.float64)
     small = ref.nearest_labels(target, (6, 7))
     proto = head.teacher_classifier(feat, small)
@@ -61,7 +61,7 @@ def test_oracle_absent_class_uses_classifier_row():
     torch.testing.assert_close(proto[3], expected_absent)
 
 
-def test_oracle_per_image_option():
+def test_teacher_per_image_option():
     head, feat, target = make(dtype=torch.float64, teacher_pooling="image")
     out = head(feat, target)
     # per image == batch pooling on each image alone
@@ -135,7 +135,7 @@ def test_gradient_flow_matches_detach_table(term, expected):
     assert got == expected
 
 
-def test_oracle_first_concat_half_is_detached():
+def test_teacher_first_concat_half_is_detached():
     head, feat, target = make()
     with torch.no_grad():
         head.apd_proj[0].weight[:, C:] = 0  # cut the W half of the oracle projector input

@@ -77,6 +77,19 @@ def test_quick_run_writes_results(tmp_path):
     )  # fmt: skip
     assert [r["classifier"] for r in tiles["rows"]] == ["cac", "ssa"]
     assert all(0 <= r[m] <= 100 for r in tiles["rows"] for m in ("whole", "static", "tile", "image", "image_all"))
+    from examples import camvid_diagnose
+
+    diagnosis = camvid_diagnose.main(
+        ["--data", str(data), "--run", str(out / "camvid-quick.json"), "--checkpoints", str(tmp_path / "ck")]
+    )
+    rows = diagnosis["rows"]
+    assert [(r["classifier"], r["split"]) for r in rows][:3] == [("conv", "val"), ("conv", "unseen"), ("conv", "test")]
+    for row in rows:
+        assert 0 <= row["coarse_miou"] <= 100 and 1 / 11 <= row["confidence"] <= 1
+        assert all(0 <= v <= 1 for v in row["purity"].values())
+        assert abs(sum(row["class_share"].values()) - 1) < 1e-6
+    conv = [r for r in rows if r["classifier"] == "conv"]
+    assert all(r["coarse_miou"] == r["miou"] for r in conv)  # a plain conv's coarse prediction is its prediction
 
 
 def test_reader_pairs_files_and_maps_unlabelled_to_ignore(tmp_path):

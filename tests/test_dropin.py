@@ -144,13 +144,13 @@ def test_supervise_end_to_end_matches_direct_call():
         losses = sup.losses()
         total = main + sup.loss()
     assert set(losses) == {"classifier.4.ce_coarse", "classifier.4.ce", "classifier.4.ce_teacher",
-                           "classifier.4.distill", "loss"}  # fmt: skip
+                           "classifier.4.distill", "adaptive_loss"}  # fmt: skip
     # the same numbers by calling the head directly on the decoder features
     feats = model.classifier[:4](model.backbone(images))
     direct = ContextAwareLoss()(model.classifier[4](feats, target), target)
     for k in ("ce_coarse", "ce_teacher", "distill"):
         torch.testing.assert_close(losses[f"classifier.4.{k}"], direct[k])
-    torch.testing.assert_close(losses["loss"], direct["ce_coarse"] + direct["ce_teacher"] + direct["distill"])
+    torch.testing.assert_close(losses["adaptive_loss"], direct["ce_coarse"] + direct["ce_teacher"] + direct["distill"])
     total.backward()
     assert model.classifier[4].apd_proj[0].weight.grad is not None  # the oracle branch was trained
     assert model.classifier[4]._supervisor is None  # context cleaned up
@@ -185,7 +185,7 @@ def test_supervise_custom_loss_module():
     with supervise(model, target, loss_fns=loss_fn) as s:
         model(torch.randn(2, 3, 16, 16))
         terms = s.losses()
-    torch.testing.assert_close(terms["loss"], 3.0 * terms["classifier.4.distill"])
+    torch.testing.assert_close(terms["adaptive_loss"], 3.0 * terms["classifier.4.distill"])
 
 
 def test_hf_segformer_end_to_end():
@@ -228,9 +228,9 @@ def test_supervise_and_replace_every_head(head_name):
         loss = F.cross_entropy(logits, target) + sup.loss()
         terms = sup.losses()
     loss_fn = head.default_loss()
-    assert set(terms) == {f"classifier.4.{k}" for k in loss_fn.default_weights} | {"loss"}
+    assert set(terms) == {f"classifier.4.{k}" for k in loss_fn.default_weights} | {"adaptive_loss"}
     expected = sum(w * terms[f"classifier.4.{k}"] for k, w in loss_fn.weights.items() if k != loss_fn.main_term)
-    torch.testing.assert_close(terms["loss"], expected)
+    torch.testing.assert_close(terms["adaptive_loss"], expected)
     assert all(torch.isfinite(v) for v in terms.values())
     loss.backward()
     for name, p in head.named_parameters():  # the label-built branches (oracle, teacher) are trained too

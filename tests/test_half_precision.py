@@ -58,7 +58,7 @@ def test_half_model_trains(head_name, device, dtype):
         with ah.supervise(model, target) as sup:
             logits = model(images)["out"]
             terms = sup.losses()
-            loss = F.cross_entropy(logits.float(), target, ignore_index=255) + terms["loss"]
+            loss = F.cross_entropy(logits.float(), target, ignore_index=255) + terms["adaptive_loss"]
         assert logits.dtype == dtype
         assert all(torch.isfinite(v) for v in terms.values()), terms
         optimizer.zero_grad()

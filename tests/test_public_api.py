@@ -27,9 +27,13 @@ def _signature(obj: object) -> str:
         return "(...)"
 
 
-def _class_api(cls: type) -> dict[str, str]:
+def _class_api(cls: type) -> dict[str, object]:
     """The constructor and every public method and property the library defines (inherited ones included)."""
-    api = {"__init__": _signature(cls.__init__)}  # not cls: AdaptiveHead's __new__ takes (*args, **kwargs)
+    api: dict[str, object] = {"__init__": _signature(cls.__init__)}  # not cls: AdaptiveHead's __new__ is (*args)
+    for name in ("default_weights", "main_term", "options", "training_options", "free_options", "training_only"):
+        value = getattr(cls, name, None)
+        if isinstance(value, (dict, tuple, str)):  # the vocabulary: loss-term names, option groups
+            api[f"{name} (value)"] = value if isinstance(value, (dict, str)) else list(value)
     for klass in reversed(cls.__mro__):
         if not klass.__module__.startswith("adaptive_heads"):
             continue
@@ -54,6 +58,8 @@ def describe(module_name: str) -> dict[str, object]:
             entries[name] = _class_api(obj)
         elif inspect.isfunction(obj):
             entries[name] = _signature(obj)
+        elif isinstance(obj, dict):
+            entries[name] = {k: getattr(v, "__name__", repr(v)) for k, v in obj.items()}
         elif inspect.ismodule(obj):
             entries[name] = f"module {obj.__name__}"
         else:

@@ -189,7 +189,7 @@ def test_supervise_weighs_an_auxiliary_head_as_the_host_library():
     extra = ("ce_coarse", "ce_teacher", "distill")
     main = sum(terms[f"classifier.4.{k}"] for k in extra)
     aux = sum(terms[f"aux_classifier.4.{k}"] for k in extra)
-    torch.testing.assert_close(terms["loss"], main + 0.5 * aux)
+    torch.testing.assert_close(terms["adaptive_loss"], main + 0.5 * aux)
     assert sup.head_weights == {"classifier.4": 1.0, "aux_classifier.4": 0.5}
     with supervise(model, target, head_weights={"aux_classifier.4": 0.0}) as sup:
         model(images)

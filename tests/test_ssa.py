@@ -56,7 +56,7 @@ def test_forward_matches_reference_loops():
     assert torch.equal(out.feature_target, expected["feature_target"])
 
 
-def test_semantic_gt_per_image_option():
+def test_teacher_pooling_per_image_option():
     head, feat, target = make(dtype=torch.float64, teacher_pooling="image")
     out = head(feat, target)
     for b in range(3):

@@ -24,11 +24,17 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path) -> set[str]:
-    """Package modules that ``path`` imports at module level (relative and absolute)."""
+    """Package modules that ``path`` imports (relative and absolute), at module level or inside functions."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    tree = ast.parse(path.read_text())
+    # imports anywhere (a function's lazy import too), except under ``if TYPE_CHECKING:`` (annotations only)
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) ==
+                   "TYPE_CHECKING" for child in block.body for n in ast.walk(child)}  # fmt: skip
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")

@@ -119,7 +119,7 @@ class AdaptiveSegmentationModel(nn.Module):
             out = self.model(pixel_values=pixel_values, labels=labels, **kwargs)
             terms = sup.losses()
         self.last_losses = {k: v.detach() for k, v in terms.items()}
-        out.loss = terms["loss"] if out.loss is None else out.loss + terms["loss"]
+        out.loss = terms["adaptive_loss"] if out.loss is None else out.loss + terms["adaptive_loss"]
         return out
 
     # ------------------------------------------------------------------ saving and loading
@@ -192,8 +192,8 @@ class AdaptiveTrainer(transformers.Trainer):
     """``transformers.Trainer`` that logs every loss term of the adaptive heads beside ``loss``.
 
     The plain ``Trainer`` logs only the total. Here each term of :attr:`AdaptiveSegmentationModel.last_losses`
-    (``decode_head.classifier.ce_teacher``, ``...distill``; ``loss`` there is the heads' extra total, logged as
-    ``adaptive_loss``) is averaged over the training steps since the previous log and added to the same log
+    (``decode_head.classifier.ce_teacher``, ``...distill``, and ``adaptive_loss``, the heads' extra total) is
+    averaged over the training steps since the previous log and added to the same log
     record, so every reporter (console, TensorBoard, W&B, ``trainer.state.log_history``) shows it. The values
     are read on the host only when a log is written. Under data parallelism each process logs its own
     averages (the ``loss`` Trainer logs is averaged over processes, the terms are not).
@@ -215,11 +215,10 @@ class AdaptiveTrainer(transformers.Trainer):
         self, model: nn.Module, inputs: Any, return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        wrapper = getattr(model, "module", model)  # DDP / DataParallel wrap the model
+        wrapper = self.accelerator.unwrap_model(model)  # DDP, torch.compile
         if model.training and isinstance(wrapper, AdaptiveSegmentationModel) and wrapper.last_losses:
             for name, value in wrapper.last_losses.items():
-                key = "adaptive_loss" if name == "loss" else name
-                self._term_sums[key] = self._term_sums.get(key, torch.zeros((), device=value.device)) + value.float()
+                self._term_sums[name] = self._term_sums.get(name, torch.zeros((), device=value.device)) + value.float()
             self._term_steps += 1
             wrapper.last_losses = {}  # counted once, even if this step's outputs are read again
         return (loss, outputs) if return_outputs else loss

@@ -104,7 +104,7 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             with supervise(self, target, self.adaptive_loss) as sup:
                 losses = super().loss(*args, **kwargs)
                 terms = sup.losses()
-            losses["loss_adaptive"] = self._ce_weight() * terms.pop("loss")
+            losses["loss_adaptive"] = self._ce_weight() * terms.pop("adaptive_loss")
             losses.update({f"adaptive.{k.split('.', 1)[-1]}": v.detach() for k, v in terms.items()})
             return losses
 

@@ -49,7 +49,7 @@ class HeadLoss(nn.Module, Generic[OutputT]):
         >>> from adaptive_heads import SSALoss
         >>> loss_fn = SSALoss(weights={"relation": 1.0})
         >>> loss_fn.weights["relation"], loss_fn.main_term, loss_fn.options
-        (1.0, 'ce', ('distill_mix', 'tau'))
+        (1.0, 'ce', ('distill_mix', 'relation_tau'))
     """
 
     main_term: ClassVar[str] = "ce"

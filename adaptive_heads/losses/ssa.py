@@ -50,7 +50,7 @@ class SSALoss(HeadLoss[SSAOutput]):
 
     Args:
         distill_mix: teacher share of the soft target of ``distill`` (official 0.5).
-        tau: scale of the relation matrices of ``relation`` (official 15).
+        relation_tau: scale of the relation matrices of ``relation`` (official 15, the head's ``tau``).
         ignore_index: label ignored by every term.
         weights: per-term weights, merged into the official ``default_weights``.
         reduction: ``"mean"`` or ``"sum"`` of the CE terms.
@@ -67,13 +67,13 @@ class SSALoss(HeadLoss[SSAOutput]):
     default_weights = DEFAULT_WEIGHTS
     output_type = SSAOutput
     main_term = "ce"
-    options = ("distill_mix", "tau")
+    options = ("distill_mix", "relation_tau")
 
     def __init__(
         self,
         *,
         distill_mix: float = 0.5,
-        tau: float = 15.0,
+        relation_tau: float = 15.0,
         ignore_index: int | None = 255,
         weights: Mapping[str, float] | None = None,
         reduction: Reduction = "mean",
@@ -81,10 +81,10 @@ class SSALoss(HeadLoss[SSAOutput]):
     ) -> None:
         super().__init__(ignore_index=ignore_index, weights=weights, reduction=reduction, main_average=main_average)
         check_unit_interval("distill_mix", distill_mix)
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+        if relation_tau <= 0:
+            raise ValueError(f"relation_tau must be positive, got {relation_tau}")
         self.distill_mix = distill_mix
-        self.tau = tau
+        self.relation_tau = relation_tau
 
     def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
         target = self.checked_target(out, target)
@@ -100,7 +100,7 @@ class SSALoss(HeadLoss[SSAOutput]):
                 ),
                 "dice": lambda: sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
                 "dice_teacher": lambda: sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
-                "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.tau),
+                "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.relation_tau),
                 "position": lambda: position_distillation(out.position, out.position_teacher),
             }
         )

@@ -50,7 +50,7 @@ def test_segformer_loss_includes_adaptive_terms(head_cls):
     model.train()
     out = model(pixel_values=images, labels=labels)
     assert out.logits.shape == (2, 5, 8, 8)
-    extra = model.last_losses["loss"]
+    extra = model.last_losses["adaptive_loss"]
     # the model's own CE on the returned logits + the extra terms
     up = torch.nn.functional.interpolate(out.logits, size=(32, 32), mode="bilinear", align_corners=False)
     own = torch.nn.functional.cross_entropy(up, labels, ignore_index=255)
@@ -180,7 +180,7 @@ def test_heads_take_the_models_ignore_index_and_auxiliary_weight():
     extra = ("ce_coarse", "ce_teacher", "distill")
     main = sum(terms[f"decode_head.classifier.{k}"] for k in extra)
     aux = sum(terms[f"auxiliary_head.classifier.{k}"] for k in extra)
-    torch.testing.assert_close(terms["loss"], main + 0.3 * aux)
+    torch.testing.assert_close(terms["adaptive_loss"], main + 0.3 * aux)
 
 
 def test_wrapper_takes_a_head_name_with_options_and_refuses_a_mismatched_ignore_index():
@@ -206,9 +206,19 @@ def test_adaptive_trainer_logs_every_term_averaged_since_the_last_log(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and len(seen) == 4
-    terms = {k for k in seen[0] if k != "loss"}
+    terms = set(seen[0])
     assert {"decode_head.classifier.distill", "auxiliary_head.classifier.relation"} <= terms
     for entry, steps in zip(logs, (seen[:2], seen[2:]), strict=True):
         for name in terms:
             assert entry[name] == pytest.approx(sum(float(s[name]) for s in steps) / 2, abs=1e-4), name
-        assert entry["adaptive_loss"] == pytest.approx(sum(float(s["loss"]) for s in steps) / 2, abs=1e-4)
+
+
+def test_from_pretrained_refuses_weights_saved_with_other_head_options(tmp_path):
+    """The options in config.json build the head; the ones saved with the weights must agree (transformers 5 loads
+    through set_extra_state, 4.x through _load_from_state_dict: both check)."""
+    AdaptiveSegmentationModel(_segformer(), "cac", tau=10.0).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["adaptive_heads"]["heads"]["decode_head.classifier"]["options"]["tau"] = 15.0  # edited by hand
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((ValueError, RuntimeError), match=r"tau=10\.0 \(this head: 15\.0\)"):
+        AdaptiveSegmentationModel.from_pretrained(tmp_path)

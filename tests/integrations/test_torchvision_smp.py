@@ -22,7 +22,7 @@ def _train_steps(model, images, target, key=None, steps=2):
             out = model(images)
             logits = out[key] if key else out
             terms = sup.losses()
-            loss = F.cross_entropy(logits, target, ignore_index=255) + terms["loss"]
+            loss = F.cross_entropy(logits, target, ignore_index=255) + terms["adaptive_loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
