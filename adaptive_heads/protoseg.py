@@ -293,7 +293,9 @@ class PrototypeClassifier(AdaptiveHead):
         random): the K prototypes of each class become the centroids of that class's pixel embeddings
         (:func:`~adaptive_heads.functional.classwise_kmeans`; each pixel labelled by ``target`` nearest-resized to
         the feature map). A class with no labelled pixel keeps its prototypes. Pass features of as many training
-        images as fit in memory (the decoder features the head receives, e.g. from a forward pre-hook).
+        images as fit in memory (the decoder features the head receives, e.g. from a forward pre-hook). Under
+        DDP, call it before wrapping (or on every rank with the same data): each rank fits its own prototypes
+        and DDP's buffer broadcast then keeps rank 0's.
 
         Args:
             feat: ``[B, C, h, w]`` features.

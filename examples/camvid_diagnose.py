@@ -7,8 +7,10 @@ training sequence; ``unseen``: the held-out sequence), whole frames as in ``trai
   features, the prediction the prototypes are pooled with), both against the labels;
 - ``confidence``: the coarse prediction's mean max-softmax over labelled pixels (how peaked the pooling weights
   are);
-- ``purity`` per class: of the soft pooling mass ``Σ_i softmax_c(i)`` that builds class c's prototype, the share
-  that comes from pixels labelled c (1: the prototype is pooled from its own class only);
+- ``purity`` per class: of the soft pooling mass ``Σ_i softmax_c(i)`` over the split's labelled pixels, the share
+  that comes from pixels labelled c (1: class c's semantic prototype is pooled from its own class only). Summed
+  over the split (the heads normalise per image), labelled pixels only (the heads also pool unlabelled ones),
+  and the semantic centre only (SSA-Seg's spatial centre pools with a softmax over pixels instead);
 - ``class_share``: each class's share of the labelled pixels of the split (the class mix).
 
     python examples/camvid_diagnose.py --data path/to/CamVid --run examples/results/camvid-unseen.json
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     cli.add_argument("--data", type=Path, required=True)
     cli.add_argument("--run", type=Path, required=True, help="a train_camvid.py result JSON")
     cli.add_argument("--checkpoints", type=Path, default=ROOT / "runs" / "camvid")
-    cli.add_argument("--classifiers", nargs="+", default=["conv", "cosine", "cac", "ssa"])
+    cli.add_argument("--classifiers", nargs="+", default=["cac", "ssa"],
+                     help="default: the heads that pool with a coarse prediction (for conv and cosine the "
+                     "'coarse' prediction is the prediction itself)")  # fmt: skip
     cli.add_argument("--threads", type=int)
     opts = cli.parse_args(argv)
     if opts.threads:

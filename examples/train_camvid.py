@@ -3,10 +3,12 @@
 Data: CamVid in the 360×480 layout of the SegNet tutorial (``train/``, ``trainannot/``, ``val/``, ``valannot/``,
 ``test/``, ``testannot/``; any of them present), 11 classes, Unlabelled ignored. See ``camvid_data.py``.
 
-Budget (the defaults): 4 classifiers × 3 seeds in about 90 minutes on 2 CPU cores. Frames are used at half
-resolution (``--scale 0.5``: 180×240, then mmseg's random rescale ×0.5–2.0 and 128-px crops), 30 epochs of 45
-steps at batch 8; validation runs on whole frames (180×240 input, logits upsampled bilinearly to the full
-360×480 label maps, so every labelled pixel is scored). ``--scale 1 --crop 360`` trains at full resolution.
+Protocol (the defaults): sequence 0006R0 is held out of training and scored apart (``unseen``) beside ``val``
+(frames of a training sequence); 5 classifiers (conv, static cosine, CAC, SSA-Seg, ProtoSeg) × 3 seeds in about
+an hour on 2 quiet CPU cores. Frames are used at half resolution (``--scale 0.5``: 180×240, then mmseg's random
+rescale ×0.5–2.0 and 128-px crops), 30 epochs of 33 steps at batch 8; validation runs on whole frames (180×240
+input, logits upsampled bilinearly to the full 360×480 label maps, so every labelled pixel is scored).
+``--scale 1 --crop 360`` trains at full resolution.
 
 Model: a ResNet-style encoder (from scratch; ``--timm-encoder resnet18`` takes timm's ImageNet weights where
 they can be downloaded) with a semantic-FPN decoder whose classifier is ``nn.Conv2d(64, 11, 1)``
@@ -117,6 +119,28 @@ def evaluate(model: nn.Module, split: CamVidSplit, stats, args, device) -> dict:
 def trained_checkpoint(args, seed: int) -> Path:
     """The conv network that ``--finetune-from`` starts from: that tag's conv run of ``seed``."""
     return args.checkpoints / f"{args.finetune_from}-conv-s{seed}.pt"
+
+
+#: settings a fine-tuning run must share with the run it starts from
+SHARED_WITH_SOURCE = ("holdout_sequence", "widths", "depths", "channels", "decoder", "scale", "timm_encoder")
+
+
+def check_finetune_source(args) -> None:
+    """``--finetune-from``: the source run exists, is finished for every seed, and has the same data split and
+    network (a fine-tuning run with another held-out sequence would train on the frames it scores)."""
+    source_path = args.out / f"{args.finetune_from}.json"
+    if not source_path.exists():
+        raise SystemExit(f"--finetune-from {args.finetune_from}: no result {source_path}")
+    source = json.loads(source_path.read_text())["config"]
+    differ = [k for k in SHARED_WITH_SOURCE if source.get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--finetune-from {args.finetune_from}: its {differ} differ from this run's; use the same")
+    for seed in args.seeds:
+        path = trained_checkpoint(args, seed)
+        epoch = torch.load(path, map_location="cpu", weights_only=False)["state"]["epoch"] if path.exists() else None
+        if epoch != source["epochs"]:
+            raise SystemExit(f"--finetune-from {args.finetune_from}: {path.name} is at epoch {epoch}, not "
+                             f"{source['epochs']} (still training?)")  # fmt: skip
 
 
 def build_model(
@@ -346,13 +370,14 @@ def summary_table(runs: list[dict], split: str = "val", cost: bool = True) -> st
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.1f} ± {std:.1f}"
 
-    base = [r["splits"][split]["miou"] for r in by_name.get("conv", [])]
+    base = {r["seed"]: r["splits"][split]["miou"] for r in by_name.get("conv", [])}
     header = ["classifier", f"{split} mIoU (mean ± std)", "Δ vs conv", "per seed", "pixel acc."]
     header += ["s / epoch", "train peak MiB"] if cost else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rs in by_name.items():
         mious = [r["splits"][split]["miou"] for r in rs]
-        delta = f"{statistics.mean(mious) - statistics.mean(base):+.1f}" if base and name != "conv" else "—"
+        paired = [m - base[r["seed"]] for m, r in zip(mious, rs, strict=True) if r["seed"] in base]
+        delta = f"{statistics.mean(paired):+.1f}" if paired and name != "conv" else "—"  # per-seed differences
         peaks = [r["train_peak_mib"] for r in rs if r.get("train_peak_mib") is not None]
         cells = [
             name,
@@ -525,12 +550,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quick", action="store_true", help="a few steps on a handful of images (smoke test)")
     p.add_argument("--render", type=Path, metavar="JSON", help="print the tables of a saved result (no training)")
+    p.add_argument("--finetune-result", type=Path, metavar="JSON", help="with --render: a --finetune-from result")
     p.add_argument("--update-readme", action="store_true", help="with --render: rewrite the README and docs blocks")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.batch, args.crop, args.max_steps = [0], 2, 64, 2
         args.widths, args.channels, args.eval_batch, args.workers = [8, 8, 16, 16], 16, 2, 0
     args.epochs = args.epochs or (1 if args.quick else 30)
+    if args.finetune_from:
+        args.tag = args.tag or f"{args.finetune_from}-finetune"
+        if args.tag == args.finetune_from:
+            p.error("--tag must differ from --finetune-from (the fine-tuned runs would overwrite their source)")
     args.tag = args.tag or ("camvid-quick" if args.quick else "camvid")
     if args.holdout_sequence in ("none", ""):
         args.holdout_sequence = None
@@ -575,44 +605,122 @@ def _replace_block(page: Path, name: str, text: str) -> None:
     page.write_text(content)
 
 
-def render(path: Path, update: bool) -> str:
-    """The README block and the docs page section of a saved result (``--render``); written with ``--update``."""
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def headline_table(runs: list[dict], splits: tuple[str, ...] = ("unseen", "val"), base: str = "conv") -> str:
+    """Markdown: per classifier, mIoU mean ± std over seeds on each split and its difference to ``base`` (the
+    mean of the per-seed differences, and how many seeds gained)."""
+    names = list(dict.fromkeys(r["classifier"] for r in runs))
+    titles = {"unseen": "unseen sequence", "val": "val (seen sequence)", "test": "test"}
+    header = ["classifier"] + [c for s in splits for c in (f"{titles.get(s, s)} mIoU", f"Δ vs {base}")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_seed = {(r["classifier"], r["seed"]): r for r in runs}
+    for name in names:
+        rs = [r for r in runs if r["classifier"] == name]
+        cells = [name]
+        for split in splits:
+            cells.append(_mean_std([r["splits"][split]["miou"] for r in rs]))
+            paired = [
+                r["splits"][split]["miou"] - by_seed[(base, r["seed"])]["splits"][split]["miou"]
+                for r in rs
+                if (base, r["seed"]) in by_seed
+            ]
+            gained = f"{sum(d > 0 for d in paired)}/{len(paired)}"
+            cells.append("—" if name == base or not paired else f"{statistics.mean(paired):+.1f} ({gained})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _budget(result: dict) -> str:
+    cfg, runs = result["config"], result["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    classifiers = list(dict.fromkeys(r["classifier"] for r in runs))
+    minutes = sum(r["s_per_epoch"] * cfg["epochs"] for r in runs) / 60
+    return (
+        f"{cfg['hardware']}, torch {cfg['torch']}; {len(classifiers)} classifiers × {len(seeds)} seeds, "
+        f"{cfg['epochs']} epochs of {cfg['train_frames'] // cfg['batch']} steps (batch {cfg['batch']}, "
+        f"{cfg['crop']}-px crops at scale {cfg['scale']}), {minutes:.0f} min of training in all"
+    )
+
+
+def _command(result: dict) -> str:
+    argv = result["config"].get("argv")
+    return f"python examples/train_camvid.py --data path/to/CamVid{' ' + ' '.join(argv) if argv else ''}"
+
+
+def _complete(result: dict, path: Path) -> None:
+    """Refuse a partial result (written while its runs go on): every classifier needs every seed."""
+    cfg, runs = result["config"], result["runs"]
+    have = {(r["classifier"], r["seed"]) for r in runs}
+    missing = [f"{c} s{s}" for s in cfg["seeds"] for c in cfg["classifiers"] if (c, s) not in have]
+    if missing:
+        raise SystemExit(f"{path} is partial: no run of {', '.join(missing)}; finish it with --resume first")
+
+
+def render(path: Path, update: bool, finetune: Path | None = None) -> str:
+    """The README block and the docs page section of a saved result (``--render``) and, with ``finetune``, of
+    the fine-tuning result started from it; written with ``--update-readme``."""
     result = json.loads(path.read_text())
+    _complete(result, path)
     cfg, runs = result["config"], result["runs"]
     if not str(cfg.get("device", "cpu")).startswith("cuda"):  # results of earlier versions held CPU RSS figures
         runs = [{**r, "train_peak_mib": None} for r in runs]
-    seeds = sorted({r["seed"] for r in runs})
-    classifiers = list(dict.fromkeys(r["classifier"] for r in runs))
-    budget = (
-        f"{cfg['hardware']}, torch {cfg['torch']}; {len(classifiers)} classifiers × {len(seeds)} seeds, "
-        f"{cfg['epochs']} epochs of {cfg['train_frames'] // cfg['batch']} steps (batch {cfg['batch']}, "
-        f"{cfg['crop']}-px crops at scale {cfg['scale']}), {cfg['wall_minutes']} min in all"
-    )
-    command = (
-        f"python examples/train_camvid.py --data path/to/CamVid{' ' + ' '.join(cfg['argv']) if cfg.get('argv') else ''}"
-    )
     stem = path.stem
-    splits = [s for s in ("val", "test", "unseen") if all(s in r["splits"] for r in runs)]
-    short = summary_table(runs, "val", cost=False).split("\n\n")[0]
-    readme = (
-        f"## Does it help? CamVid\n\nA ResNet-FPN trained from scratch on CamVid's 367 training frames, its 1×1 "
-        f"classifier replaced by each head (same data order, schedule and optimiser), validated on the 101 val "
-        f"frames ({budget}):\n\n{short}\n\n![val mIoU](examples/results/{stem}_miou.png)\n\n"
-        f"```bash\n{command}\n```\n\nPer-class IoU, the pictures and what was tried: "
-        "[CamVid experiment](docs/camvid.md)."
-    )
-    details = [f"Measured: {budget}. `examples/results/{path.name}`.\n\n```bash\n{command}\n```"]
+    splits = [s for s in ("unseen", "val", "test") if all(s in r["splits"] for r in runs)]
+    held_out = cfg.get("holdout_sequence")
+    seeds = len({r["seed"] for r in runs})
+    if held_out:
+        intro = (
+            f"A ResNet-FPN trained from scratch on CamVid's training frames without sequence {held_out} "
+            f"({cfg['train_frames']} frames; {held_out}'s {cfg['splits']['unseen']} frames are held out), its 1×1 "
+            "classifier replaced by each head, the same data order, schedule and optimiser for all. mIoU, mean ± "
+            f"std over {seeds} seeds, on the **unseen sequence** and on `val` (101 frames of 0016E5, a sequence "
+            "the network trained on); Δ: mean of the per-seed differences to the conv (seeds that gained)"
+        )
+    else:
+        intro = (
+            f"A ResNet-FPN trained from scratch on CamVid's {cfg['train_frames']} training frames, its 1×1 "
+            "classifier replaced by each head (same data order, schedule and optimiser), validated on the 101 val "
+            "frames"
+        )
+    readme = [
+        f"## Does it help? CamVid\n\n{intro} ({_budget(result)}):\n\n{headline_table(runs, tuple(splits))}",
+        f"```bash\n{_command(result)}\n```",
+    ]
+    details = [f"Measured: {_budget(result)}. `examples/results/{path.name}`.\n\n```bash\n{_command(result)}\n```"]
     for split in splits:
         details.append(f"### {split} ({runs[0]['splits'][split]['frames']} frames)\n\n" + summary_table(runs, split))
+    if finetune is not None:
+        tuned = json.loads(finetune.read_text())
+        _complete(tuned, finetune)
+        tcfg = tuned["config"]
+        text = (
+            f"Fitting a head onto the trained conv network: each classifier replaces the conv of the {cfg['epochs']}-"
+            f"epoch conv network of each seed above and trains {tcfg['epochs']} more epochs (AdamW, peak lr "
+            f"{tcfg['lr']:g}, the new classifier ×{tcfg['head_lr_mult']:g}), against continuing the conv network "
+            "for the same steps with the same optimiser groups (`conv`, its classifier also at ×10)"
+        )
+        readme.append(f"{text}:\n\n{headline_table(tuned['runs'], tuple(splits))}")
+        readme.append(f"```bash\n{_command(tuned)}\n```")
+        details.append(
+            f"### Fitting a head onto the trained conv network\n\n{text} ({_budget(tuned)}; "
+            f"`examples/results/{finetune.name}`):\n\n```bash\n{_command(tuned)}\n```\n\n"
+            + headline_table(tuned["runs"], tuple(splits))
+        )
+        for split in splits:
+            details.append(f"#### fine-tuned, {split}\n\n" + summary_table(tuned["runs"], split))
+    readme.append("Per-class IoU, the diagnosis and what was tried: [CamVid experiment](docs/camvid.md).")
     details.append(
         f"![val mIoU](../examples/results/{stem}_miou.png)\n\n"
         f"![predictions](../examples/results/{stem}_predictions.png)"
     )
-    page = "\n\n".join(details)
+    readme_text, page = "\n\n".join(readme), "\n\n".join(details)
     if update:
-        _replace_block(ROOT / "README.md", "camvid", readme)
+        _replace_block(ROOT / "README.md", "camvid", readme_text)
         _replace_block(ROOT / "docs" / "camvid.md", "camvid-details", page)
-    return readme + "\n\n" + page
+    return readme_text + "\n\n" + page
 
 
 def recorded_arguments(argv: list[str]) -> list[str]:
@@ -632,13 +740,15 @@ def recorded_arguments(argv: list[str]) -> list[str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.render is not None:
-        print(render(args.render, args.update_readme))
+        print(render(args.render, args.update_readme, args.finetune_result))
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     data = load_data(args)
     stats = channel_statistics(data["train"].images)
+    if args.finetune_from:
+        check_finetune_source(args)
     args.checkpoints.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = len(data["train"]) // args.batch

@@ -284,7 +284,9 @@ def classwise_kmeans(
     nearest = emb.new_full((n_pixels,), -1.0)  # max cosine to the starts of the pixel's class
     chosen = []
     for _ in range(k):
-        race = torch.empty_like(nearest).exponential_(generator=generator)
+        # drawn where the generator lives (a CPU generator with CUDA embeddings), then moved
+        place = emb.device if generator is None else generator.device
+        race = torch.empty(n_pixels, dtype=emb.dtype, device=place).exponential_(generator=generator).to(emb.device)
         weight = (2.0 - 2.0 * nearest).clamp_min(0.0)
         key = torch.where(weight > 0, race / weight, torch.full_like(race, float("inf")))
         order = key.argsort()

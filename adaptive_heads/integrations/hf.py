@@ -196,7 +196,8 @@ class AdaptiveTrainer(transformers.Trainer):
     averaged over the training steps since the previous log and added to the same log
     record, so every reporter (console, TensorBoard, W&B, ``trainer.state.log_history``) shows it. The values
     are read on the host only when a log is written. Under data parallelism each process logs its own
-    averages (the ``loss`` Trainer logs is averaged over processes, the terms are not).
+    averages (the ``loss`` Trainer logs is averaged over processes, the terms are not). Under ``nn.DataParallel``
+    (several GPUs in one process) the terms live on the replicas and are not logged.
 
     Example::
 
