@@ -10,7 +10,6 @@ oracle classifier is built the same way from the ground-truth masks and distille
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -19,8 +18,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
-from ._validation import check_choice
+from ._types import ClassDirection, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
@@ -100,19 +98,15 @@ class ContextAwareClassifier(CosineHead):
         class_direction: ClassDirection = "sum",
     ) -> None:
         super().__init__(
-            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
-            init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
+            in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
+            ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
+            class_direction=class_direction,
         )  # fmt: skip
-        check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
-        self.teacher_pooling = teacher_pooling
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
 
     loss_type = ContextAwareLoss
     training_only = ("apd_proj",)
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "teacher_pooling": self.teacher_pooling}
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""

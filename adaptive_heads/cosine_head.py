@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
-from ._types import ClassDirection, LabelPooling
+from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
 from ._validation import check_choice
 from .functional import (
     hard_class_pool,
@@ -37,6 +37,8 @@ class CosineHead(AdaptiveHead):
     Args:
         in_channels: C, channels of the decoder feature map.
         num_classes: n.
+        teacher_pooling: where the label-built (teacher) branch pools its class statistics: ``"batch"``
+            (official), ``"image"`` or ``"global"`` (see :meth:`label_class_statistics`).
         tau: cosine scale (official 15).
         dropout: ``Dropout2d`` probability before ``conv_seg`` (official 0.1; 0 disables).
         ignore_index: label ignored by the label-built branch (and default of the loss).
@@ -62,6 +64,7 @@ class CosineHead(AdaptiveHead):
         in_channels: int,
         num_classes: int,
         *,
+        teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
         dropout: float = 0.1,
         ignore_index: int | None = 255,
@@ -72,7 +75,9 @@ class CosineHead(AdaptiveHead):
         class_direction: ClassDirection = "sum",
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
+        check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         check_choice("class_direction", class_direction, ("sum", "centre"))
+        self.teacher_pooling = teacher_pooling
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.class_direction = class_direction
@@ -114,6 +119,7 @@ class CosineHead(AdaptiveHead):
             "kernel_size": conv.kernel_size[0],
             "dilation": conv.dilation[0],
             "class_direction": self.class_direction,
+            "teacher_pooling": self.teacher_pooling,
         }
 
     @property

@@ -11,7 +11,6 @@ training an online teacher built from the labels supervises the student through 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,8 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
-from ._validation import check_choice
+from ._types import ClassDirection, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
@@ -105,12 +103,11 @@ class SSAClassifier(CosineHead):
         class_direction: ClassDirection = "sum",
     ) -> None:
         super().__init__(
-            in_channels, num_classes, tau=tau, dropout=dropout, ignore_index=ignore_index, eps=eps,
-            init_std=init_std, kernel_size=kernel_size, dilation=dilation, class_direction=class_direction,
+            in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
+            ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
+            class_direction=class_direction,
         )  # fmt: skip
-        check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         c = in_channels
-        self.teacher_pooling = teacher_pooling
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
         self.center_pos = nn.Embedding(num_classes, c)
         self.center_content_proj = prototype_mlp(c)
@@ -122,9 +119,6 @@ class SSAClassifier(CosineHead):
 
     loss_type = SSALoss
     training_only = ("gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj")
-
-    def options(self) -> dict[str, Any]:
-        return {**super().options(), "teacher_pooling": self.teacher_pooling}
 
     def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
