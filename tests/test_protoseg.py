@@ -300,3 +300,11 @@ def test_init_prototypes_checks_its_inputs():
         head.init_prototypes(feat, target[:1])
     with pytest.raises(ValueError, match="feat"):
         head.init_prototypes(feat[:, :3], target)
+
+
+def test_init_prototypes_on_an_all_ignored_batch_keeps_every_prototype():
+    head, feat, target = make()
+    before = head.prototypes.clone()
+    counts = head.init_prototypes(feat, torch.full_like(target, 255))
+    assert counts.tolist() == [0] * N_CLS
+    assert torch.equal(head.prototypes, before) and torch.isfinite(head.prototypes).all()
