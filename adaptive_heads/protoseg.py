@@ -323,7 +323,7 @@ class PrototypeClassifier(AdaptiveHead):
         if self.ignore_index is not None:
             labels = torch.where(labels == self.ignore_index, -1, labels)
         centroids, counts = classwise_kmeans(
-            emb, labels, self.num_classes, self.num_prototypes, iters=iters, init=self.unit_prototypes(),
+            emb, labels, self.num_classes, self.num_prototypes, iters=iters, init=self.prototypes,
             generator=generator,
         )  # fmt: skip
         self.prototypes.copy_(centroids.to(self.prototypes))
