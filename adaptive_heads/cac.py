@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._types import ClassDirection, LabelPooling
+from ._types import ClassDirection, ContextPooling, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
@@ -71,6 +70,9 @@ class ContextAwareClassifier(CosineHead):
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
+        context_pooling: ``"soft"`` (official) or ``"predicted"``: which pixels pool each class prototype
+            (:class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
+        coarse_mix: weight of the coarse logits added to the label-free output (0: official; not in the paper).
 
     Example:
         >>> head = ContextAwareClassifier(in_channels=16, num_classes=5)
@@ -96,11 +98,13 @@ class ContextAwareClassifier(CosineHead):
         kernel_size: int = 1,
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
+        context_pooling: ContextPooling = "soft",
+        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(
             in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
-            class_direction=class_direction,
+            class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
         )  # fmt: skip
         self.proj = prototype_mlp(in_channels)
         self.apd_proj = prototype_mlp(in_channels)
@@ -110,13 +114,13 @@ class ContextAwareClassifier(CosineHead):
 
     def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
         """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
-        return self.logits_from_context(feat, self._statistics(feat, coarse))
+        return self._adaptive_logits(feat, self._statistics(feat, coarse))
 
     def _statistics(self, feat: Tensor, coarse: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
-        with float32_math(feat.device):
-            probs = torch.softmax(upcast_half(coarse), dim=1)
-            if pixel_weight is not None:
-                probs = probs * pixel_weight
+        probs = self.context_weights(coarse)
+        if pixel_weight is not None:
+            with float32_math(feat.device):
+                probs = probs * upcast_half(pixel_weight)
         sums, area = soft_class_sums(probs, feat)
         return {"sums": sums, "area": area}
 
@@ -139,14 +143,18 @@ class ContextAwareClassifier(CosineHead):
         """The statistics of the union of two disjoint pixel sets."""
         return {key: first[key] + second[key] for key in first}
 
-    def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
-        """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""
+    def _adaptive_logits(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
         prototypes = context["sums"] / (context["area"].unsqueeze(-1) + self.eps)  # [B, n, C], float32
         classifier = self._fuse(self.proj, prototypes, self.classifier_weight.expand_as(prototypes))  # [B, n, C]
         return cosine_logits(feat, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
 
+    def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
+        """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""
+        return self.mix_coarse(self._adaptive_logits(feat, context), feat)
+
     def forward_logits(self, feat: Tensor) -> Tensor:
-        return self.logits_from_context(feat, self.context_statistics(feat))
+        coarse = self.coarse_logits(feat)
+        return self.mix_coarse(self._adaptive_logits(feat, self._statistics(feat, coarse)), feat, coarse)
 
     def teacher_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
         """The label-built (oracle) classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global

@@ -3,6 +3,7 @@ SSA-Seg share."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import torch
@@ -10,11 +11,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
-from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
+from ._precision import float32_math, upcast_half
+from ._types import CONTEXT_POOLINGS, LABEL_POOLINGS, ClassDirection, ContextPooling, LabelPooling
 from ._validation import check_choice
 from .functional import (
     hard_class_pool,
     pointwise_conv,
+    predicted_class_weights,
 )
 from .head import AdaptiveHead
 
@@ -47,6 +50,15 @@ class CosineHead(AdaptiveHead):
         kernel_size: of ``conv_seg`` (odd; padded to keep the size): 1 (official) or the replaced classifier's.
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
+        context_pooling: how each pixel weighs in the image's class prototypes: ``"soft"`` (official: the class
+            softmax of the coarse mask, at every pixel) or ``"predicted"`` (the class softmax at the pixels the
+            coarse mask assigns to that class only, :func:`~adaptive_heads.functional.predicted_class_weights`).
+            Not in the papers; an option for scenes unlike the training ones (docs: CamVid experiment).
+        coarse_mix: weight ``w`` of the coarse logits added to the label-free output:
+            ``adaptive + w · conv_seg(feat)``, a product of the two classifiers' softmaxes (0: official). Training
+            is unchanged (the losses see the adaptive and the coarse logits apart, as the official code), so it can
+            be set on a trained head; with ``w > 0`` the output is no longer bounded by ``±tau``. Not in the papers
+            (docs: CamVid experiment).
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier
@@ -57,7 +69,8 @@ class CosineHead(AdaptiveHead):
 
     coarse_classifier = "conv_seg"
     training_options = ("ignore_index", "dropout", "teacher_pooling")
-    free_options = ("init_std",)
+    #: ``coarse_mix`` is a deployment choice made for a trained head (set it on a checkpoint trained without it)
+    free_options = ("init_std", "coarse_mix")
 
     def __init__(
         self,
@@ -73,11 +86,20 @@ class CosineHead(AdaptiveHead):
         kernel_size: int = 1,
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
+        context_pooling: ContextPooling = "soft",
+        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
         check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         check_choice("class_direction", class_direction, ("sum", "centre"))
+        check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
+        if isinstance(coarse_mix, (bool, str, bytes)) or not hasattr(coarse_mix, "__float__"):
+            raise TypeError(f"coarse_mix must be a real number, got {type(coarse_mix).__name__}")
+        if not 0 <= float(coarse_mix) < math.inf:
+            raise ValueError(f"coarse_mix must be finite and >= 0, got {coarse_mix!r}")
         self.teacher_pooling = teacher_pooling
+        self.context_pooling = context_pooling
+        self.coarse_mix = float(coarse_mix)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.class_direction = class_direction
@@ -120,6 +142,8 @@ class CosineHead(AdaptiveHead):
             "dilation": conv.dilation[0],
             "class_direction": self.class_direction,
             "teacher_pooling": self.teacher_pooling,
+            "context_pooling": self.context_pooling,
+            "coarse_mix": self.coarse_mix,
         }
 
     @property
@@ -142,6 +166,23 @@ class CosineHead(AdaptiveHead):
         if conv.kernel_size == (1, 1):
             return pointwise_conv(feat, conv.weight, conv.bias, p)
         return conv(F.dropout2d(feat, p) if p > 0 else feat)
+
+    def context_weights(self, coarse: Tensor) -> Tensor:
+        """The class weights ``[B, n, ...]`` (float32) each pixel gives the image's class prototypes: the class
+        softmax of the coarse logits ``coarse [B, n, ...]``, kept at the predicted class only with
+        ``context_pooling="predicted"``."""
+        with float32_math(coarse.device):
+            probs = torch.softmax(upcast_half(coarse), dim=1)
+            return predicted_class_weights(probs) if self.context_pooling == "predicted" else probs
+
+    def mix_coarse(self, logits: Tensor, feat: Tensor, coarse: Tensor | None = None) -> Tensor:
+        """The label-free output: ``logits + coarse_mix · coarse`` (``coarse``: the coarse logits of ``feat``,
+        computed here when not given); ``logits`` itself when ``coarse_mix`` is 0."""
+        if self.coarse_mix == 0:
+            return logits
+        if coarse is None:
+            coarse = self.coarse_logits(feat)
+        return logits + self.coarse_mix * coarse.to(logits.dtype)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

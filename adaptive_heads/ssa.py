@@ -19,7 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._types import ClassDirection, LabelPooling
+from ._types import ClassDirection, ContextPooling, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
@@ -76,6 +76,10 @@ class SSAClassifier(CosineHead):
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
+        context_pooling: ``"soft"`` (official) or ``"predicted"``: which pixels pool each semantic centre (the
+            spatial centre keeps its pixel softmax; :class:`~adaptive_heads.cosine_head.CosineHead`; not in the
+            paper).
+        coarse_mix: weight of the coarse logits added to the label-free output (0: official; not in the paper).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)
@@ -101,11 +105,13 @@ class SSAClassifier(CosineHead):
         kernel_size: int = 1,
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
+        context_pooling: ContextPooling = "soft",
+        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(
             in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
-            class_direction=class_direction,
+            class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
         )  # fmt: skip
         c = in_channels
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
@@ -125,7 +131,7 @@ class SSAClassifier(CosineHead):
         with float32_math(feat.device):
             logits = upcast_half(coarse).flatten(2)
             pixel_softmax = torch.softmax(logits, dim=-1)  # spatial: one distribution per class over pixels
-            class_softmax = torch.softmax(logits, dim=1)  # semantic: a class posterior per pixel
+        class_softmax = self.context_weights(logits)  # semantic: a class posterior per pixel
         pos_center = soft_class_pool(pixel_softmax, pos, eps=self.eps)
         sem_center = soft_class_pool(class_softmax, feat, eps=self.eps)
         return self._prototypes(sem_center, pos_center)
@@ -147,7 +153,7 @@ class SSAClassifier(CosineHead):
         coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
-        return self._classify(feat, pos, semantic, position)
+        return self.mix_coarse(self._classify(feat, pos, semantic, position), feat, coarse)
 
     def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         """The image statistics the classifier is built from, mergeable over disjoint pixel sets (tiles).
@@ -168,7 +174,7 @@ class SSAClassifier(CosineHead):
         pos = self.get_feat_pos(feat)
         with float32_math(feat.device):
             logits = upcast_half(coarse).flatten(2)
-            class_softmax = torch.softmax(logits, dim=1)
+            class_softmax = self.context_weights(logits)
             if pixel_weight is not None:
                 # the peak over the pixels that count: a weight-0 pixel's logit above every counted one would
                 # scale the counted ones' share to 0 (0/0 once merged), and it never enters the sums anyway
@@ -210,7 +216,7 @@ class SSAClassifier(CosineHead):
         sem_center = context["sem_sums"] / (context["sem_area"].unsqueeze(-1) + self.eps)
         pos_center = context["pos_sums"] / context["pos_norm"].unsqueeze(-1)
         semantic, position = self._prototypes(sem_center, pos_center)
-        return self._classify(feat, self.get_feat_pos(feat), semantic, position)
+        return self.mix_coarse(self._classify(feat, self.get_feat_pos(feat), semantic, position), feat)
 
     def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
         """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""

@@ -35,6 +35,7 @@ from .pooling import (
     class_pixel_counts,
     hard_class_pool,
     label_one_hot,
+    predicted_class_weights,
     soft_class_pool,
     soft_class_sums,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "label_one_hot",
     "pointwise_conv",
     "position_distillation",
+    "predicted_class_weights",
     "prototype_best_similarity",
     "prototype_contrast_from_stats",
     "prototype_contrast_sums",

@@ -16,6 +16,7 @@ __all__ = [
     "class_pixel_counts",
     "hard_class_pool",
     "label_one_hot",
+    "predicted_class_weights",
     "soft_class_pool",
     "soft_class_sums",
 ]
@@ -44,6 +45,27 @@ def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
     with float32_math(feat.device):
         probs = upcast_half(probs).to(torch.promote_types(feat.dtype, torch.float32))
         return class_sums(probs, feat), probs.sum(dim=-1)
+
+
+def predicted_class_weights(probs: Tensor) -> Tensor:
+    """Class weights kept only at each pixel's predicted class: ``probs · 1[k = argmax_j probs_j]``.
+
+    A class prototype pooled with these weights comes from the pixels the coarse mask assigns to that class, not
+    from the probability it spreads over other classes' pixels (ties keep every tied class).
+
+    Args:
+        probs: ``[B, n, ...]`` class probabilities (class axis 1).
+
+    Returns:
+        ``[B, n, ...]``, same dtype; gradients flow through the kept entries.
+
+    Example:
+        >>> probs = torch.tensor([[[0.7, 0.4], [0.3, 0.6]]])  # [B=1, n=2, N=2]
+        >>> predicted_class_weights(probs)
+        tensor([[[0.7000, 0.0000],
+                 [0.0000, 0.6000]]])
+    """
+    return probs * (probs == probs.amax(dim=1, keepdim=True))
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:

@@ -1,0 +1,118 @@
+"""The cosine heads' options for scenes unlike the training ones: ``context_pooling="predicted"`` and
+``coarse_mix`` (not in the papers; the defaults stay the official code's)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adaptive_heads as ah
+from adaptive_heads.functional import predicted_class_weights
+
+from .conftest import make_head
+from .test_slide import pixel_local
+
+COSINE_HEADS = ["cac", "ssa"]
+
+
+def weights_of(head: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The head's tensors without its saved options (to copy weights between heads built with other options)."""
+    return {k: v for k, v in head.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def test_predicted_class_weights_keep_the_argmax_class_only():
+    torch.manual_seed(0)
+    probs = torch.randn(2, 5, 6, 7).softmax(1)
+    expected = probs * F.one_hot(probs.argmax(1), 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(predicted_class_weights(probs), expected, rtol=0, atol=0)
+    tied = torch.tensor([[[0.5], [0.5], [0.0]]])
+    assert predicted_class_weights(tied).flatten().tolist() == [0.5, 0.5, 0.0]
+
+
+def test_cac_predicted_pooling_is_the_hand_computed_classifier():
+    torch.manual_seed(0)
+    head = ah.ContextAwareClassifier(6, 4, context_pooling="predicted").eval()
+    feat = torch.randn(2, 6, 5, 7)
+    with torch.no_grad():
+        coarse = head.conv_seg(feat).flatten(2)  # [B, n, N]
+        probs = coarse.softmax(1)
+        weights = probs * (probs.argmax(1, keepdim=True) == torch.arange(4).view(1, 4, 1))
+        x = feat.flatten(2)  # [B, C, N]
+        prototypes = torch.einsum("bkn,bcn->bkc", weights, x) / (weights.sum(-1, keepdim=True) + head.eps)
+        w = head.conv_seg.weight.flatten(1).expand(2, -1, -1)
+        classifier = head.proj(torch.cat([prototypes, w], dim=-1))  # [B, n, C]
+        cosine = torch.einsum("bkc,bcn->bkn", F.normalize(classifier, dim=-1, eps=0), F.normalize(x, dim=1, eps=0))
+        expected = (head.tau * cosine).view(2, 4, 5, 7)
+        torch.testing.assert_close(head(feat), expected, rtol=1e-5, atol=1e-5)
+        official = ah.ContextAwareClassifier(6, 4).eval()
+        official.load_state_dict(weights_of(head), strict=False)
+        assert (official(feat) - expected).abs().max() > 1e-3  # the option changes the classifier
+
+
+@pytest.mark.parametrize("name", COSINE_HEADS)
+def test_predicted_pooling_changes_the_semantic_prototypes_in_training_too(name):
+    torch.manual_seed(0)
+    soft = make_head(name, 8, 5, dropout=0.0)
+    predicted = make_head(name, 8, 5, dropout=0.0, context_pooling="predicted")
+    predicted.load_state_dict(weights_of(soft), strict=False)
+    feat, target = torch.randn(2, 8, 6, 6), torch.randint(0, 5, (2, 12, 12))
+    out_soft, out_predicted = soft(feat, target), predicted(feat, target)
+    assert (out_soft.logits - out_predicted.logits).abs().max() > 1e-3
+    torch.testing.assert_close(out_soft.coarse, out_predicted.coarse)  # the coarse conv and the teacher are not
+    torch.testing.assert_close(out_soft.teacher, out_predicted.teacher)  # touched
+    predicted.default_loss()(out_predicted, target)["loss"].backward()
+    assert predicted.conv_seg.weight.grad.abs().sum() > 0  # the kept weights carry gradients to the coarse conv
+
+
+@pytest.mark.parametrize("name", COSINE_HEADS)
+def test_coarse_mix_adds_the_coarse_logits_to_the_label_free_output_only(name):
+    torch.manual_seed(0)
+    official = make_head(name, 8, 5).eval()
+    mixed = make_head(name, 8, 5, coarse_mix=0.5).eval()
+    mixed.load_state_dict(official.state_dict())  # a free option: an official checkpoint loads as it is
+    feat, target = torch.randn(2, 8, 6, 7), torch.randint(0, 5, (2, 6, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(mixed(feat), official(feat) + 0.5 * official.conv_seg(feat))
+        official.train(), mixed.train()
+        torch.manual_seed(1)
+        train_official = official(feat, target)
+        torch.manual_seed(1)
+        train_mixed = mixed(feat, target)
+    torch.testing.assert_close(train_mixed.logits, train_official.logits)  # training: the official terms
+
+
+@pytest.mark.parametrize("name", COSINE_HEADS)
+@pytest.mark.parametrize("options", [{"coarse_mix": 1.5}, {"context_pooling": "predicted"}])
+def test_image_context_slide_equals_whole_image_with_the_options(name, options):
+    model = pixel_local(name, **options)
+    images = torch.randn(2, 3, 29, 33)
+    out = ah.slide_inference(model, images, (16, 16), (10, 12), context="image")
+    torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", COSINE_HEADS)
+def test_context_pooling_is_a_function_option_and_coarse_mix_is_free(name):
+    saved = make_head(name, 8, 5).state_dict()
+    with pytest.raises(RuntimeError, match="context_pooling"):
+        make_head(name, 8, 5, context_pooling="predicted").load_state_dict(saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_head(name, 8, 5, coarse_mix=2.0).load_state_dict(saved)
+
+
+def test_option_errors_and_numpy_values():
+    with pytest.raises(ValueError, match="context_pooling"):
+        ah.ContextAwareClassifier(8, 5, context_pooling="hard")
+    with pytest.raises(ValueError, match="coarse_mix"):
+        ah.SSAClassifier(8, 5, coarse_mix=-0.5)
+    with pytest.raises(ValueError, match="coarse_mix"):
+        ah.SSAClassifier(8, 5, coarse_mix=float("nan"))
+    with pytest.raises(TypeError, match="coarse_mix"):
+        ah.ContextAwareClassifier(8, 5, coarse_mix="0.5")
+    head = ah.ContextAwareClassifier(8, 5, coarse_mix=np.float32(0.25))
+    assert type(head.options()["coarse_mix"]) is float
+    head.state_dict()  # the saved options are JSON
