@@ -1,14 +1,12 @@
 """mmseg 1.x integration (skips without mmseg and mmcv).
 
 mmcv's compiled ops are not needed: with ``mmcv-lite`` (pure Python, what CI installs; building mmcv's ops from
-source takes over 40 minutes on 2 cores) a stand-in for the extension module lets ``mmseg.models`` import, and
-any compiled op called by mistake raises. The models built here (ResNetV1c, FCN head, slide inference) use none.
+source takes over 40 minutes on 2 cores) ``adaptive_heads.integrations.mmcv_lite`` (the user-facing recipe, docs:
+"From mmseg") lets ``mmseg.models`` import, and any compiled op called by mistake raises. The models built here
+(ResNetV1c, Swin, FCN and UPerNet heads, slide inference) use none.
 """
 
-import importlib.machinery
-import importlib.util
-import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,29 +15,8 @@ from adaptive_heads.registry import HEADS
 
 pytest.importorskip("mmcv")
 pytest.importorskip("mmengine")
+import adaptive_heads.integrations.mmcv_lite  # noqa: F401  (before mmseg.models: mmcv-lite has no mmcv._ext)
 
-
-def _stand_in_for_compiled_ops() -> None:
-    """Register ``mmcv._ext`` when mmcv was installed without its compiled ops; every op in it raises."""
-    if importlib.util.find_spec("mmcv._ext") is not None:
-        return
-
-    def missing(name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def op(*args, **kwargs):
-            raise RuntimeError(f"mmcv compiled op {name!r} called in a test that runs on mmcv-lite")
-
-        return op
-
-    ext = types.ModuleType("mmcv._ext")
-    ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)  # find_spec() callers (mmengine's Config)
-    ext.__getattr__ = missing  # type: ignore[method-assign]
-    sys.modules["mmcv._ext"] = ext
-
-
-_stand_in_for_compiled_ops()
 mmseg = pytest.importorskip("mmseg")
 
 
@@ -84,14 +61,14 @@ def _model(
     return MODELS.build(cfg)
 
 
-def _samples(batch: int = 2, size: int = 64):
+def _samples(batch: int = 2, size: int = 64, classes: int = 5):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
     samples = []
     for _ in range(batch):
         s = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)))
-        s.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, size, size)))
+        s.gt_sem_seg = PixelData(data=torch.randint(0, classes, (1, size, size)))
         samples.append(s)
     return samples
 
@@ -198,7 +175,7 @@ def test_adaptive_decode_head_takes_the_dropout_ratio_and_weighs_an_auxiliary_he
     torch.manual_seed(0)
     losses = model.loss(torch.randn(2, 3, 64, 64), _samples())
     head = model.auxiliary_head
-    assert head._ce_weight() == 0.4 and "aux.loss_adaptive" in losses
+    assert head.adaptive_loss_weight == 0.4 and "aux.loss_adaptive" in losses
 
 
 def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_heads_dropout():
@@ -218,3 +195,121 @@ def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_he
         assert not torch.equal(head.cls_seg(feat), head.cls_seg(feat))  # Dropout2d before the embedding
         head.eval()
         assert torch.equal(head.cls_seg(feat), head.cls_seg(feat))
+
+
+# ----------------------------------------------------------------------------- the mmseg user's path (issue 34)
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "mmseg").glob("*.py"))
+
+
+def _tiny_train_step(cfg, classes: int, size: int = 64) -> dict:
+    """Build ``cfg.model`` with mmseg's registry at a ``size``-px crop on one CPU (BN for SyncBN, no pretrained
+    weights) and run one ``train_step`` on random images; returns its log."""
+    from mmengine.optim import build_optim_wrapper
+    from mmseg.registry import MODELS
+
+    def local(node):
+        if isinstance(node, dict):
+            if node.get("type") == "SyncBN":
+                node["type"] = "BN"
+            node.pop("pretrained", None)
+            if isinstance(node.get("init_cfg"), dict) and node["init_cfg"].get("type") == "Pretrained":
+                node["init_cfg"] = None
+            for value in node.values():
+                local(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                local(value)
+
+    local(cfg.model)
+    cfg.model.data_preprocessor.size = (size, size)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    data = {"inputs": [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(2)],
+            "data_samples": _samples(size=size, classes=classes)}  # fmt: skip
+    model.train()
+    return model.train_step(data, optim_wrapper)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_builds_and_trains_one_step(path):
+    """``Config.fromfile`` resolves the ``mmseg::`` base (mmengine reads it through ``pkg_resources``: the
+    ``[mmseg]`` extra keeps setuptools < 81, which still ships it) and imports ``custom_imports``."""
+    from mmengine.config import Config
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = Config.fromfile(str(path))
+    assert "adaptive_heads.integrations.mmseg" in cfg.custom_imports["imports"]
+    assert cfg.model.decode_head.type.startswith("Adaptive")
+    log = _tiny_train_step(cfg, cfg.model.decode_head.num_classes)
+    assert {"decode.loss_ce", "decode.loss_adaptive"} <= set(log), sorted(log)
+    assert all(torch.isfinite(v) for v in log.values())
+
+
+def test_image_context_on_a_segmentor_that_ignores_it_is_refused():
+    slide = dict(mode="slide", crop_size=(48, 48), stride=(32, 32), context="image")
+    images = torch.randn(1, 3, 80, 96)
+    samples = _samples(1, 80)
+    samples[0].set_metainfo(dict(img_shape=(80, 96), ori_shape=(80, 96), pad_shape=(80, 96)))
+    plain = _model("AdaptiveFCNHead", dict(type="ContextAwareClassifier"), "EncoderDecoder", slide).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="type='AdaptiveEncoderDecoder'"):
+        plain.predict(images, samples)  # mmseg's EncoderDecoder would classify each tile by its own context
+    plain.test_cfg.context = "tile"  # explicit: mmseg's per-tile behaviour
+    with torch.no_grad():
+        assert plain.predict(images, samples)[0].seg_logits.data.shape == (5, 80, 96)
+    plain.test_cfg.context = "whole image"
+    with torch.no_grad(), pytest.raises(ValueError, match="context must be 'tile' or 'image'"):
+        plain.predict(images, samples)
+    adaptive = _model("AdaptiveFCNHead", dict(type="ContextAwareClassifier"), "AdaptiveEncoderDecoder", slide)
+    with torch.no_grad():
+        assert adaptive.eval().predict(images, samples)[0].seg_logits.data.shape == (5, 80, 96)
+
+
+def _loss_adaptive(loss_decode, kind: str = "ContextAwareClassifier", **head: object) -> torch.Tensor:
+    model = _model("AdaptiveFCNHead", dict(type=kind))
+    from mmseg.registry import MODELS
+
+    cfg = dict(type="AdaptiveFCNHead", adaptive=dict(type=kind), in_channels=512, in_index=3, channels=32,
+               num_convs=1, concat_input=False, num_classes=5, norm_cfg=dict(type="BN"), loss_decode=loss_decode,
+               **head)  # fmt: skip
+    torch.manual_seed(1)
+    model.decode_head = MODELS.build(cfg)
+    model.train()
+    torch.manual_seed(2)
+    return model.loss(torch.randn(2, 3, 64, 64), _samples())["decode.loss_adaptive"]
+
+
+def test_adaptive_terms_take_the_cross_entropys_weight_wherever_it_is_in_loss_decode():
+    ce = dict(type="CrossEntropyLoss", loss_weight=0.4)
+    lovasz = dict(type="LovaszLoss", loss_weight=3.0, reduction="none", per_image=False)
+    first, last = _loss_adaptive([ce, lovasz]), _loss_adaptive([lovasz, ce])
+    torch.testing.assert_close(first, last)  # the order of loss_decode changes nothing
+    unweighted = _loss_adaptive([lovasz, ce], adaptive_loss_weight=1.0)  # explicit
+    torch.testing.assert_close(last, 0.4 * unweighted)
+    torch.testing.assert_close(_loss_adaptive(lovasz), 3.0 * unweighted)  # the only loss
+    with pytest.raises(ValueError, match="adaptive_loss_weight is needed: loss_decode holds"):
+        _loss_adaptive([lovasz, dict(type="DiceLoss", loss_weight=1.0)])  # no CE: ambiguous
+    with pytest.raises(ValueError, match="adaptive_loss_weight must be a number >= 0"):
+        _loss_adaptive(ce, adaptive_loss_weight=-1.0)
+
+
+def test_a_dice_loss_beside_ssa_segs_own_dice_warns():
+    import warnings
+
+    ce, dice = dict(type="CrossEntropyLoss", loss_weight=1.0), dict(type="DiceLoss", loss_weight=1.0)
+    with pytest.warns(UserWarning, match="counts dice a second time"):
+        _loss_adaptive([ce, dice], "SSAClassifier")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*counts dice a second time")
+        _loss_adaptive([ce, dice], "SSAClassifier", adaptive_loss_weights=dict(dice=0.0))  # counted once
+        _loss_adaptive([ce, dice], "ContextAwareClassifier")  # CAC's loss has no dice
+
+
+def test_replace_classifier_inside_mmseg_warns_with_the_config_route():
+    from adaptive_heads import replace_classifier
+
+    model = replace_classifier(_model("FCNHead", {}, aux=True), "cac", include_aux=True).train()
+    with pytest.warns(UserWarning, match="without labels(.|\n)*config route(.|\n)*type='AdaptiveFCNHead'"):
+        model.loss(torch.randn(2, 3, 64, 64), _samples())  # no supervise(): trains without the adaptive terms
