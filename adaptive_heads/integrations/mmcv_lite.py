@@ -15,7 +15,7 @@ In an mmseg config, import it before the mmseg plugin::
         allow_failed_imports=False,
     )
 
-and in Python, before anything imports ``mmseg.models``::
+and in Python, before anything imports ``mmseg.models``, ``mmseg.utils`` or ``mmcv.ops``::
 
     import adaptive_heads.integrations.mmcv_lite  # noqa: F401
     import adaptive_heads.integrations.mmseg  # noqa: F401

@@ -313,3 +313,117 @@ def test_replace_classifier_inside_mmseg_warns_with_the_config_route():
     model = replace_classifier(_model("FCNHead", {}, aux=True), "cac", include_aux=True).train()
     with pytest.warns(UserWarning, match="without labels(.|\n)*config route(.|\n)*type='AdaptiveFCNHead'"):
         model.loss(torch.randn(2, 3, 64, 64), _samples())  # no supervise(): trains without the adaptive terms
+
+
+_CPU_RECIPE = """
+import sys, torch
+from mmengine.config import Config
+from mmseg.registry import MODELS  # what mmseg's tools/train.py imports before the config
+
+cfg = Config.fromfile(sys.argv[1])  # custom_imports: mmcv_lite first, then the plugin
+from mmseg.utils import register_all_modules  # imports mmcv.ops: after the stand-in
+
+register_all_modules()
+model = MODELS.build(cfg.model).eval()
+with torch.no_grad():
+    assert model(torch.randn(1, 3, 32, 32), mode="tensor").shape[:2] == (1, 5)
+from mmcv.ops import sigmoid_focal_loss
+from adaptive_heads.integrations.mmcv_lite import CompiledOpUnavailable
+try:
+    sigmoid_focal_loss(torch.randn(2, 3), torch.tensor([0, 1]), 2.0, 0.25)
+except CompiledOpUnavailable as error:
+    print("RAISED", error)
+"""
+
+
+def _python(tmp_path, code: str, *args: str):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script), *args], cwd=root, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)  # fmt: skip
+
+
+def test_mmcv_lite_recipe_in_a_fresh_process(tmp_path):
+    """Without the compiled ops, importing the plugin says what to do; with ``adaptive_heads.integrations.mmcv_lite``
+    first in ``custom_imports`` a config builds and runs, and a compiled op raises naming itself."""
+    import sys
+
+    if not getattr(sys.modules["mmcv._ext"], "__adaptive_heads_stand_in__", False):
+        pytest.skip("the full mmcv with its compiled ops is installed: nothing to stand in for")
+    plain = _python(tmp_path, "import adaptive_heads.integrations.mmseg\n")
+    assert plain.returncode != 0
+    assert "ImportError: mmseg's models import mmcv's compiled ops" in plain.stderr, plain.stderr[-2000:]
+    assert "adaptive_heads.integrations.mmcv_lite" in plain.stderr
+    config = tmp_path / "cpu_config.py"
+    config.write_text(
+        'custom_imports = dict(imports=["adaptive_heads.integrations.mmcv_lite", "adaptive_heads.integrations.mmseg"],'
+        " allow_failed_imports=False)\n"
+        "model = dict(type='EncoderDecoder', data_preprocessor=dict(type='SegDataPreProcessor', size=(32, 32)),\n"
+        "    backbone=dict(type='ResNetV1c', depth=18, base_channels=8, stem_channels=8, out_indices=(3,)),\n"
+        "    decode_head=dict(type='AdaptiveFCNHead', adaptive=dict(type='SSAClassifier'), in_channels=64,\n"
+        "        in_index=0, channels=8, num_convs=1, num_classes=5),\n"
+        "    train_cfg=dict(), test_cfg=dict(mode='whole'))\n"
+    )
+    recipe = _python(tmp_path, _CPU_RECIPE, str(config))
+    assert recipe.returncode == 0, recipe.stderr[-3000:]
+    assert "RAISED mmcv's compiled op 'sigmoid_focal_loss_forward' is not available" in recipe.stdout, recipe.stdout
+
+
+def _runner(work_dir: Path, iters: int, resume: bool):
+    """mmengine's Runner on a tiny ResNetV1c + AdaptiveFCNHead (CAC), 4 random 32-px images, a checkpoint every
+    iteration."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.runner import Runner
+
+    import adaptive_heads.integrations.mmseg  # noqa: F401  (registers AdaptiveEncoderDecoder, the heads)
+
+    items = [{"inputs": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), "data_samples": sample}
+             for sample in _samples(4, 32)]  # fmt: skip
+    loader = torch.utils.data.DataLoader(items, batch_size=2, collate_fn=pseudo_collate)
+    model = dict(
+        type="AdaptiveEncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3, size=(32, 32)),
+        backbone=dict(type="ResNetV1c", depth=18, base_channels=8, stem_channels=8, out_indices=(3,)),
+        decode_head=dict(type="AdaptiveFCNHead", adaptive=dict(type="ContextAwareClassifier"), in_channels=64,
+                         in_index=0, channels=8, num_convs=1, num_classes=5, norm_cfg=dict(type="BN")),
+        train_cfg=dict(), test_cfg=dict(mode="whole"),
+    )  # fmt: skip
+    return Runner(
+        model=model, work_dir=str(work_dir), train_dataloader=loader, default_scope="mmseg", resume=resume,
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=iters),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1, by_epoch=False)),
+        experiment_name=f"run{iters}{resume}", log_level="WARNING",
+    )  # fmt: skip
+
+
+def test_runner_saves_and_resumes_on_this_torch(tmp_path, monkeypatch):
+    """mmengine 0.10.7's checkpoints hold its HistoryBuffer logs with bound methods (``builtins.getattr``), which
+    torch >= 2.6's weights-only ``torch.load`` refuses and no safe-globals list can admit soundly: resuming needs
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (docs: "From mmseg"), for checkpoints one trusts."""
+    from mmengine.runner import load_checkpoint
+
+    from ..conftest import TORCH_VERSION
+
+    first = _runner(tmp_path, 2, resume=False)
+    first.train()
+    saved = {k: v.clone() for k, v in first.model.state_dict().items()}
+    path = tmp_path / "iter_2.pth"
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    if TORCH_VERSION >= (2, 6):
+        import pickle
+
+        with pytest.raises(pickle.UnpicklingError, match=r"HistoryBuffer|getattr"):
+            _runner(tmp_path, 3, resume=True).train()  # what an mmseg user on a current torch gets by default
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the documented workaround
+    resumed = _runner(tmp_path, 3, resume=True)
+    resumed.train()
+    assert resumed.iter == 3 and (tmp_path / "iter_3.pth").exists()  # went on from iteration 2
+    fresh = _runner(tmp_path, 1, resume=False).model
+    load_checkpoint(fresh, str(path), map_location="cpu")
+    for key, value in fresh.state_dict().items():  # reloads exactly
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
