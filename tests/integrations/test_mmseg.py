@@ -248,6 +248,45 @@ def test_example_config_builds_and_trains_one_step(path):
     assert all(torch.isfinite(v) for v in log.values())
 
 
+def test_fine_tuning_from_a_plain_mmseg_checkpoint(tmp_path):
+    """``load_from`` a plain FCN checkpoint (mmengine's ``load_checkpoint``, as the Runner's ``load_from``): each
+    head's ``conv_seg`` becomes its coarse classifier; slide inference with image context then runs."""
+    import copy
+
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = Config.fromfile(str(EXAMPLES[0].parent / "fcn_ssa_cityscapes_finetune.py"))
+    assert cfg.load_from.endswith(".pth") and cfg.model.test_cfg.context == "image"
+    small = dict(depth=18, base_channels=8, stem_channels=8, norm_cfg=dict(type="BN"), init_cfg=None)
+    heads = dict(in_channels=64, channels=8, norm_cfg=dict(type="BN"), num_classes=5)
+    cfg.model.pop("pretrained", None)
+    cfg.model.backbone.update(small)
+    cfg.model.decode_head.update(heads)
+    cfg.model.auxiliary_head.update(heads, in_channels=32)
+    cfg.model.test_cfg.update(crop_size=(48, 48), stride=(32, 32))
+    plain_cfg = copy.deepcopy(cfg.model)  # mmseg's own FCN: the checkpoint's model
+    plain_cfg.type = "EncoderDecoder"
+    for head in (plain_cfg.decode_head, plain_cfg.auxiliary_head):
+        head.type = "FCNHead"
+        head.pop("adaptive")
+    plain = MODELS.build(plain_cfg)
+    torch.save({"state_dict": plain.state_dict(), "meta": {}}, tmp_path / "fcn.pth")
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, str(tmp_path / "fcn.pth"), map_location="cpu")
+    for head in ("decode_head", "auxiliary_head"):
+        coarse, original = getattr(model, head).conv_seg.conv_seg, getattr(plain, head).conv_seg
+        torch.testing.assert_close(coarse.weight, original.weight, rtol=0, atol=0)
+        torch.testing.assert_close(coarse.bias, original.bias, rtol=0, atol=0)
+    samples = _samples(1, 80)
+    samples[0].set_metainfo(dict(img_shape=(80, 96), ori_shape=(80, 96), pad_shape=(80, 96)))
+    with torch.no_grad():
+        assert model.eval().predict(torch.randn(1, 3, 80, 96), samples)[0].seg_logits.data.shape == (5, 80, 96)
+
+
 def test_image_context_on_a_segmentor_that_ignores_it_is_refused():
     slide = dict(mode="slide", crop_size=(48, 48), stride=(32, 32), context="image")
     images = torch.randn(1, 3, 80, 96)
