@@ -19,7 +19,15 @@ a few lines::
 Sliding-window inference with whole-image context: use the segmentor ``AdaptiveEncoderDecoder`` (an
 ``EncoderDecoder``) with ``test_cfg=dict(mode="slide", crop_size=..., stride=..., context="image")``: each image's
 adaptive classifier is built from all of its tiles (:func:`adaptive_heads.slide_inference`); ``context="tile"``
-(or the plain ``EncoderDecoder``) is mmseg's own per-tile behaviour.
+is mmseg's own per-tile behaviour. mmseg's plain ``EncoderDecoder`` would ignore ``context``: an ``Adaptive<Head>``
+under it refuses ``context="image"`` (``ValueError``).
+
+``loss_adaptive`` is weighted like the head's cross-entropy: by the ``loss_weight`` of the ``CrossEntropyLoss``
+in ``loss_decode`` (wherever it is in a list; 0.4 for a usual auxiliary head), or of its only loss;
+``adaptive_loss_weight=`` sets it (needed when ``loss_decode`` lists no, or several, ``CrossEntropyLoss``).
+SSA-Seg's loss has its own dice term: a ``DiceLoss`` in ``loss_decode`` beside it warns (dice counted twice).
+
+With ``mmcv-lite`` (no compiled ops, e.g. on a CPU) import :mod:`adaptive_heads.integrations.mmcv_lite` first.
 
 CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
 ``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
@@ -28,8 +36,7 @@ parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is
 ``init_weights()`` (called by ``Runner.train()``) applies the decode head's ``init_cfg`` (``Normal(std=0.01,
 override=conv_seg)``) to the whole adaptive head, then calls the head's own
 :meth:`~adaptive_heads.head.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
-0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
-``loss_decode.loss_weight``, as its CE.
+0.01²) for the coarse classifier only.
 """
 
 from __future__ import annotations
