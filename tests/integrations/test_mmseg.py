@@ -307,17 +307,21 @@ def test_image_context_on_a_segmentor_that_ignores_it_is_refused():
 
 
 def _loss_adaptive(loss_decode, kind: str = "ContextAwareClassifier", **head: object) -> torch.Tensor:
-    model = _model("AdaptiveFCNHead", dict(type=kind))
+    """``decode.loss_adaptive`` of an ``AdaptiveFCNHead`` with this ``loss_decode``, on fixed features and labels."""
     from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
 
-    cfg = dict(type="AdaptiveFCNHead", adaptive=dict(type=kind), in_channels=512, in_index=3, channels=32,
+    register_all_modules()
+    import adaptive_heads.integrations.mmseg  # noqa: F401  (registers the Adaptive* heads)
+
+    cfg = dict(type="AdaptiveFCNHead", adaptive=dict(type=kind), in_channels=32, in_index=0, channels=16,
                num_convs=1, concat_input=False, num_classes=5, norm_cfg=dict(type="BN"), loss_decode=loss_decode,
                **head)  # fmt: skip
     torch.manual_seed(1)
-    model.decode_head = MODELS.build(cfg)
-    model.train()
+    decode_head = MODELS.build(cfg).train()
     torch.manual_seed(2)
-    return model.loss(torch.randn(2, 3, 64, 64), _samples())["decode.loss_adaptive"]
+    features, samples = [torch.randn(2, 32, 16, 16)], _samples()
+    return decode_head.loss(features, samples, dict())["loss_adaptive"]
 
 
 def test_adaptive_terms_take_the_cross_entropys_weight_wherever_it_is_in_loss_decode():
@@ -332,6 +336,10 @@ def test_adaptive_terms_take_the_cross_entropys_weight_wherever_it_is_in_loss_de
         _loss_adaptive([lovasz, dict(type="DiceLoss", loss_weight=1.0)])  # no CE: ambiguous
     with pytest.raises(ValueError, match="adaptive_loss_weight must be a number >= 0"):
         _loss_adaptive(ce, adaptive_loss_weight=-1.0)
+    from adaptive_heads import replace_classifier  # the same rule for an auxiliary head replace_classifier swaps
+
+    model = replace_classifier(_model("FCNHead", {}, aux=dict(loss_decode=[lovasz, ce])), "cac", include_aux=True)
+    assert model.adaptive_head_weights == {"auxiliary_head.conv_seg": 0.4}
 
 
 def test_a_dice_loss_beside_ssa_segs_own_dice_warns():
