@@ -2,10 +2,11 @@
 
 ``import mmseg.models`` imports mmcv's compiled extension ``mmcv._ext`` (the ops of deformable convolution,
 PointRend's ``point_sample``, CARAFE, ...), which ``mmcv-lite`` does not ship, so it fails with
-``ModuleNotFoundError: No module named 'mmcv._ext'`` even for models that call none of those ops (ResNet, Swin and
-MiT backbones; FCN, UPerNet, ASPP, DeepLabV3+, PSP, Segformer and OCR heads). Importing this module first registers a stand-in for
-``mmcv._ext`` whose every op raises ``RuntimeError`` naming the op when called, so those models build, train and
-evaluate; a model that does call a compiled op fails loudly at that call instead of computing anything wrong.
+``ModuleNotFoundError: No module named 'mmcv._ext'`` even for models that call none of those ops (ResNet, Swin
+and MiT backbones; FCN, UPerNet, ASPP, DeepLabV3+, PSP, Segformer and OCR heads). Importing this module first
+registers a stand-in for ``mmcv._ext`` whose every op raises :class:`CompiledOpUnavailable` (a ``RuntimeError``)
+naming the op when called, so those models build, train and evaluate; a model that does call a compiled op
+fails loudly at that call instead of computing anything wrong.
 With the full mmcv (its compiled ops present) it does nothing.
 
 In an mmseg config, import it before the mmseg plugin::
