@@ -59,6 +59,9 @@ class AdaptiveHead(nn.Module):
     #: warn (once) when the head trains without labels, outside a supervise() block (a class default, so heads
     #: unpickled from before the attribute existed have it too)
     warn_unsupervised: bool = True
+    #: where the host library has a route that supervises the head for you, the warning names it (set by
+    #: :func:`~adaptive_heads.replace_classifier`; e.g. mmseg's ``Adaptive<Head>`` decode heads)
+    _unsupervised_hint: str = ""
     #: the submodule :meth:`init_weights` gives mmseg's ``N(0, init_std²)`` / zero init (CAC, SSA-Seg: ``conv_seg``)
     coarse_classifier: ClassVar[str | None] = None
 
@@ -125,7 +128,7 @@ class AdaptiveHead(nn.Module):
             f"{type(self).__name__} runs in training mode with gradients but without labels: no supervise() block "
             "gives it the target, so it trains on the model's own loss alone (CAC and SSA-Seg lose every extra "
             "term, ProtoSeg's prototypes never move). Wrap the forward in `with supervise(model, target) as sup:` "
-            "and add sup.loss(); set head.warn_unsupervised = False if this is deliberate",
+            "and add sup.loss(); set head.warn_unsupervised = False if this is deliberate" + self._unsupervised_hint,
             UserWarning,
             stacklevel=_caller_level(),
         )

@@ -105,10 +105,37 @@ def _aux_weight(host: nn.Module, key: str, aux: str) -> float | None:
         value = getattr(getattr(host, "config", None), "auxiliary_loss_weight", None)
         return float(value) if isinstance(value, (int, float)) else None
     if library == "mmseg":
-        loss = getattr(_get(host, aux.rpartition(".")[0]), "loss_decode", None)
-        value = getattr(loss, "loss_weight", None)
-        return float(value) if isinstance(value, (int, float)) else None
+        return _mmseg_ce_weight(getattr(_get(host, aux.rpartition(".")[0]), "loss_decode", None))
     return None
+
+
+def _mmseg_ce_weight(loss_decode: nn.Module | None) -> float | None:
+    """The weight an mmseg decode head gives its cross-entropy, which the adaptive head's extra terms take too.
+
+    ``loss_decode`` is one loss module or an ``nn.ModuleList`` of them (mmseg sums their outputs, in any order):
+    the ``loss_weight`` of its ``CrossEntropyLoss`` (the one entry of that class or a subclass, wherever it is in
+    the list), else of its only loss; ``None`` when that is ambiguous (several losses and no, or several, CEs).
+    """
+    if loss_decode is None:
+        return None
+    losses = list(loss_decode) if isinstance(loss_decode, nn.ModuleList) else [loss_decode]
+    ces = [m for m in losses if any(c.__name__ == "CrossEntropyLoss" for c in type(m).__mro__)]
+    chosen = ces if len(ces) == 1 else losses if len(losses) == 1 else []
+    value = getattr(chosen[0], "loss_weight", None) if chosen else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _host_hint(parent: nn.Module | None) -> str:
+    """For the unsupervised-training warning: the host library's route that supervises the head itself."""
+    mmseg = [c for c in type(parent).__mro__ if c.__module__.startswith("mmseg.models.decode_heads")]
+    if mmseg:  # an mmseg decode head (or a subclass): its Adaptive<Head> config type
+        return (
+            f". In mmseg (Runner, tools/train.py) use the config route instead, which supervises the head: "
+            f"decode_head=dict(type='Adaptive{mmseg[0].__name__}', adaptive=dict(type=...)) with custom_imports="
+            "dict(imports=['adaptive_heads.integrations.mmseg']) (docs: Integrations, 'From mmseg'); in your own "
+            "loop, wrap model.loss(inputs, data_samples) in supervise(model, target)"
+        )
+    return ""
 
 
 def _known_classifiers(model: nn.Module) -> _Classifiers | None:
@@ -395,6 +422,7 @@ def replace_classifier(
         new.to(device=param.device, dtype=param.dtype)
         new.adopt_classifier(old, copy_weights)
         new.train(old.training)
+        new._unsupervised_hint = _host_hint(_get(model, p.rpartition(".")[0]) if "." in p else model)
         _set(model, p, new)
         if absorb_dropout:
             _absorb_dropout(model, p, new, located)

@@ -89,11 +89,49 @@ def _hf_dataset() -> dict:
 def _mmseg() -> dict:
     pytest.importorskip("mmcv")
     pytest.importorskip("mmengine")
-    from .integrations.test_mmseg import _stand_in_for_compiled_ops
+    import adaptive_heads.integrations.mmcv_lite  # noqa: F401  (CI's mmcv-lite: docs, "From mmseg")
 
-    _stand_in_for_compiled_ops()
     pytest.importorskip("mmseg")
     return {}
+
+
+def _mmseg_model() -> dict:
+    """An mmseg ``EncoderDecoder`` (ResNetV1c-18, FCN decode and auxiliary heads, 5 classes) and two mmseg batches."""
+    _mmseg()
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    head = dict(type="FCNHead", num_convs=1, concat_input=False, dropout_ratio=0.1, num_classes=5,
+                norm_cfg=dict(type="BN"), align_corners=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = MODELS.build(
+        dict(
+            type="EncoderDecoder",
+            data_preprocessor=dict(type="SegDataPreProcessor", mean=[123.675, 116.28, 103.53],
+                                   std=[58.395, 57.12, 57.375], bgr_to_rgb=True, size=(64, 64)),
+            backbone=dict(type="ResNetV1c", depth=18, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+                          strides=(1, 2, 1, 1), norm_cfg=dict(type="BN"), contract_dilation=True),
+            decode_head=dict(head, in_channels=512, in_index=3, channels=32,
+                             loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0)),
+            auxiliary_head=dict(head, in_channels=256, in_index=2, channels=16,
+                                loss_decode=dict(type="CrossEntropyLoss", loss_weight=0.4)),
+            train_cfg=dict(),
+            test_cfg=dict(mode="whole"),
+        )
+    )  # fmt: skip
+    loader = []
+    for images, target in _batches(classes=5):
+        samples = []
+        for labels in target:
+            sample = SegDataSample(metainfo={"img_shape": (64, 64), "ori_shape": (64, 64), "pad_shape": (64, 64)})
+            sample.gt_sem_seg = PixelData(data=labels[None])
+            samples.append(sample)
+        inputs = [(image * 50 + 128).clamp(0, 255).to(torch.uint8) for image in images]
+        loader.append({"inputs": inputs, "data_samples": samples})
+    return {"model": model, "loader": loader}
 
 
 def _train_the_mmseg_config(code: str, tmp_path: Path) -> None:
@@ -137,6 +175,7 @@ SETUPS: dict[str, Callable[[], dict]] = {
     "export": _export,
     "hf_dataset": _hf_dataset,
     "mmseg": _mmseg,
+    "mmseg_model": _mmseg_model,
 }
 #: the libraries a block imports and their setups do not already ask for
 NEEDS = {"segmentation_models_pytorch": "segmentation_models_pytorch", "torchvision": "torchvision"}

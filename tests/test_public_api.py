@@ -17,7 +17,12 @@ import pytest
 
 SNAPSHOT = Path(__file__).with_name("public_api.json")
 #: the public modules and the optional library each needs
-MODULES = {"adaptive_heads": None, "adaptive_heads.functional": None, "adaptive_heads.integrations.hf": "transformers"}
+MODULES = {
+    "adaptive_heads": None,
+    "adaptive_heads.functional": None,
+    "adaptive_heads.integrations.hf": "transformers",
+    "adaptive_heads.integrations.mmcv_lite": None,  # imports no mmcv itself
+}
 
 
 def _signature(obj: object) -> str:

@@ -19,7 +19,15 @@ a few lines::
 Sliding-window inference with whole-image context: use the segmentor ``AdaptiveEncoderDecoder`` (an
 ``EncoderDecoder``) with ``test_cfg=dict(mode="slide", crop_size=..., stride=..., context="image")``: each image's
 adaptive classifier is built from all of its tiles (:func:`adaptive_heads.slide_inference`); ``context="tile"``
-(or the plain ``EncoderDecoder``) is mmseg's own per-tile behaviour.
+is mmseg's own per-tile behaviour. mmseg's plain ``EncoderDecoder`` would ignore ``context``: an ``Adaptive<Head>``
+under it refuses ``context="image"`` (``ValueError``).
+
+``loss_adaptive`` is weighted like the head's cross-entropy: by the ``loss_weight`` of the ``CrossEntropyLoss``
+in ``loss_decode`` (wherever it is in a list; 0.4 for a usual auxiliary head), or of its only loss;
+``adaptive_loss_weight=`` sets it (needed when ``loss_decode`` lists no, or several, ``CrossEntropyLoss``).
+SSA-Seg's loss has its own dice term: a ``DiceLoss`` in ``loss_decode`` beside it warns (dice counted twice).
+
+With ``mmcv-lite`` (no compiled ops, e.g. on a CPU) import :mod:`adaptive_heads.integrations.mmcv_lite` first.
 
 CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
 ``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
@@ -28,21 +36,34 @@ parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is
 ``init_weights()`` (called by ``Runner.train()``) applies the decode head's ``init_cfg`` (``Normal(std=0.01,
 override=conv_seg)``) to the whole adaptive head, then calls the head's own
 :meth:`~adaptive_heads.head.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
-0.01²) for the coarse classifier only. An auxiliary adaptive head's extra terms are weighted by its
-``loss_decode.loss_weight``, as its CE.
+0.01²) for the coarse classifier only.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
-from mmseg.models import decode_heads as _decode_heads
-from mmseg.models.segmentors import EncoderDecoder
+
+try:
+    from mmseg.models import decode_heads as _decode_heads
+    from mmseg.models.segmentors import EncoderDecoder
+except ModuleNotFoundError as error:  # mmcv-lite: no compiled ops
+    if error.name != "mmcv._ext":
+        raise
+    raise ImportError(
+        "mmseg's models import mmcv's compiled ops (mmcv._ext), which mmcv-lite does not ship. Install the full "
+        "mmcv built for your torch (and CUDA), or, for models that call no compiled op (CPU, CI), import "
+        "adaptive_heads.integrations.mmcv_lite first (in a config: custom_imports = dict(imports=["
+        "'adaptive_heads.integrations.mmcv_lite', 'adaptive_heads.integrations.mmseg'])). See docs/integrations.md, "
+        "'From mmseg'"
+    ) from error
 from mmseg.registry import MODELS
 
 from ..cosine_head import CosineHead
 from ..registry import HEADS
+from ..replace import _mmseg_ce_weight
 from ..slide import slide_inference
 from ..supervise import supervise
 
@@ -65,9 +86,11 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             *args,
             adaptive: Mapping | None = None,
             adaptive_loss_weights: Mapping[str, float] | None = None,
+            adaptive_loss_weight: float | None = None,
             **kwargs,
         ) -> None:
             super().__init__(*args, **kwargs)
+            self.adaptive_loss_weight = _adaptive_loss_weight(self.loss_decode, adaptive_loss_weight)
             cfg = dict(adaptive or {"type": "ContextAwareClassifier"})
             kind = cfg.pop("type")
             if kind not in ADAPTIVE_HEADS:
@@ -85,17 +108,18 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             head.warn_unsupervised = False  # loss() supervises it; mmseg's cascades also run forward() in training
             self.conv_seg = head
             self.adaptive_loss = head.loss_type(ignore_index=self.ignore_index, weights=adaptive_loss_weights)
+            _warn_dice_twice(head, self.loss_decode, adaptive_loss_weights)
 
         def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
             if self.dropout is not None and not isinstance(self.conv_seg, CosineHead):
                 feat = self.dropout(feat)  # ProtoSeg: the official head embeds dropped-out features
             return self.conv_seg(feat)
 
-        def _ce_weight(self) -> float:
-            """The weight of this head's CE (``loss_decode.loss_weight``, of the first loss if there are several:
-            0.4 for a usual auxiliary head), which its extra terms take too."""
-            losses = self.loss_decode if isinstance(self.loss_decode, torch.nn.ModuleList) else [self.loss_decode]
-            return float(getattr(losses[0], "loss_weight", 1.0))
+        def predict(self, *args, **kwargs) -> torch.Tensor:
+            # BaseDecodeHead.predict(inputs, batch_img_metas, test_cfg); cascade heads add prev_output first
+            test_cfg = kwargs["test_cfg"] if "test_cfg" in kwargs else args[-1]
+            _check_slide_context(test_cfg, self.reads_slide_context)
+            return super().predict(*args, **kwargs)
 
         def loss(self, *args, **kwargs) -> dict:
             # BaseDecodeHead.loss(inputs, batch_data_samples, train_cfg); cascade heads add prev_output first
@@ -104,12 +128,63 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             with supervise(self, target, self.adaptive_loss) as sup:
                 losses = super().loss(*args, **kwargs)
                 terms = sup.losses()
-            losses["loss_adaptive"] = self._ce_weight() * terms.pop("adaptive_loss")
+            losses["loss_adaptive"] = self.adaptive_loss_weight * terms.pop("adaptive_loss")
             losses.update({f"adaptive.{k.split('.', 1)[-1]}": v.detach() for k, v in terms.items()})
             return losses
 
+    #: set by :class:`AdaptiveEncoderDecoder` on its decode head: its segmentor reads ``test_cfg.context``
+    AdaptiveDecodeHead.reads_slide_context = False
     AdaptiveDecodeHead.__name__ = AdaptiveDecodeHead.__qualname__ = f"Adaptive{base_cls.__name__}"
     return AdaptiveDecodeHead
+
+
+def _adaptive_loss_weight(loss_decode: torch.nn.Module, weight: float | None) -> float:
+    """The weight of ``loss_adaptive``: ``weight`` if given, else the head's CE weight (``_mmseg_ce_weight``)."""
+    if weight is not None:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"adaptive_loss_weight must be a number >= 0 (or None), got {weight!r}")
+        return float(weight)
+    found = _mmseg_ce_weight(loss_decode)
+    if found is None:
+        names = [type(m).__name__ for m in (loss_decode if isinstance(loss_decode, torch.nn.ModuleList) else [])]
+        raise ValueError(
+            f"adaptive_loss_weight is needed: loss_decode holds {names}, so the weight of the adaptive terms "
+            "(by default the loss_weight of the one CrossEntropyLoss in loss_decode, or of its only loss) is "
+            "ambiguous; set adaptive_loss_weight=<float> on the decode head"
+        )
+    return found
+
+
+def _warn_dice_twice(head: torch.nn.Module, loss_decode: torch.nn.Module, weights: Mapping | None) -> None:
+    """SSA-Seg's loss has a dice term on the logits the head returns; a ``DiceLoss`` in ``loss_decode`` is a second."""
+    losses = loss_decode if isinstance(loss_decode, torch.nn.ModuleList) else [loss_decode]
+    dice = [type(m).__name__ for m in losses if "Dice" in type(m).__name__]
+    if not dice or "dice" not in getattr(head.loss_type, "default_weights", {}) or "dice" in (weights or {}):
+        return
+    warnings.warn(
+        f"{type(head).__name__}'s own loss already has a dice term on the logits the head returns (adaptive.dice, "
+        f"weight 1.0, the official SSA-Seg loss); the {dice[0]} in loss_decode counts dice a second time. Remove "
+        "it from loss_decode for the official loss, or set adaptive_loss_weights=dict(dice=0.0) to keep only "
+        "mmseg's (an explicit dice weight silences this warning)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _check_slide_context(test_cfg: Mapping | None, reads_context: bool) -> None:
+    """Refuse ``test_cfg.context="image"`` (slide mode) where the segmentor would ignore it."""
+    if not test_cfg or test_cfg.get("mode") != "slide":
+        return
+    context = test_cfg.get("context", "tile")
+    if context not in ("tile", "image"):
+        raise ValueError(f"test_cfg.context must be 'tile' or 'image', got {context!r}")
+    if context == "image" and not reads_context:
+        raise ValueError(
+            "test_cfg=dict(mode='slide', context='image') is read only by the segmentor AdaptiveEncoderDecoder; "
+            "this model's segmentor (e.g. mmseg's EncoderDecoder) would ignore it and classify every tile with "
+            "the tile's own context. Set model=dict(type='AdaptiveEncoderDecoder', ...) (same arguments as "
+            "EncoderDecoder), or context='tile' for mmseg's per-tile behaviour"
+        )
 
 
 for _name in _BASES:
@@ -127,6 +202,11 @@ class AdaptiveEncoderDecoder(EncoderDecoder):
     ``context="tile"`` (the default) gives mmseg's own slide inference; ``context_margin`` (default half the
     tiles' overlap) is :func:`adaptive_heads.slide_inference`'s. Other modes are ``EncoderDecoder``'s.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if hasattr(self.decode_head, "reads_slide_context"):  # an Adaptive<Head>: it checks test_cfg.context
+            self.decode_head.reads_slide_context = True
 
     def slide_inference(self, inputs: torch.Tensor, batch_img_metas: list[dict]) -> torch.Tensor:
         cfg = self.test_cfg

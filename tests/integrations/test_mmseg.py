@@ -1,14 +1,12 @@
 """mmseg 1.x integration (skips without mmseg and mmcv).
 
 mmcv's compiled ops are not needed: with ``mmcv-lite`` (pure Python, what CI installs; building mmcv's ops from
-source takes over 40 minutes on 2 cores) a stand-in for the extension module lets ``mmseg.models`` import, and
-any compiled op called by mistake raises. The models built here (ResNetV1c, FCN head, slide inference) use none.
+source takes over 40 minutes on 2 cores) ``adaptive_heads.integrations.mmcv_lite`` (the user-facing recipe, docs:
+"From mmseg") lets ``mmseg.models`` import, and any compiled op called by mistake raises. The models built here
+(ResNetV1c, Swin, FCN and UPerNet heads, slide inference) use none.
 """
 
-import importlib.machinery
-import importlib.util
-import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,29 +15,8 @@ from adaptive_heads.registry import HEADS
 
 pytest.importorskip("mmcv")
 pytest.importorskip("mmengine")
+import adaptive_heads.integrations.mmcv_lite  # noqa: F401  (before mmseg.models: mmcv-lite has no mmcv._ext)
 
-
-def _stand_in_for_compiled_ops() -> None:
-    """Register ``mmcv._ext`` when mmcv was installed without its compiled ops; every op in it raises."""
-    if importlib.util.find_spec("mmcv._ext") is not None:
-        return
-
-    def missing(name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def op(*args, **kwargs):
-            raise RuntimeError(f"mmcv compiled op {name!r} called in a test that runs on mmcv-lite")
-
-        return op
-
-    ext = types.ModuleType("mmcv._ext")
-    ext.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)  # find_spec() callers (mmengine's Config)
-    ext.__getattr__ = missing  # type: ignore[method-assign]
-    sys.modules["mmcv._ext"] = ext
-
-
-_stand_in_for_compiled_ops()
 mmseg = pytest.importorskip("mmseg")
 
 
@@ -84,14 +61,14 @@ def _model(
     return MODELS.build(cfg)
 
 
-def _samples(batch: int = 2, size: int = 64):
+def _samples(batch: int = 2, size: int = 64, classes: int = 5):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
 
     samples = []
     for _ in range(batch):
         s = SegDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size)))
-        s.gt_sem_seg = PixelData(data=torch.randint(0, 5, (1, size, size)))
+        s.gt_sem_seg = PixelData(data=torch.randint(0, classes, (1, size, size)))
         samples.append(s)
     return samples
 
@@ -198,7 +175,7 @@ def test_adaptive_decode_head_takes_the_dropout_ratio_and_weighs_an_auxiliary_he
     torch.manual_seed(0)
     losses = model.loss(torch.randn(2, 3, 64, 64), _samples())
     head = model.auxiliary_head
-    assert head._ce_weight() == 0.4 and "aux.loss_adaptive" in losses
+    assert head.adaptive_loss_weight == 0.4 and "aux.loss_adaptive" in losses
 
 
 def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_heads_dropout():
@@ -218,3 +195,282 @@ def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_he
         assert not torch.equal(head.cls_seg(feat), head.cls_seg(feat))  # Dropout2d before the embedding
         head.eval()
         assert torch.equal(head.cls_seg(feat), head.cls_seg(feat))
+
+
+# ----------------------------------------------------------------------------- the mmseg user's path (issue 34)
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "mmseg").glob("*.py"))
+
+
+def _tiny_train_step(cfg, classes: int, size: int = 64) -> dict:
+    """Build ``cfg.model`` with mmseg's registry at a ``size``-px crop on one CPU (BN for SyncBN, no pretrained
+    weights) and run one ``train_step`` on random images; returns its log."""
+    from mmengine.optim import build_optim_wrapper
+    from mmseg.registry import MODELS
+
+    def local(node):
+        if isinstance(node, dict):
+            if node.get("type") == "SyncBN":
+                node["type"] = "BN"
+            node.pop("pretrained", None)
+            if isinstance(node.get("init_cfg"), dict) and node["init_cfg"].get("type") == "Pretrained":
+                node["init_cfg"] = None
+            for value in node.values():
+                local(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                local(value)
+
+    local(cfg.model)
+    cfg.model.data_preprocessor.size = (size, size)
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    data = {"inputs": [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(2)],
+            "data_samples": _samples(size=size, classes=classes)}  # fmt: skip
+    model.train()
+    return model.train_step(data, optim_wrapper)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_builds_and_trains_one_step(path):
+    """``Config.fromfile`` resolves the ``mmseg::`` base (mmengine reads it through ``pkg_resources``: the
+    ``[mmseg]`` extra keeps setuptools < 81, which still ships it) and imports ``custom_imports``."""
+    from mmengine.config import Config
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = Config.fromfile(str(path))
+    assert "adaptive_heads.integrations.mmseg" in cfg.custom_imports["imports"]
+    assert cfg.model.decode_head.type.startswith("Adaptive")
+    log = _tiny_train_step(cfg, cfg.model.decode_head.num_classes)
+    assert {"decode.loss_ce", "decode.loss_adaptive"} <= set(log), sorted(log)
+    assert all(torch.isfinite(v) for v in log.values())
+
+
+def test_fine_tuning_from_a_plain_mmseg_checkpoint(tmp_path):
+    """``load_from`` a plain FCN checkpoint (mmengine's ``load_checkpoint``, as the Runner's ``load_from``): each
+    head's ``conv_seg`` becomes its coarse classifier; slide inference with image context then runs."""
+    import copy
+
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = Config.fromfile(str(EXAMPLES[0].parent / "fcn_ssa_cityscapes_finetune.py"))
+    assert cfg.load_from.endswith(".pth") and cfg.model.test_cfg.context == "image"
+    small = dict(depth=18, base_channels=8, stem_channels=8, norm_cfg=dict(type="BN"), init_cfg=None)
+    heads = dict(in_channels=64, channels=8, norm_cfg=dict(type="BN"), num_classes=5)
+    cfg.model.pop("pretrained", None)
+    cfg.model.backbone.update(small)
+    cfg.model.decode_head.update(heads)
+    cfg.model.auxiliary_head.update(heads, in_channels=32)
+    cfg.model.test_cfg.update(crop_size=(48, 48), stride=(32, 32))
+    plain_cfg = copy.deepcopy(cfg.model)  # mmseg's own FCN: the checkpoint's model
+    plain_cfg.type = "EncoderDecoder"
+    for head in (plain_cfg.decode_head, plain_cfg.auxiliary_head):
+        head.type = "FCNHead"
+        head.pop("adaptive")
+    plain = MODELS.build(plain_cfg)
+    torch.save({"state_dict": plain.state_dict(), "meta": {}}, tmp_path / "fcn.pth")
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, str(tmp_path / "fcn.pth"), map_location="cpu")
+    for head in ("decode_head", "auxiliary_head"):
+        coarse, original = getattr(model, head).conv_seg.conv_seg, getattr(plain, head).conv_seg
+        torch.testing.assert_close(coarse.weight, original.weight, rtol=0, atol=0)
+        torch.testing.assert_close(coarse.bias, original.bias, rtol=0, atol=0)
+    samples = _samples(1, 80)
+    samples[0].set_metainfo(dict(img_shape=(80, 96), ori_shape=(80, 96), pad_shape=(80, 96)))
+    with torch.no_grad():
+        assert model.eval().predict(torch.randn(1, 3, 80, 96), samples)[0].seg_logits.data.shape == (5, 80, 96)
+
+
+def test_image_context_on_a_segmentor_that_ignores_it_is_refused():
+    slide = dict(mode="slide", crop_size=(48, 48), stride=(32, 32), context="image")
+    images = torch.randn(1, 3, 80, 96)
+    samples = _samples(1, 80)
+    samples[0].set_metainfo(dict(img_shape=(80, 96), ori_shape=(80, 96), pad_shape=(80, 96)))
+    plain = _model("AdaptiveFCNHead", dict(type="ContextAwareClassifier"), "EncoderDecoder", slide).eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="type='AdaptiveEncoderDecoder'"):
+        plain.predict(images, samples)  # mmseg's EncoderDecoder would classify each tile by its own context
+    plain.test_cfg.context = "tile"  # explicit: mmseg's per-tile behaviour
+    with torch.no_grad():
+        assert plain.predict(images, samples)[0].seg_logits.data.shape == (5, 80, 96)
+    plain.test_cfg.context = "whole image"
+    with torch.no_grad(), pytest.raises(ValueError, match="context must be 'tile' or 'image'"):
+        plain.predict(images, samples)
+    adaptive = _model("AdaptiveFCNHead", dict(type="ContextAwareClassifier"), "AdaptiveEncoderDecoder", slide)
+    with torch.no_grad():
+        assert adaptive.eval().predict(images, samples)[0].seg_logits.data.shape == (5, 80, 96)
+
+
+def _loss_adaptive(loss_decode, kind: str = "ContextAwareClassifier", **head: object) -> torch.Tensor:
+    """``decode.loss_adaptive`` of an ``AdaptiveFCNHead`` with this ``loss_decode``, on fixed features and labels."""
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    import adaptive_heads.integrations.mmseg  # noqa: F401  (registers the Adaptive* heads)
+
+    cfg = dict(type="AdaptiveFCNHead", adaptive=dict(type=kind), in_channels=32, in_index=0, channels=16,
+               num_convs=1, concat_input=False, num_classes=5, norm_cfg=dict(type="BN"), loss_decode=loss_decode,
+               **head)  # fmt: skip
+    torch.manual_seed(1)
+    decode_head = MODELS.build(cfg).train()
+    torch.manual_seed(2)
+    features, samples = [torch.randn(2, 32, 16, 16)], _samples()
+    return decode_head.loss(features, samples, dict())["loss_adaptive"]
+
+
+def test_adaptive_terms_take_the_cross_entropys_weight_wherever_it_is_in_loss_decode():
+    ce = dict(type="CrossEntropyLoss", loss_weight=0.4)
+    lovasz = dict(type="LovaszLoss", loss_weight=3.0, reduction="none", per_image=False)
+    first, last = _loss_adaptive([ce, lovasz]), _loss_adaptive([lovasz, ce])
+    torch.testing.assert_close(first, last)  # the order of loss_decode changes nothing
+    unweighted = _loss_adaptive([lovasz, ce], adaptive_loss_weight=1.0)  # explicit
+    torch.testing.assert_close(last, 0.4 * unweighted)
+    torch.testing.assert_close(_loss_adaptive(lovasz), 3.0 * unweighted)  # the only loss
+    with pytest.raises(ValueError, match="adaptive_loss_weight is needed: loss_decode holds"):
+        _loss_adaptive([lovasz, dict(type="DiceLoss", loss_weight=1.0)])  # no CE: ambiguous
+    with pytest.raises(ValueError, match="adaptive_loss_weight must be a number >= 0"):
+        _loss_adaptive(ce, adaptive_loss_weight=-1.0)
+    from adaptive_heads import replace_classifier  # the same rule for an auxiliary head replace_classifier swaps
+
+    model = replace_classifier(_model("FCNHead", {}, aux=dict(loss_decode=[lovasz, ce])), "cac", include_aux=True)
+    assert model.adaptive_head_weights == {"auxiliary_head.conv_seg": 0.4}
+
+
+def test_a_dice_loss_beside_ssa_segs_own_dice_warns():
+    import warnings
+
+    ce, dice = dict(type="CrossEntropyLoss", loss_weight=1.0), dict(type="DiceLoss", loss_weight=1.0)
+    with pytest.warns(UserWarning, match="counts dice a second time"):
+        _loss_adaptive([ce, dice], "SSAClassifier")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*counts dice a second time")
+        _loss_adaptive([ce, dice], "SSAClassifier", adaptive_loss_weights=dict(dice=0.0))  # counted once
+        _loss_adaptive([ce, dice], "ContextAwareClassifier")  # CAC's loss has no dice
+
+
+def test_replace_classifier_inside_mmseg_warns_with_the_config_route():
+    from adaptive_heads import replace_classifier
+
+    model = replace_classifier(_model("FCNHead", {}, aux=True), "cac", include_aux=True).train()
+    with pytest.warns(UserWarning, match="without labels(.|\n)*config route(.|\n)*type='AdaptiveFCNHead'"):
+        model.loss(torch.randn(2, 3, 64, 64), _samples())  # no supervise(): trains without the adaptive terms
+
+
+_CPU_RECIPE = """
+import sys, torch
+from mmengine.config import Config
+from mmseg.registry import MODELS  # what mmseg's tools/train.py imports before the config
+
+cfg = Config.fromfile(sys.argv[1])  # custom_imports: mmcv_lite first, then the plugin
+from mmseg.utils import register_all_modules  # imports mmcv.ops: after the stand-in
+
+register_all_modules()
+model = MODELS.build(cfg.model).eval()
+with torch.no_grad():
+    assert model(torch.randn(1, 3, 32, 32), mode="tensor").shape[:2] == (1, 5)
+from mmcv.ops import sigmoid_focal_loss
+from adaptive_heads.integrations.mmcv_lite import CompiledOpUnavailable
+try:
+    sigmoid_focal_loss(torch.randn(2, 3), torch.tensor([0, 1]), 2.0, 0.25)
+except CompiledOpUnavailable as error:
+    print("RAISED", error)
+"""
+
+
+def _python(tmp_path, code: str, *args: str):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    return subprocess.run([sys.executable, str(script), *args], cwd=root, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)  # fmt: skip
+
+
+def test_mmcv_lite_recipe_in_a_fresh_process(tmp_path):
+    """Without the compiled ops, importing the plugin says what to do; with ``adaptive_heads.integrations.mmcv_lite``
+    first in ``custom_imports`` a config builds and runs, and a compiled op raises naming itself."""
+    import sys
+
+    if not getattr(sys.modules["mmcv._ext"], "__adaptive_heads_stand_in__", False):
+        pytest.skip("the full mmcv with its compiled ops is installed: nothing to stand in for")
+    plain = _python(tmp_path, "import adaptive_heads.integrations.mmseg\n")
+    assert plain.returncode != 0
+    assert "ImportError: mmseg's models import mmcv's compiled ops" in plain.stderr, plain.stderr[-2000:]
+    assert "adaptive_heads.integrations.mmcv_lite" in plain.stderr
+    config = tmp_path / "cpu_config.py"
+    config.write_text(
+        'custom_imports = dict(imports=["adaptive_heads.integrations.mmcv_lite", "adaptive_heads.integrations.mmseg"],'
+        " allow_failed_imports=False)\n"
+        "model = dict(type='EncoderDecoder', data_preprocessor=dict(type='SegDataPreProcessor', size=(32, 32)),\n"
+        "    backbone=dict(type='ResNetV1c', depth=18, base_channels=8, stem_channels=8, out_indices=(3,)),\n"
+        "    decode_head=dict(type='AdaptiveFCNHead', adaptive=dict(type='SSAClassifier'), in_channels=64,\n"
+        "        in_index=0, channels=8, num_convs=1, num_classes=5),\n"
+        "    train_cfg=dict(), test_cfg=dict(mode='whole'))\n"
+    )
+    recipe = _python(tmp_path, _CPU_RECIPE, str(config))
+    assert recipe.returncode == 0, recipe.stderr[-3000:]
+    assert "RAISED mmcv's compiled op 'sigmoid_focal_loss_forward' is not available" in recipe.stdout, recipe.stdout
+
+
+def _runner(work_dir: Path, iters: int, resume: bool):
+    """mmengine's Runner on a tiny ResNetV1c + AdaptiveFCNHead (CAC), 4 random 32-px images, a checkpoint every
+    iteration."""
+    from mmengine.dataset import pseudo_collate
+    from mmengine.runner import Runner
+
+    import adaptive_heads.integrations.mmseg  # noqa: F401  (registers AdaptiveEncoderDecoder, the heads)
+
+    items = [{"inputs": torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), "data_samples": sample}
+             for sample in _samples(4, 32)]  # fmt: skip
+    loader = torch.utils.data.DataLoader(items, batch_size=2, collate_fn=pseudo_collate)
+    model = dict(
+        type="AdaptiveEncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3, size=(32, 32)),
+        backbone=dict(type="ResNetV1c", depth=18, base_channels=8, stem_channels=8, out_indices=(3,)),
+        decode_head=dict(type="AdaptiveFCNHead", adaptive=dict(type="ContextAwareClassifier"), in_channels=64,
+                         in_index=0, channels=8, num_convs=1, num_classes=5, norm_cfg=dict(type="BN")),
+        train_cfg=dict(), test_cfg=dict(mode="whole"),
+    )  # fmt: skip
+    return Runner(
+        model=model, work_dir=str(work_dir), train_dataloader=loader, default_scope="mmseg", resume=resume,
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.01, momentum=0.9)),
+        train_cfg=dict(by_epoch=False, max_iters=iters),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1, by_epoch=False)),
+        experiment_name=f"run{iters}{resume}", log_level="WARNING",
+    )  # fmt: skip
+
+
+def test_runner_saves_and_resumes_on_this_torch(tmp_path, monkeypatch):
+    """mmengine 0.10.7's checkpoints hold its HistoryBuffer logs with bound methods (``builtins.getattr``), which
+    torch >= 2.6's weights-only ``torch.load`` refuses and no safe-globals list can admit soundly: resuming needs
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (docs: "From mmseg"), for checkpoints one trusts."""
+    from mmengine.runner import load_checkpoint
+
+    from ..conftest import TORCH_VERSION
+
+    first = _runner(tmp_path, 2, resume=False)
+    first.train()
+    saved = {k: v.clone() for k, v in first.model.state_dict().items()}
+    path = tmp_path / "iter_2.pth"
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    if TORCH_VERSION >= (2, 6):
+        import pickle
+
+        with pytest.raises(pickle.UnpicklingError, match=r"HistoryBuffer|getattr"):
+            _runner(tmp_path, 3, resume=True).train()  # what an mmseg user on a current torch gets by default
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # the documented workaround
+    resumed = _runner(tmp_path, 3, resume=True)
+    resumed.train()
+    assert resumed.iter == 3 and (tmp_path / "iter_3.pth").exists()  # went on from iteration 2
+    fresh = _runner(tmp_path, 1, resume=False).model
+    load_checkpoint(fresh, str(path), map_location="cpu")
+    for key, value in fresh.state_dict().items():  # reloads exactly
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
