@@ -91,7 +91,7 @@ def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, 
         for pooling in poolings:
             for mix in mixes if pooling == trained_pooling else (0.0,):
                 head.context_pooling, head.coarse_mix = pooling, mix
-                splits = {s: evaluate(model, data[s], stats, args, "cpu") for s in SPLITS if s in data}
+                splits = {s: evaluate(model, data[s], stats, args, torch.device("cpu")) for s in SPLITS if s in data}
                 row = {
                     "run": run_path.name, "holdout_sequence": cfg["holdout_sequence"],
                     "classifier": record["classifier"], "seed": record["seed"], "trained_pooling": trained_pooling,
