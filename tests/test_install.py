@@ -83,3 +83,12 @@ def test_pip_resolves_the_command_without_touching_torch(command, tmp_path):
         requires = install["torchvision"]["metadata"].get("requires_dist", [])
         pins = [re.sub(r"[ ()]", "", r) for r in requires]  # "torch (==2.13.0)" or "torch==2.13.0"
         assert f"torch=={_installed_torch()}" in pins, requires
+
+
+def test_the_quick_start_gives_the_readme_set_up():
+    """docs/quickstart.md repeats the README's set-up (PyPI and GitHub show the README, the docs site the quick
+    start): the two say the same, link targets aside."""
+    readme, quickstart = (page.read_text() for page in SET_UP_PAGES)
+    ours = readme[readme.index("Install [PyTorch]") : readme.index("## Quick start")]
+    theirs = quickstart[quickstart.index("Install [PyTorch]") : quickstart.index("## Inside an existing model")]
+    assert ours.replace("(docs/", "(").strip() == theirs.strip()
