@@ -15,8 +15,9 @@ glibc returning freed blocks at once (``benchmarks/measure.py``; its page faults
 for every row alike); on CUDA ``max_memory_allocated``. The JSON records the threads, the CPUs and the load average
 before and after each size, so a run on a busy machine says so.
 
-    python benchmarks/bench_train_step.py                      # 512 and 1024 px, one step each (~6 min on 2 cores)
+    python benchmarks/bench_train_step.py --threads 2          # 512 and 1024 px, one step each (~6 min on 2 idle cores)
     python benchmarks/bench_train_step.py --sizes 128 --channels 64 --out /tmp/quick.json     # seconds
+    python benchmarks/render_docs.py       # then: the bench:cpu-train-step block and figures of docs/choosing.md
 """
 
 from __future__ import annotations
