@@ -16,12 +16,14 @@ and fails when a page differs from its JSON. Two kinds of marks:
     (mean of the per-seed differences to the conv, signed), ``deltas`` (each, seed by seed: ``-0.3/+0.9/+0.1``),
     ``worst-delta`` (the smallest), ``gained`` (``3/3``: seeds above the conv), ``delta-vs-NAME`` (to another
     classifier), ``vs-STEM`` (to the same classifier and seeds in ``STEM.json``), ``iou-CLASS`` and
-    ``iou-delta-CLASS`` (a class's IoU and its difference to the conv, means over seeds); ``STAT@0`` rounds to 0
+    ``iou-delta-CLASS`` (a class's IoU and its difference to the conv, means over seeds), ``delta-without-CLASS[+…]``
+    (the mean IoU over the other classes, against the conv's); ``STAT@0`` rounds to 0
     decimals (default 1); ``cac+ssa`` as ``CLASSIFIER`` averages the two;
   * ``bench/STEM/SELECTOR/FIELD``, from ``benchmarks/results/STEM.json``: ``SELECTOR`` is ``key=value`` pairs
     joined by ``,`` that pick the rows (``size=2560,dtype=fp32,head=cac``; ``head!=conv``; ``mode~tile_context``:
     the value holds these words), ``FIELD`` one of :data:`FIELDS`, and with several rows ``FIELD~`` gives their
     range (``1.00–1.11``);
+  * ``diag/SPLIT/HEAD/STAT``, from ``examples/results/camvid-unseen-diagnosis.json``: see :func:`diagnosis_figure`;
   * ``tiles/STAT``, from ``examples/results/camvid-tiles.json``: ``image-behind-tile`` and ``cores-gain`` (the
     per-seed range of image context behind tile context, and of the cores against every tile pixel);
     ``tiles/CLASSIFIER/STAT``: their mean over seeds, ``adaptation`` (whole frames, adaptive minus static
@@ -100,7 +102,7 @@ def camvid_figure(stem: str, classifier: str, split: str, stat: str) -> str:
     if stat == "deltas":
         return " and ".join("/".join(f"{d:+.{places}f}" for d in v) for v in values)
     value = statistics.mean(statistics.mean(v) for v in values)
-    signed = stat.startswith(("delta", "iou-delta", "vs-")) or stat == "worst-delta"
+    signed = stat.startswith(("delta", "iou-delta", "vs-")) or stat == "worst-delta"  # delta-without-… too
     return f"{value:+.{places}f}" if signed else f"{value:.{places}f}"
 
 
@@ -136,6 +138,15 @@ def _camvid_value(stem: str, classifier: str, split: str, stat: str) -> list[flo
         return [value(r, None) - value(other[seed], None) for seed, r in mine.items() if seed in other]
     if stat.startswith("iou-delta-"):
         return paired("conv", stat.removeprefix("iou-delta-"))
+    if stat.startswith("delta-without-"):  # the mean IoU over the other classes, against the conv's
+        left_out = stat.removeprefix("delta-without-").split("+")
+        other = _by_seed(runs, "conv")
+
+        def rest(run: dict) -> float:
+            ious = run["splits"][split]["per_class_iou"]
+            return statistics.mean(v for c, v in ious.items() if c not in left_out)
+
+        return [rest(r) - rest(other[seed]) for seed, r in mine.items() if seed in other]
     if stat.startswith("iou-"):
         return [value(r, stat.removeprefix("iou-")) for r in mine.values()]
     raise KeyError(f"unknown CamVid statistic {stat!r}")
@@ -224,6 +235,37 @@ def tiles_figure(*path: str) -> str:
     return f"{statistics.mean(r[stat] for r in rows):.1f}"
 
 
+def diagnosis_figure(split: str, head: str, stat: str) -> str:
+    """``diag/SPLIT/HEAD/STAT`` from ``examples/results/camvid-unseen-diagnosis.json``, a mean over seeds (``HEAD``
+    ``cac``, ``ssa`` or ``cac+ssa``): ``coarse_miou``, ``adaptation`` (head − its coarse prediction),
+    ``confidence``, ``share-CLASS[+CLASS…]`` (% of the labelled pixels), ``purity-CLASS``, ``coarse-iou-CLASS``;
+    ``STAT@N`` rounds to N decimals."""
+    stat, _, digits = stat.partition("@")
+    rows = [
+        r
+        for r in load(EXAMPLE_RESULTS / "camvid-unseen-diagnosis.json")["rows"]
+        if r["split"] == split and r["classifier"] in head.split("+")
+    ]
+    if not rows:
+        raise KeyError(f"no diagnosis of {head!r} on {split!r}")
+    getters: dict[str, tuple[Callable[[dict], float], int, str]] = {
+        "coarse_miou": (lambda r: r["coarse_miou"], 1, ""),
+        "adaptation": (lambda r: r["miou"] - r["coarse_miou"], 1, "+"),
+        "confidence": (lambda r: r["confidence"], 2, ""),
+    }
+    if stat.startswith("share-"):
+        classes = stat.removeprefix("share-").split("+")
+        getters[stat] = (lambda r: 100 * sum(r["class_share"][c] for c in classes), 1, "")
+    elif stat.startswith("purity-"):
+        getters[stat] = (lambda r: r["purity"][stat.removeprefix("purity-")], 2, "")
+    elif stat.startswith("coarse-iou-"):
+        getters[stat] = (lambda r: r["coarse_per_class_iou"][stat.removeprefix("coarse-iou-")], 1, "")
+    if stat not in getters:
+        raise KeyError(f"unknown diagnosis statistic {stat!r}")
+    get, places, sign = getters[stat]
+    return f"{statistics.mean(get(r) for r in rows):{sign}.{int(digits or places)}f}"
+
+
 def figure(key: str) -> str:
     """The text of the inline figure ``key`` (grammar in the module docstring)."""
     family, _, rest = key.partition("/")
@@ -232,6 +274,8 @@ def figure(key: str) -> str:
         return camvid_figure(*parts)
     if family == "bench" and len(parts) == 3:
         return bench_figure(*parts)
+    if family == "diag" and len(parts) == 3:
+        return diagnosis_figure(*parts)
     if family == "tiles" and len(parts) in (1, 2):
         return tiles_figure(*parts)
     raise KeyError(f"unknown figure {key!r}: see benchmarks/render_docs.py for the keys")
