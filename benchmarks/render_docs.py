@@ -27,7 +27,8 @@ and fails when a page differs from its JSON. Two kinds of marks:
   * ``tiles/STAT``, from ``examples/results/camvid-tiles.json``: ``image-behind-tile`` and ``cores-gain`` (the
     per-seed range of image context behind tile context, and of the cores against every tile pixel);
     ``tiles/CLASSIFIER/STAT``: their mean over seeds, ``adaptation`` (whole frames, adaptive minus static
-    classifier), or a mode's mean mIoU (``whole``, ``static``, ``tile``, ``image``, ``image_all``).
+    classifier), or a mode's mean mIoU (``whole``, ``static``, ``tile``, ``image``, ``image_all``); ``STAT@seedN``:
+    seed N's alone.
 
     python benchmarks/render_docs.py            # rewrite every stale block and figure, say which
     python benchmarks/render_docs.py --check    # only list them; exit status 1 if any
@@ -218,9 +219,9 @@ def _range(values: list[float]) -> str:
 def tiles_figure(*path: str) -> str:
     """``tiles/STAT`` (a per-seed range over both heads) or ``tiles/CLASSIFIER/STAT`` (a mean over seeds)."""
     rows = _tiles()["rows"]
-    stat = path[-1]
+    stat, _, seed = path[-1].partition("@seed")
     if len(path) == 2:
-        rows = [r for r in rows if r["classifier"] == path[0]]
+        rows = [r for r in rows if r["classifier"] == path[0] and seed in ("", str(r["seed"]))]
     differences = {
         "image-behind-tile": [r["tile"] - r["image"] for r in rows],
         "cores-gain": [r["image"] - r["image_all"] for r in rows],
