@@ -346,16 +346,16 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 def update_readme(table: str, tag: str, command: str, meta: str) -> Path:
     """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/),
-    say which, and return that page."""
-    start, end = f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
-    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
-        text = page.read_text()
-        if start in text and end in text:
-            block = f"{start}\n{meta}\n\n```bash\n{command}\n```\n\n{table}\n{end}"
-            page.write_text(text[: text.index(start)] + block + text[text.index(end) + len(end) :])
+    say which, and return that page. ``benchmarks/render_docs.py`` renders the same block from the saved JSON."""
+    from benchmarks.render_docs import BLOCK, pages, replace_block
+
+    name = f"bench:{tag}"
+    for page in pages():
+        if any(match["name"] == name for match in BLOCK.finditer(page.read_text())):
+            replace_block(page, name, f"{meta}\n\n```bash\n{command}\n```\n\n{table}")
             print(f"updated {page.relative_to(ROOT)} block {tag!r}")
             return page
-    raise SystemExit(f"no page holds a {start} ... {end} block")
+    raise SystemExit(f"no page holds a <!-- {name}:start --> ... <!-- {name}:end --> block")
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -596,15 +596,6 @@ def load_data(args) -> dict[str, CamVidSplit]:
     return data
 
 
-def _replace_block(page: Path, name: str, text: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    content = page.read_text()
-    if start not in content or end not in content:
-        raise SystemExit(f"{page} has no {start} ... {end} block")
-    content = content[: content.index(start) + len(start)] + "\n" + text + "\n" + content[content.index(end) :]
-    page.write_text(content)
-
-
 def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
 
@@ -645,7 +636,8 @@ def _budget(result: dict) -> str:
     )
 
 
-def _command(result: dict) -> str:
+def command(result: dict) -> str:
+    """The command line that produced ``result`` (its recorded arguments, the data folder left to the reader)."""
     argv = result["config"].get("argv")
     return f"python examples/train_camvid.py --data path/to/CamVid{' ' + ' '.join(argv) if argv else ''}"
 
@@ -659,9 +651,9 @@ def _complete(result: dict, path: Path) -> None:
         raise SystemExit(f"{path} is partial: no run of {', '.join(missing)}; finish it with --resume first")
 
 
-def render(path: Path, update: bool, finetune: Path | None = None) -> str:
-    """The README block and the docs page section of a saved result (``--render``) and, with ``finetune``, of
-    the fine-tuning result started from it; written with ``--update-readme``."""
+def render_parts(path: Path, finetune: Path | None = None) -> tuple[str, str]:
+    """The README block (``camvid``) and the docs page section (``camvid-details``) of a saved result and, with
+    ``finetune``, of the fine-tuning result started from it."""
     result = json.loads(path.read_text())
     _complete(result, path)
     cfg, runs = result["config"], result["runs"]
@@ -687,9 +679,9 @@ def render(path: Path, update: bool, finetune: Path | None = None) -> str:
         )
     readme = [
         f"## Does it help? CamVid\n\n{intro} ({_budget(result)}):\n\n{headline_table(runs, tuple(splits))}",
-        f"```bash\n{_command(result)}\n```",
+        f"```bash\n{command(result)}\n```",
     ]
-    details = [f"Measured: {_budget(result)}. `examples/results/{path.name}`.\n\n```bash\n{_command(result)}\n```"]
+    details = [f"Measured: {_budget(result)}. `examples/results/{path.name}`.\n\n```bash\n{command(result)}\n```"]
     for split in splits:
         details.append(f"### {split} ({runs[0]['splits'][split]['frames']} frames)\n\n" + summary_table(runs, split))
     if finetune is not None:
@@ -703,10 +695,10 @@ def render(path: Path, update: bool, finetune: Path | None = None) -> str:
             "for the same steps with the same optimiser groups (`conv`, its classifier also at ×10)"
         )
         readme.append(f"{text}:\n\n{headline_table(tuned['runs'], tuple(splits))}")
-        readme.append(f"```bash\n{_command(tuned)}\n```")
+        readme.append(f"```bash\n{command(tuned)}\n```")
         details.append(
             f"### Fitting a head onto the trained conv network\n\n{text} ({_budget(tuned)}; "
-            f"`examples/results/{finetune.name}`):\n\n```bash\n{_command(tuned)}\n```\n\n"
+            f"`examples/results/{finetune.name}`):\n\n```bash\n{command(tuned)}\n```\n\n"
             + headline_table(tuned["runs"], tuple(splits))
         )
         for split in splits:
@@ -716,11 +708,30 @@ def render(path: Path, update: bool, finetune: Path | None = None) -> str:
         f"![val mIoU](../examples/results/{stem}_miou.png)\n\n"
         f"![predictions](../examples/results/{stem}_predictions.png)"
     )
-    readme_text, page = "\n\n".join(readme), "\n\n".join(details)
+    return "\n\n".join(readme), "\n\n".join(details)
+
+
+def render(path: Path, update: bool, finetune: Path | None = None) -> str:
+    """``--render``: the README block and the docs page section of a saved result (and of ``finetune``); with
+    ``update`` (``--update-readme``) written into README.md's ``camvid`` block and docs/camvid.md's
+    ``camvid-details`` block, whose start marks then name these files (``benchmarks/render_docs.py`` re-renders
+    them from there, and ``tests/test_rendered_docs.py`` checks them)."""
+    readme_text, page = render_parts(path, finetune)
     if update:
-        _replace_block(ROOT / "README.md", "camvid", readme_text)
-        _replace_block(ROOT / "docs" / "camvid.md", "camvid-details", page)
+        from benchmarks.render_docs import replace_block
+
+        sources = [_relative(p) for p in (path, finetune) if p is not None]
+        replace_block(ROOT / "README.md", "camvid", readme_text, sources)
+        replace_block(ROOT / "docs" / "camvid.md", "camvid-details", page, sources)
     return readme_text + "\n\n" + page
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the repository root: a block's start mark names its sources that way."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        raise SystemExit(f"{path}: render a result committed in this repository (examples/results/)") from None
 
 
 def recorded_arguments(argv: list[str]) -> list[str]:

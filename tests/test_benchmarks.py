@@ -110,3 +110,24 @@ def test_bench_float32_and_bf16_side_by_side(tmp_path):
     table = bench_heads.markdown_table(rows)
     assert "| dtype |" in table and "| 64 | 4 | 19 | 64 | bf16 | cac |" in table
     assert all(r["train_time_ratio"] > 0 for r in rows)  # each dtype against its own conv
+
+
+def test_bench_train_step_quick(tmp_path):
+    from benchmarks import bench_train_step
+
+    out = tmp_path / "step.json"
+    data = bench_train_step.main(["--sizes", "64", "--channels", "16", "--classes", "5", "--out", str(out)])
+    rows = data["rows"]
+    assert [r["head"] for r in rows] == ["conv", "cac", "ssa", "proto"]
+    assert all(r["train_s"] > 0 and len(r["train_s_all"]) == 1 for r in rows)
+    assert rows[0]["train_time_ratio"] == 1.0
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows)) and saved["args"] == ["--sizes", "64", "--channels", "16",
+                                                                               "--classes", "5"]  # fmt: skip
+    assert saved["machine"]["threads"] == torch.get_num_threads() and saved["machine"]["cpus"] >= 1
+    text = bench_train_step.describe(saved) + bench_train_step.table(saved["rows"])
+    assert "| 64 | conv + `F.cross_entropy` |" in text and "| 64 | ssa |" in text and "threads" in text
+    if rows[0]["load_average_before"] is not None:  # POSIX: how busy the machine was is on record
+        assert "load average" in text
+    if rows[0]["train_peak_bytes"] is not None:  # Linux: peak memory, above what was live before the step
+        assert all(r["train_peak_bytes"] > 0 for r in rows) and "train_extra_mib" in rows[1]
