@@ -72,6 +72,12 @@ class AdaptiveSegmentationModel(nn.Module):
     ``forward(pixel_values, labels=None, **kwargs)`` returns the model's output; in training with labels its
     ``loss`` is the model's loss plus ``sup.loss()`` (the extra terms: the model's own CE already covers each
     head's main term), and :attr:`last_losses` holds every named term (detached) for logging.
+
+    The loss is a mean over the batch's pixels: ``transformers.Trainer`` divides it by
+    ``gradient_accumulation_steps`` (:attr:`accepts_loss_kwargs` is ``False``), so 4 accumulated batches of 1 give
+    the update and the logged loss of one batch of 4 where the loss is a per-pixel mean (tested). Terms pooled over
+    the batch stay batch-level, as BatchNorm's statistics do: the teacher of CAC and SSA-Seg (official
+    ``teacher_pooling="batch"``) and CAC's class-wise average of its distillation.
     """
 
     def __init__(
@@ -107,6 +113,12 @@ class AdaptiveSegmentationModel(nn.Module):
         self.model = model
         self.loss_fns = loss_fns
         self.last_losses: dict[str, Tensor] = {}
+
+    #: read by ``transformers.Trainer`` (>= 4.46): the loss is a mean over this batch's pixels, not a sum to be
+    #: normalised by the Trainer's ``num_items_in_batch``, so under gradient accumulation the Trainer divides it by
+    #: the accumulation steps. Without it, ``forward(**kwargs)`` makes the Trainer skip that division (the loss and
+    #: the gradients ``gradient_accumulation_steps`` times too large).
+    accepts_loss_kwargs = False
 
     @property
     def config(self):
