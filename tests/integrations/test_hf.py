@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier, ContextAwareLoss
+from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, slide_inference
 from adaptive_heads.registry import HEADS
 
 from ..conftest import assert_dropout_on_the_coarse_path_only
@@ -257,6 +257,27 @@ def test_gradient_accumulation_gives_the_update_and_the_loss_of_the_whole_batch(
     assert head_update and any(whole_update[k].abs().max() > 0 for k in head_update)
     for name, update in whole_update.items():
         torch.testing.assert_close(accumulated_update[name], update, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_image_context_slide_inference_through_the_wrapper_of_a_model_with_an_adaptive_aux_head(tmp_path):
+    """UperNet with adaptive main and auxiliary heads: the wrapper's main head (recorded on the HF model inside it)
+    builds the image context; one tile covering the image equals the plain forward."""
+    torch.manual_seed(0)
+    model = AdaptiveSegmentationModel(_upernet(), "cac", include_aux=True).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        whole = torch.nn.functional.interpolate(
+            model(pixel_values=images).logits, size=(64, 64), mode="bilinear", align_corners=False
+        )
+    one_tile = slide_inference(model, images, 64, 64, context="image")
+    torch.testing.assert_close(one_tile, whole, rtol=1e-5, atol=1e-5)
+    tiled = slide_inference(model, images, 32, 16, context="image")
+    named = slide_inference(model, images, 32, 16, context="image", head="model.decode_head.classifier")
+    assert torch.isfinite(tiled).all()
+    torch.testing.assert_close(tiled, named, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)  # its heads replaced path by path
+    torch.testing.assert_close(slide_inference(reloaded.eval(), images, 32, 16, context="image"), tiled)
 
 
 def test_from_pretrained_refuses_weights_saved_with_other_head_options(tmp_path):
