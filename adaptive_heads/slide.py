@@ -182,23 +182,22 @@ def _recorded_main_head(model: nn.Module) -> tuple[list[str], str | None] | None
     carries them (the HF model inside :class:`~adaptive_heads.integrations.hf.AdaptiveSegmentationModel`, a model
     inside a Lightning module): ``(the replaced paths, the main head's path)`` from ``model``, or ``None`` where
     none (or several side by side) recorded them."""
-    owners: list[tuple[str, nn.Module]] = []
+    owners: list[tuple[str, list[str], str | None]] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{owner}.") for owner, _ in owners if owner):
+        if any(name.startswith(f"{owner}.") for owner, _, _ in owners if owner):
             continue  # inside a recording module already found
-        if getattr(module, "adaptive_head_paths", None):
-            owners.append((name, module))
+        paths = getattr(module, "adaptive_head_paths", None)
+        if paths:
+            owners.append((name, list(paths), getattr(module, "adaptive_main_head", paths[0])))
             if not name:
                 break  # the model itself
     if len(owners) != 1:
         return None
-    prefix, owner = owners[0]
+    prefix, paths, main = owners[0]
 
     def full(path: str) -> str:
         return f"{prefix}.{path}" if prefix else path
 
-    paths = list(owner.adaptive_head_paths)
-    main = getattr(owner, "adaptive_main_head", paths[0])
     return [full(p) for p in paths], None if main is None else full(main)
 
 
