@@ -201,6 +201,32 @@ def test_a_dropout_registered_twice_or_before_a_custom_sequential_stays():
     assert isinstance(model[0][1], nn.Dropout)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_an_optimizer_built_before_replace_classifier_is_caught_by_supervise(optimizer):
+    def train(build_first: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = TinyFCN(aux=False)
+        if build_first:
+            opt = optimizer(model.parameters(), lr=0.01)  # holds the conv that replace_classifier swaps out
+        replace_classifier(model, ContextAwareClassifier)
+        if not build_first:
+            opt = optimizer(model.parameters(), lr=0.01)
+        images, target = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2, 16, 16))
+        for _ in range(3):
+            opt.zero_grad()
+            with supervise(model, target) as sup:
+                loss = torch.nn.functional.cross_entropy(model(images)["out"], target) + sup.loss()
+            loss.backward()
+            opt.step()
+        return model
+
+    with pytest.warns(UserWarning, match=r"head at 'classifier.4' stayed unchanged over 2 optimizer steps .* after "):
+        train(build_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(build_first=False)
+
+
 # ----------------------------------------------------------------------------- which head is the main one
 def test_every_replaced_path_is_kept_main_first():
     model = TinyFCN()
