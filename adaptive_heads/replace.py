@@ -344,6 +344,33 @@ def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, known: _Cla
         )  # fmt: skip
 
 
+def _warn_of_an_output_activation(model: nn.Module, located: _Classifiers | None) -> None:
+    """smp models built with ``activation=`` (``"softmax2d"``, ``"sigmoid"``, ...) return probabilities: a
+    cross-entropy on ``model(x)`` then trains on probabilities, silently. Warn where the replaced model is one."""
+    if located is None:
+        return
+    host = model.get_submodule(located.prefix) if located.prefix else model
+    key = _known_key(host, KNOWN_CLASSIFIER_PATHS)
+    head = _get(host, "segmentation_head")
+    if key is None or not key.startswith("segmentation_models_pytorch.") or head is None:
+        return
+    for path, module in head.named_modules():
+        inner = getattr(module, "activation", None)
+        if type(module).__name__ == "Activation" and isinstance(inner, nn.Module):
+            if not isinstance(inner, (nn.Identity, nn.LogSoftmax)):  # CE of log-probabilities is CE of logits
+                where = _join(_join(located.prefix, "segmentation_head"), path)
+                warnings.warn(
+                    f"replace_classifier: {type(host).__name__} applies {inner!r} after its classifier "
+                    f"({where!r}, smp's activation=), so model(x) returns probabilities: a cross-entropy on them "
+                    "trains on probabilities (the adaptive heads' own terms under supervise() use the logits). "
+                    "Build the model with activation=None for training and apply the activation to its output "
+                    "at inference",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+
+
 def replace_classifier(
     model: nn.Module,
     head: str | HeadFactory,
@@ -440,6 +467,7 @@ def replace_classifier(
             _absorb_dropout(model, p, new, located)
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
+    _warn_of_an_output_activation(model, located)
     replaced = [*previous, *paths]
     # the main classifier: of a known model its known path (None while only its auxiliary one is replaced), of
     # another model the first path ever replaced
