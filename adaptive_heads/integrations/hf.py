@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -50,6 +51,33 @@ _IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "loss_ignore_index")
 
 #: the key of the saved ``config.json`` that records the adaptive heads (their paths, kinds and options)
 CONFIG_KEY = "adaptive_heads"
+
+
+def _warn_of_a_plain_load_of_adaptive_weights(model: nn.Module) -> None:
+    """A plain ``<HF class>.from_pretrained`` of a folder saved by :meth:`AdaptiveSegmentationModel.save_pretrained`
+    keeps the config's record of the heads but initialises a plain classifier afresh at each of their paths, and
+    transformers' report names the keys without saying why. Say it where such a model meets the wrapper."""
+    spec = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    heads = spec.get("heads") if isinstance(spec, dict) else None
+    if not isinstance(heads, dict):
+        return
+    plain = [path for path in heads if not isinstance(_submodule(model, path), AdaptiveHead)]
+    if plain:
+        warnings.warn(
+            f"this {type(model).__name__} was loaded from a folder saved by AdaptiveSegmentationModel.save_pretrained "
+            f"(its config.json records the adaptive heads {sorted(heads)}) by the plain transformers class: the "
+            f"classifier(s) at {plain} are freshly initialised and the trained heads' weights were left unused. "
+            "Load the folder with AdaptiveSegmentationModel.from_pretrained(folder)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 class AdaptiveSegmentationModel(nn.Module):
@@ -90,6 +118,7 @@ class AdaptiveSegmentationModel(nn.Module):
         **head_options: Any,
     ) -> None:
         super().__init__()
+        _warn_of_a_plain_load_of_adaptive_weights(model)
         if head is not None:
             replace_classifier(model, head, include_aux=include_aux, **head_options)
         elif head_options:

@@ -138,6 +138,12 @@ def test_plain_transformers_load_of_a_saved_folder_reinitialises_the_classifier(
     assert {"decode_head.classifier.weight", "decode_head.classifier.bias"} <= set(info["missing_keys"])
     assert any(k.startswith("decode_head.classifier.proj.") for k in info["unexpected_keys"])
     assert isinstance(plain.decode_head.classifier, torch.nn.Conv2d)  # a fresh plain classifier
+    with pytest.warns(
+        UserWarning,
+        match=r"saved by AdaptiveSegmentationModel.save_pretrained .* plain .*"
+        r"\['decode_head.classifier'\] are freshly initialised .* AdaptiveSegmentationModel.from_pretrained",
+    ):
+        AdaptiveSegmentationModel(plain, "cac")  # wrapping it again would train a fresh head: said, not silent
     reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)  # the adaptive class loads it whole
     images = torch.randn(1, 3, 32, 32)
     model.eval(), reloaded.eval()
