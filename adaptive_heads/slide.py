@@ -9,6 +9,7 @@ the tiles.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Protocol, cast
 
@@ -143,13 +144,33 @@ class _ContextCollector:
     whatever it does after its classifier (upsampling, an activation)."""
 
     def __init__(self, head: ContextHead, core_count: Tensor) -> None:
-        self.head = head
+        self._head = weakref.ref(head)  # weak: the collector is the value of its head's entry in _COLLECTORS
+        self.start(core_count)
+
+    @property
+    def head(self) -> ContextHead:
+        head = self._head()
+        if head is None:
+            raise RuntimeError("the head of this slide_inference() call was deleted")
+        return head
+
+    @classmethod
+    def of(cls, head: ContextHead, core_count: Tensor) -> _ContextCollector:
+        """The head's collector, started for an image: one object per head, reused by every call, so that a
+        compiled model meets the same object at its head each time (dynamo may guard on its identity)."""
+        collector = _COLLECTORS.get(head)
+        if collector is None:
+            collector = _COLLECTORS[head] = cls(head, core_count)
+        return collector.start(core_count)
+
+    def start(self, core_count: Tensor) -> _ContextCollector:
         self.image_weight = torch.where(core_count > 0, 1.0 / core_count.clamp_min(1), 0.0)
         self.tile: Tile | None = None
         self.core: Tile | None = None
         self.calls = 0
         self.apply = False
         self.context: dict[str, Tensor] | None = None
+        return self
 
     @torch.compiler.disable
     def collect(self, feat: Tensor) -> Tensor:
@@ -175,6 +196,11 @@ class _ContextCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.head._context_collector = None
+        self.image_weight, self.context = self.image_weight.new_empty(0), None  # the image's tensors go
+
+
+#: each head's collector (weak keys, and the collector refers to its head weakly: it goes with its head)
+_COLLECTORS: weakref.WeakKeyDictionary[Any, _ContextCollector] = weakref.WeakKeyDictionary()
 
 
 def _recorded_main_head(model: nn.Module) -> tuple[list[str], str | None] | None:
@@ -334,7 +360,7 @@ def slide_inference(
             stitcher.add(tile, _resize(logits, (crop_images.shape[-2], crop_images.shape[-1]), align_corners))
         return stitcher.result()
     cores = _cores(images, tiles, margin)
-    collector = _ContextCollector(context_head, _coverage(images, cores))
+    collector = _ContextCollector.of(context_head, _coverage(images, cores))
     with collector:
         for (tile, crop_images), core in zip(_tiles(images, tiles), cores, strict=True):
             collector.tile, collector.core = tile, core
