@@ -21,6 +21,7 @@ import ast
 import functools
 import inspect
 import textwrap
+import types
 from collections.abc import Hashable
 from typing import Any, cast
 
@@ -50,6 +51,9 @@ def dropout_feeds_only(owner: nn.Module, dropout: str, classifier: str) -> tuple
 def _class_feeds_only(cls: Any, dropout: str, classifier: str) -> tuple[bool, str]:
     fed = False
     for name, function in _methods(cls):
+        code = getattr(inspect.unwrap(function), "__code__", None)
+        if code is not None and not _mentions(code, dropout):
+            continue  # the name is nowhere in its bytecode: no use to read (e.g. transformers' PreTrainedModel)
         try:
             source = textwrap.dedent(inspect.getsource(function))
             tree = ast.parse(source)
@@ -62,6 +66,13 @@ def _class_feeds_only(cls: Any, dropout: str, classifier: str) -> tuple[bool, st
     if not fed:
         return False, f"no method of {cls.__name__} passes self.{dropout}(...) to self.{classifier}"
     return True, ""
+
+
+def _mentions(code: types.CodeType, name: str) -> bool:
+    """Whether ``name`` is among the attribute names or string constants of ``code`` or of a function inside it."""
+    return name in code.co_names or any(
+        c == name or (isinstance(c, types.CodeType) and _mentions(c, name)) for c in code.co_consts
+    )
 
 
 def _methods(cls: type) -> list[tuple[str, Any]]:
@@ -96,8 +107,9 @@ class _Uses:
         for node in ast.walk(tree):
             if self.problem:
                 return
-            if isinstance(node, ast.Call) and _is_name(node.func, {"getattr"}):
-                if any(isinstance(a, ast.Constant) and a.value == dropout for a in node.args):
+            if isinstance(node, ast.Call) and _is_name(node.func, {"getattr"}) and len(node.args) >= 2:
+                target, attribute = node.args[0], node.args[1]
+                if _is_name(target, self_names) and isinstance(attribute, ast.Constant) and attribute.value == dropout:
                     self.problem = f"reads self.{dropout} by name with getattr (line {node.lineno})"
             elif isinstance(node, ast.Attribute) and node.attr == dropout and _is_name(node.value, self_names):
                 self._check(node, self_names)
