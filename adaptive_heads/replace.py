@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from ._dropout_flow import dropout_feeds_only
 from .head import AdaptiveHead
 from .registry import head_by_name
 
@@ -57,9 +59,6 @@ _MAIN_DROPOUTS = {
     "segmentation_models_pytorch.FPN": "decoder.dropout",
     "segmentation_models_pytorch.PSPNet": "decoder.dropout",
 }
-
-# heads whose ``dropout`` attribute also feeds other layers than the classifier: it stays
-_SHARED_DROPOUTS = {"mmseg.DAHead", "mmseg.ANNHead"}
 
 HeadFactory = Callable[[int, int], AdaptiveHead]
 
@@ -278,13 +277,16 @@ def _check_classifier_geometry(path: str, conv: nn.Conv2d) -> None:
 
 
 def feeding_dropout(model: nn.Module, path: str) -> str | None:
-    """The path of the dropout that ``model`` applies right before its classifier at ``path``, if any.
+    """The path of the dropout that ``model`` applies right before its classifier at ``path`` and that feeds the
+    classifier alone, if any.
 
     Recognised: the previous item of an ``nn.Sequential`` (torchvision's ``FCNHead`` and auxiliary heads, smp's
     and HF's DPT heads), a ``dropout`` attribute beside a ``classifier`` or ``conv_seg`` (HF Segformer's decode head,
-    mmseg's ``BaseDecodeHead``, except ``DAHead`` and ``ANNHead`` whose dropout also feeds other layers), beside
-    the ``classifier`` layer that holds a ``convolution`` (HF MobileViT, MobileNetV2), and smp's FPN and PSPNet
-    ``decoder.dropout`` (the decoder's last layer).
+    mmseg's ``BaseDecodeHead``), beside the ``classifier`` layer that holds a ``convolution`` (HF MobileViT,
+    MobileNetV2), and smp's FPN and PSPNet ``decoder.dropout`` (the decoder's last layer). A ``dropout`` attribute
+    counts only where the methods of its module, read from their source, pass its output to the classifier and to
+    nothing else (mmseg's ``DAHead`` and ``ANNHead`` also feed other layers with it: ``None``); a ``Sequential``
+    whose ``forward`` is overridden, or a dropout module registered at several paths, does not count either.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Dropout(0.1), torch.nn.Conv2d(8, 4, 1))
@@ -295,36 +297,71 @@ def feeding_dropout(model: nn.Module, path: str) -> str | None:
         known = _known_classifiers(model)
     except ValueError:
         known = None
-    return _feeding_dropout(model, path, known)
+    found = _feeding_dropout(model, path, known)
+    return found.path if found is not None and found.alone else None
 
 
-def _feeding_dropout(model: nn.Module, path: str, known: _Classifiers | None) -> str | None:
-    """:func:`feeding_dropout` with the model's known classifiers (``None``: not a known model) already located."""
+@dataclass(frozen=True)
+class _FeedingDropout:
+    """A dropout right before a classifier: its path, whether it is shown to feed the classifier alone, and if
+    not, why."""
+
+    path: str
+    alone: bool
+    reason: str = ""
+
+
+def _feeding_dropout(model: nn.Module, path: str, known: _Classifiers | None) -> _FeedingDropout | None:
+    """The dropout right before the classifier at ``path`` (:func:`feeding_dropout`'s rules), shown to feed it
+    alone or not, with the model's known classifiers (``None``: not a known model) already located."""
     parent_path, _, leaf = path.rpartition(".")
     parent = _get(model, parent_path) if parent_path else model
-    candidates: list[str] = []
-    if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
-        candidates.append(_join(parent_path, str(int(leaf) - 1)))
-    if leaf in ("classifier", "conv_seg") and parent is not None:
-        if _known_key(parent, _SHARED_DROPOUTS) is None:
-            candidates.append(_join(parent_path, "dropout"))
     grand_path, _, parent_leaf = parent_path.rpartition(".")
-    if leaf == "convolution" and parent_leaf == "classifier":
-        candidates.append(_join(grand_path, "dropout"))
+    candidates: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
+    if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
+        sequential = type(parent).forward is nn.Sequential.forward
+        reason = f"{type(parent).__name__} overrides nn.Sequential.forward"
+        candidates.append((_join(parent_path, str(int(leaf) - 1)), lambda: (sequential, "" if sequential else reason)))
+    if leaf in ("classifier", "conv_seg") and parent is not None:
+        owner = parent
+        candidates.append((_join(parent_path, "dropout"), lambda: dropout_feeds_only(owner, "dropout", leaf)))
+    grand = _get(model, grand_path) if grand_path else model
+    if leaf == "convolution" and parent_leaf == "classifier" and grand is not None:
+        candidates.append((_join(grand_path, "dropout"), lambda: dropout_feeds_only(grand, "dropout", parent_leaf)))
     if known is not None and known.main == path and known.main_dropout is not None:
-        candidates.append(known.main_dropout)
-    for candidate in candidates:
-        if isinstance(_get(model, candidate), _DropoutNd):
-            return candidate
+        candidates.append((known.main_dropout, lambda: (True, "")))  # the known model's decoder ends in it
+    for candidate, shown in candidates:
+        dropout = _get(model, candidate)
+        if isinstance(dropout, _DropoutNd):
+            alone, reason = shown()
+            places = sum(m is dropout for m in model.modules(remove_duplicate=False))
+            if alone and places > 1:
+                alone, reason = False, f"the same {type(dropout).__name__} is registered at {places} paths"
+            return _FeedingDropout(candidate, alone, reason)
     return None
 
 
 def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, known: _Classifiers | None) -> None:
-    dropout_path = _feeding_dropout(model, path, known)
-    if dropout_path is None:
+    found = _feeding_dropout(model, path, known)
+    if found is None:
         return
+    dropout_path = found.path
     dropout = model.get_submodule(dropout_path)
     p = float(getattr(dropout, "p", 0.0))
+    takes_dropout = type(head).take_input_dropout is not AdaptiveHead.take_input_dropout  # CAC, SSA-Seg
+    if not found.alone:
+        if p > 0 and takes_dropout:
+            warnings.warn(
+                f"replace_classifier: {dropout_path!r} ({dropout!r}) is applied before the classifier at {path!r} "
+                f"but is not shown to feed it alone ({found.reason}), so it stays in place and reaches every branch "
+                f"of {type(head).__name__} (the official head drops out its coarse path only). If it feeds the "
+                f"classifier alone, absorb it explicitly: build the head with dropout={p:g} (replace_classifier(..., "
+                f"dropout={p:g})) and replace the module at {dropout_path!r} with torch.nn.Identity(); "
+                "absorb_dropout=False leaves it without this warning",
+                UserWarning,
+                stacklevel=3,
+            )
+        return
     if head.take_input_dropout(p):
         _set(model, dropout_path, nn.Identity())
         logger.info(
@@ -332,6 +369,33 @@ def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, known: _Cla
             "coarse logits only, as the official head (absorb_dropout=False keeps it)",
             dropout_path, dropout, path, type(head).__name__, getattr(head, "dropout", None),
         )  # fmt: skip
+
+
+def _warn_of_an_output_activation(model: nn.Module, located: _Classifiers | None) -> None:
+    """smp models built with ``activation=`` (``"softmax2d"``, ``"sigmoid"``, ...) return probabilities: a
+    cross-entropy on ``model(x)`` then trains on probabilities, silently. Warn where the replaced model is one."""
+    if located is None:
+        return
+    host = model.get_submodule(located.prefix) if located.prefix else model
+    key = _known_key(host, KNOWN_CLASSIFIER_PATHS)
+    head = _get(host, "segmentation_head")
+    if key is None or not key.startswith("segmentation_models_pytorch.") or head is None:
+        return
+    for path, module in head.named_modules():
+        inner = getattr(module, "activation", None)
+        if type(module).__name__ == "Activation" and isinstance(inner, nn.Module):
+            if not isinstance(inner, (nn.Identity, nn.LogSoftmax)):  # CE of log-probabilities is CE of logits
+                where = _join(_join(located.prefix, "segmentation_head"), path)
+                warnings.warn(
+                    f"replace_classifier: {type(host).__name__} applies {inner!r} after its classifier "
+                    f"({where!r}, smp's activation=), so model(x) returns probabilities: a cross-entropy on them "
+                    "trains on probabilities (the adaptive heads' own terms under supervise() use the logits). "
+                    "Build the model with activation=None for training and apply the activation to its output "
+                    "at inference",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
 
 
 def replace_classifier(
@@ -363,8 +427,11 @@ def replace_classifier(
             (default) that dropout becomes ``nn.Identity`` and the head's own coarse-path dropout takes its rate
             (unless the head was built with an explicit ``dropout=``)
             (:meth:`~adaptive_heads.head.AdaptiveHead.take_input_dropout`; logged at INFO level by
-            ``logging.getLogger("adaptive_heads.replace")``). ProtoSeg keeps the host's dropout (the official
-            ProtoSeg embeds dropped-out features).
+            ``logging.getLogger("adaptive_heads.replace")``). Only a dropout shown to feed the classifier alone
+            moves; one that also feeds another layer (an auxiliary branch), or whose module's source cannot be
+            read, stays, with a ``UserWarning`` naming the explicit way (the head built with ``dropout=p``, that
+            module replaced by ``nn.Identity()``). ProtoSeg keeps the host's dropout (the official ProtoSeg embeds
+            dropped-out features).
         **head_options: keyword options of the head (``tau=10.0``), given to it for every classifier replaced.
 
     Returns:
@@ -428,6 +495,7 @@ def replace_classifier(
             _absorb_dropout(model, p, new, located)
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
+    _warn_of_an_output_activation(model, located)
     replaced = [*previous, *paths]
     # the main classifier: of a known model its known path (None while only its auxiliary one is replaced), of
     # another model the first path ever replaced

@@ -9,6 +9,7 @@ the tiles.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Protocol, cast
 
@@ -47,6 +48,7 @@ def tile_grid(height: int, width: int, crop_size: tuple[int, int], stride: tuple
         >>> tile_grid(10, 25, crop_size=(10, 10), stride=(10, 10))  # the last column shifted back to the border
         [(0, 10, 0, 10), (0, 10, 10, 20), (0, 10, 15, 25)]
     """
+    _check_stride(crop_size, stride)
     (h_crop, w_crop), (h_stride, w_stride) = crop_size, stride
     rows = max(height - h_crop + h_stride - 1, 0) // h_stride + 1
     cols = max(width - w_crop + w_stride - 1, 0) // w_stride + 1
@@ -56,6 +58,15 @@ def tile_grid(height: int, width: int, crop_size: tuple[int, int], stride: tuple
             y2, x2 = min(r * h_stride + h_crop, height), min(c * w_stride + w_crop, width)
             tiles.append((max(y2 - h_crop, 0), y2, max(x2 - w_crop, 0), x2))
     return tiles
+
+
+def _check_stride(crop_size: tuple[int, int], stride: tuple[int, int]) -> None:
+    """A stride longer than the crop leaves the pixels between two tiles in no tile (their logits 0/0)."""
+    if stride[0] > crop_size[0] or stride[1] > crop_size[1]:
+        raise ValueError(
+            f"stride {stride} is longer than crop_size {crop_size} (h, w): the pixels between neighbouring tiles "
+            "would lie in no tile; use stride <= crop_size"
+        )
 
 
 def _pair(value: int | tuple[int, int], name: str, minimum: int = 1) -> tuple[int, int]:
@@ -133,14 +144,35 @@ class _ContextCollector:
     whatever it does after its classifier (upsampling, an activation)."""
 
     def __init__(self, head: ContextHead, core_count: Tensor) -> None:
-        self.head = head
+        self._head = weakref.ref(head)  # weak: the collector is the value of its head's entry in _COLLECTORS
+        self.start(core_count)
+
+    @property
+    def head(self) -> ContextHead:
+        head = self._head()
+        if head is None:
+            raise RuntimeError("the head of this slide_inference() call was deleted")
+        return head
+
+    @classmethod
+    def of(cls, head: ContextHead, core_count: Tensor) -> _ContextCollector:
+        """The head's collector, started for an image: one object per head, reused by every call, so that a
+        compiled model meets the same object at its head each time (dynamo may guard on its identity)."""
+        collector = _COLLECTORS.get(head)
+        if collector is None:
+            collector = _COLLECTORS[head] = cls(head, core_count)
+        return collector.start(core_count)
+
+    def start(self, core_count: Tensor) -> _ContextCollector:
         self.image_weight = torch.where(core_count > 0, 1.0 / core_count.clamp_min(1), 0.0)
         self.tile: Tile | None = None
         self.core: Tile | None = None
         self.calls = 0
         self.apply = False
         self.context: dict[str, Tensor] | None = None
+        return self
 
+    @torch.compiler.disable
     def collect(self, feat: Tensor) -> Tensor:
         self.calls += 1
         if self.apply:
@@ -164,25 +196,55 @@ class _ContextCollector:
 
     def __exit__(self, *exc: object) -> None:
         self.head._context_collector = None
+        self.image_weight, self.context = self.image_weight.new_empty(0), None  # the image's tensors go
+
+
+#: each head's collector (weak keys, and the collector refers to its head weakly: it goes with its head)
+_COLLECTORS: weakref.WeakKeyDictionary[Any, _ContextCollector] = weakref.WeakKeyDictionary()
+
+
+def _recorded_main_head(model: nn.Module) -> tuple[list[str], str | None] | None:
+    """Where :func:`replace_classifier` recorded its paths: on ``model`` or on the outermost module inside it that
+    carries them (the HF model inside :class:`~adaptive_heads.integrations.hf.AdaptiveSegmentationModel`, a model
+    inside a Lightning module): ``(the replaced paths, the main head's path)`` from ``model``, or ``None`` where
+    none (or several side by side) recorded them."""
+    owners: list[tuple[str, list[str], str | None]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{owner}.") for owner, _, _ in owners if owner):
+            continue  # inside a recording module already found
+        paths = getattr(module, "adaptive_head_paths", None)
+        if paths:
+            owners.append((name, list(paths), getattr(module, "adaptive_main_head", paths[0])))
+            if not name:
+                break  # the model itself
+    if len(owners) != 1:
+        return None
+    prefix, paths, main = owners[0]
+
+    def full(path: str) -> str:
+        return f"{prefix}.{path}" if prefix else path
+
+    return [full(p) for p in paths], None if main is None else full(main)
 
 
 def _context_head(model: nn.Module, head: str | None) -> ContextHead | None:
     """The head whose logits the model returns: ``head`` (a path), the main head :func:`replace_classifier`
-    recorded, or the model's only adaptive head; ``None`` if it builds no image context (ProtoSeg)."""
+    recorded (on the model or on the model inside a wrapper), or the model's only adaptive head; ``None`` if it
+    builds no image context (ProtoSeg)."""
     if head is not None:
         found = model.get_submodule(head)
     else:
         heads = {name: m for name, m in model.named_modules() if isinstance(m, AdaptiveHead)}
         if isinstance(model, AdaptiveHead):
             heads = {"": model}
-        paths = getattr(model, "adaptive_head_paths", None)
-        if paths and getattr(model, "adaptive_main_head", paths[0]) is None:
+        recorded = _recorded_main_head(model)
+        if recorded is not None and recorded[1] is None:
             raise ValueError(
-                f"the model's main classifier is not an adaptive head (replaced: {paths}); image context builds "
-                'the classifier of the main head: replace it, pass head=, or use context="tile"'
+                f"the model's main classifier is not an adaptive head (replaced: {recorded[0]}); image context "
+                'builds the classifier of the main head: replace it, pass head=, or use context="tile"'
             )
-        if paths:
-            found = model.get_submodule(getattr(model, "adaptive_main_head", paths[0]))
+        if recorded is not None:
+            found = model.get_submodule(cast(str, recorded[1]))
         elif len(heads) == 1:
             found = next(iter(heads.values()))
         elif not heads:
@@ -195,9 +257,14 @@ def _context_head(model: nn.Module, head: str | None) -> ContextHead | None:
 
 
 def _tiles(images: Tensor, tiles: list[Tile]) -> Iterator[tuple[Tile, Tensor]]:
+    """Each tile and its pixels, copied to a dense tensor in the images' memory format: every tile of every image
+    has the same strides, so a compiled model meets no new input layout (a view of the image would carry the
+    image's strides, and torch.compile guards on them)."""
+    channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for tile in tiles:
         y1, y2, x1, x2 = tile
-        yield tile, images[..., y1:y2, x1:x2]
+        yield tile, images[..., y1:y2, x1:x2].contiguous(memory_format=layout)
 
 
 @torch.no_grad()
@@ -242,12 +309,14 @@ def slide_inference(
         model: a segmentation model in eval mode returning logits for its input (any size).
         images: ``[B, 3, H, W]``.
         crop_size: tile size ``(h, w)`` or an int.
-        stride: step between tiles ``(h, w)`` or an int.
+        stride: step between tiles ``(h, w)`` or an int, at most ``crop_size`` (a longer step leaves pixels in
+            no tile: ``ValueError``).
         context: ``"tile"`` (default: the official heads' behaviour under mmseg's slide inference) or
             ``"image"``. On CamVid's val frames tile context scored higher (see the CamVid experiment): the
             classifier built from a tile also adapts to the tile's own features, which tiling shifts.
         head: path of the adaptive head whose logits the model returns (default: the main head recorded by
-            :func:`~adaptive_heads.replace_classifier`, the first of ``model.adaptive_head_paths``, or the model's
+            :func:`~adaptive_heads.replace_classifier`, the first of ``model.adaptive_head_paths``, also where it
+            was recorded on a model inside a wrapper such as HF's ``AdaptiveSegmentationModel``, or the model's
             only adaptive head).
         align_corners: of the bilinear resize of logits to the tile.
         forward: how to run the model on a tile (default ``model(tile)``); e.g. mmseg's ``encode_decode`` with
@@ -273,6 +342,7 @@ def slide_inference(
     if model.training:
         raise ValueError("slide_inference needs the model in eval mode (model.eval())")
     crop, step = _pair(crop_size, "crop_size"), _pair(stride, "stride")
+    _check_stride(crop, step)
     widest = (max((crop[0] - step[0]) // 2, 0), max((crop[1] - step[1]) // 2, 0))
     margin = widest if context_margin is None else _pair(context_margin, "context_margin", minimum=0)
     if margin[0] > widest[0] or margin[1] > widest[1]:
@@ -290,7 +360,7 @@ def slide_inference(
             stitcher.add(tile, _resize(logits, (crop_images.shape[-2], crop_images.shape[-1]), align_corners))
         return stitcher.result()
     cores = _cores(images, tiles, margin)
-    collector = _ContextCollector(context_head, _coverage(images, cores))
+    collector = _ContextCollector.of(context_head, _coverage(images, cores))
     with collector:
         for (tile, crop_images), core in zip(_tiles(images, tiles), cores, strict=True):
             collector.tile, collector.core = tile, core

@@ -18,12 +18,16 @@ as the host library weighs its auxiliary CE (torchvision's recipe 0.5, HF's ``au
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from torch import Tensor, nn
 
+from ._validation import is_tracing
 from .head import AdaptiveHead
 from .losses import HeadLoss
 from .outputs import HeadOutput
@@ -88,6 +92,7 @@ class Supervision:
             if head._supervisor is not None:
                 raise RuntimeError("supervise() blocks cannot be nested on the same head")
             head._supervisor = self
+        _check_the_optimizer_updates_the_heads(self.model, self.heads)
         return self
 
     def __exit__(
@@ -171,3 +176,67 @@ def supervise(
         ['1.ce', '1.ce_coarse', '1.ce_teacher', '1.distill', 'adaptive_loss']
     """
     return Supervision(model, target, loss_fns, head_weights)
+
+
+@dataclass
+class _UpdateWatch:
+    """What :func:`_check_the_optimizer_updates_the_heads` knows of one head: a trainable parameter of the model
+    outside every head (``None``: none to compare with), the in-place version counts of both at the last
+    supervised step, and how many optimizer steps since changed the model but not the head."""
+
+    reference: weakref.ref[Tensor] | None
+    head_version: int
+    reference_version: int
+    skipped: int = 0
+    done: bool = False
+
+
+#: the heads being watched (a head drops out once it has been updated or warned about)
+_WATCHES: weakref.WeakKeyDictionary[AdaptiveHead, _UpdateWatch] = weakref.WeakKeyDictionary()
+
+#: optimizer steps that update the rest of the model but not a head before :func:`supervise` warns
+_SKIPPED_STEPS_BEFORE_WARNING = 2
+
+
+def _check_the_optimizer_updates_the_heads(model: nn.Module, heads: Mapping[str, AdaptiveHead]) -> None:
+    """Warn once per head whose trainable parameters stay untouched over optimizer steps that update the rest of the
+    model: the optimizer was built before :func:`~adaptive_heads.replace_classifier` (it holds the replaced conv's
+    parameters) and the head never trains. Reads only the parameters' in-place version counters (host integers: no
+    device work), until the head is seen updated once. Skipped while torch.compile or torch.export traces."""
+    if is_tracing():
+        return
+    for path, head in heads.items():
+        watch = _WATCHES.get(head)
+        if watch is not None and watch.done:
+            continue
+        params = [p for p in head.parameters() if p.requires_grad]
+        if not params or not head.training:
+            continue
+        head_version = sum(p._version for p in params)
+        if watch is None:
+            inside = {id(p) for h in heads.values() for p in h.parameters()}
+            reference = next((p for p in model.parameters() if p.requires_grad and id(p) not in inside), None)
+            _WATCHES[head] = _UpdateWatch(
+                None if reference is None else weakref.ref(reference),
+                head_version,
+                0 if reference is None else reference._version,
+                done=reference is None,
+            )
+            continue
+        compared = watch.reference() if watch.reference is not None else None
+        if compared is None or head_version != watch.head_version:
+            watch.done = True  # the head is updated (or there is nothing to compare with)
+            continue
+        if compared._version != watch.reference_version:  # an optimizer step changed the model, not the head
+            watch.reference_version = compared._version
+            watch.skipped += 1
+            if watch.skipped >= _SKIPPED_STEPS_BEFORE_WARNING:
+                watch.done = True
+                warnings.warn(
+                    f"supervise(): the parameters of the adaptive head at {path!r} stayed unchanged over "
+                    f"{watch.skipped} optimizer steps that changed the rest of the model: the optimizer does not hold "
+                    "them, so the head never trains. Build the optimizer after replace_classifier() (an optimizer "
+                    "built before holds the replaced conv's parameters), or add the head's parameters to it",
+                    UserWarning,
+                    stacklevel=3,
+                )

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from adaptive_heads import PrototypeClassifier
+from adaptive_heads import PrototypeClassifier, replace_classifier, slide_inference
 from adaptive_heads.functional import (
     channel_norm,
     prototype_contrast_sums,
@@ -18,6 +18,7 @@ from adaptive_heads.functional import (
 from adaptive_heads.registry import HEADS
 
 from .conftest import make_head, make_loss
+from .models import TinyFCN
 
 
 def compile_options(name: str) -> dict:
@@ -142,3 +143,28 @@ def test_custom_functions_under_inductor(name):
     for a, b in zip(eager_in, comp_in, strict=False):
         torch.testing.assert_close(b.grad, a.grad, **TOL)
         assert b.grad.stride() == a.grad.stride()
+
+
+@pytest.mark.parametrize("name", ["cac", "ssa"])
+def test_image_context_slide_inference_compiles_the_first_image_once(name):
+    """``slide_inference(context="image")`` on a compiled model: the head's context collection runs outside the
+    graph (one graph break), and the tiles are dense copies, so the tiles of the first image compile at most 3
+    graphs and the tiles of later images (of any size) none; the result is eager's. Counted by dynamo's own
+    ``CompileCounter`` (its eager backend: the graphs, not inductor's code, are what recompiled)."""
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = replace_classifier(TinyFCN(aux=False), name).eval()
+    unique_graphs = counters["stats"]["unique_graphs"]  # over the session: dynamo.reset() keeps it
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    first = torch.randn(1, 3, 64, 64)  # 9 tiles of 32 at stride 16
+    expected = slide_inference(model, first, 32, 16, context="image")
+    torch.testing.assert_close(slide_inference(compiled, first, 32, 16, context="image"), expected, **TOL)
+    graphs = counter.frame_count
+    assert 1 <= graphs <= 3, graphs
+    for later in (torch.randn(1, 3, 64, 64), torch.randn(1, 3, 48, 80)):
+        expected = slide_inference(model, later, 32, 16, context="image")
+        torch.testing.assert_close(slide_inference(compiled, later, 32, 16, context="image"), expected, **TOL)
+    assert counter.frame_count == graphs and counters["stats"]["unique_graphs"] - unique_graphs == graphs

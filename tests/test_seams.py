@@ -113,6 +113,120 @@ def test_host_dropout_as_an_attribute_beside_the_classifier():
     assert isinstance(model[0].dropout, nn.Identity) and model[0].classifier.dropout.p == 0.2
 
 
+class TwoBranchDecoder(nn.Module):
+    """A decode head whose dropout feeds the classifier and an auxiliary branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuse = nn.Conv2d(3, 8, 1)
+        self.dropout = nn.Dropout2d(0.2)
+        self.classifier = nn.Conv2d(8, 4, 1)
+        self.aux = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.dropout(self.fuse(x))
+        return self.classifier(x), self.aux(x)
+
+
+class GuardedDecoder(nn.Module):
+    """mmseg's ``cls_seg`` pattern: the dropout tested for ``None``, its output in a variable read by the classifier."""
+
+    def __init__(self, aux: bool = False) -> None:
+        super().__init__()
+        self.fuse = nn.Conv2d(3, 8, 1)
+        self.dropout = nn.Dropout2d(0.2)
+        self.conv_seg = nn.Conv2d(8, 4, 1)
+        self.conv_aux = nn.Conv2d(8, 4, 1) if aux else None
+
+    def cls_seg(self, feat):
+        if self.dropout is not None:
+            feat = self.dropout(feat)
+        output = self.conv_seg(feat)
+        return output
+
+    def forward(self, x):
+        feat = self.fuse(x)
+        return self.cls_seg(feat)
+
+
+class GuardedDecoderWithAux(GuardedDecoder):
+    """As mmseg's ``DAHead``: a second method feeds another classifier from the same dropout."""
+
+    def aux_seg(self, feat):
+        feat = self.dropout(feat)
+        return self.conv_aux(feat)
+
+
+def test_a_dropout_that_also_feeds_an_aux_branch_stays_with_a_warning_naming_the_explicit_way():
+    model = nn.Sequential(TwoBranchDecoder())
+    with pytest.warns(UserWarning, match=r"'0.dropout' .* not shown to feed it alone .*reads the output") as record:
+        replace_classifier(model, ContextAwareClassifier, path="0.classifier")
+    message = str(record[0].message)
+    assert "dropout=0.2" in message and "torch.nn.Identity()" in message and "absorb_dropout=False" in message
+    assert isinstance(model[0].dropout, nn.Dropout2d) and model[0].classifier.dropout.p == 0.1  # its own default
+    from adaptive_heads.replace import feeding_dropout
+
+    assert feeding_dropout(nn.Sequential(TwoBranchDecoder()), "0.classifier") is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace_classifier(nn.Sequential(TwoBranchDecoder()), ContextAwareClassifier, path="0.classifier",
+                           absorb_dropout=False)  # fmt: skip
+        replace_classifier(nn.Sequential(TwoBranchDecoder()), "proto", path="0.classifier")  # keeps it anyway
+
+
+def test_a_dropout_feeding_the_classifier_alone_through_a_variable_is_absorbed():
+    model = nn.Sequential(GuardedDecoder(aux=True))
+    replace_classifier(model, ContextAwareClassifier, path="0.conv_seg")
+    assert isinstance(model[0].dropout, nn.Identity) and model[0].conv_seg.dropout.p == 0.2
+    shared = nn.Sequential(GuardedDecoderWithAux(aux=True))
+    with pytest.warns(UserWarning, match=r"GuardedDecoderWithAux.aux_seg reads the output of self.dropout"):
+        replace_classifier(shared, ContextAwareClassifier, path="0.conv_seg")
+    assert isinstance(shared[0].dropout, nn.Dropout2d)
+
+
+def test_a_dropout_registered_twice_or_before_a_custom_sequential_stays():
+    model = TinyFCN()
+    model.aux_classifier[3] = model.classifier[3]  # one module feeding both heads
+    with pytest.warns(UserWarning, match=r"the same Dropout is registered at 2 paths"):
+        replace_classifier(model, ContextAwareClassifier)
+    assert isinstance(model.classifier[3], nn.Dropout)
+
+    class Skip(nn.Sequential):  # its forward feeds the classifier with the dropout's input too
+        def forward(self, x):
+            return self[2](self[1](self[0](x)) + self[0](x))
+
+    model = nn.Sequential(Skip(nn.Conv2d(3, 8, 1), nn.Dropout(0.1), nn.Conv2d(8, 4, 1)))
+    with pytest.warns(UserWarning, match=r"Skip overrides nn.Sequential.forward"):
+        replace_classifier(model, ContextAwareClassifier, path="0.2")
+    assert isinstance(model[0][1], nn.Dropout)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.AdamW])
+def test_an_optimizer_built_before_replace_classifier_is_caught_by_supervise(optimizer):
+    def train(build_first: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = TinyFCN(aux=False)
+        if build_first:
+            opt = optimizer(model.parameters(), lr=0.01)  # holds the conv that replace_classifier swaps out
+        replace_classifier(model, ContextAwareClassifier)
+        if not build_first:
+            opt = optimizer(model.parameters(), lr=0.01)
+        images, target = torch.randn(2, 3, 16, 16), torch.randint(0, 4, (2, 16, 16))
+        for _ in range(3):
+            opt.zero_grad()
+            with supervise(model, target) as sup:
+                loss = torch.nn.functional.cross_entropy(model(images)["out"], target) + sup.loss()
+            loss.backward()
+            opt.step()
+        return model
+
+    with pytest.warns(UserWarning, match=r"head at 'classifier.4' stayed unchanged over 2 optimizer steps .* after "):
+        train(build_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(build_first=False)
+
+
 # ----------------------------------------------------------------------------- which head is the main one
 def test_every_replaced_path_is_kept_main_first():
     model = TinyFCN()

@@ -236,6 +236,11 @@ def test_errors():
         ah.slide_inference(model, images[0], 8, 8)
     with pytest.raises(ValueError, match="eval mode"):
         ah.slide_inference(model.train(), images, 8, 8)
+    for context in ("tile", "image"):  # pixels between the tiles would lie in no tile (NaN logits)
+        with pytest.raises(ValueError, match=r"stride \(10, 6\) is longer than crop_size \(8, 8\)"):
+            ah.slide_inference(model.eval(), images, 8, (10, 6), context=context)
+    with pytest.raises(ValueError, match=r"stride \(5, 9\) is longer than crop_size \(8, 8\)"):
+        tile_grid(16, 16, (8, 8), (5, 9))
     plain = nn.Conv2d(3, 4, 1).eval()
     with pytest.raises(ValueError, match='needs an adaptive head in the model; use context="tile"'):
         ah.slide_inference(plain, images, 8, 8, context="image")

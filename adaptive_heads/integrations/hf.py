@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -52,6 +53,33 @@ _IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "loss_ignore_index")
 CONFIG_KEY = "adaptive_heads"
 
 
+def _warn_of_a_plain_load_of_adaptive_weights(model: nn.Module) -> None:
+    """A plain ``<HF class>.from_pretrained`` of a folder saved by :meth:`AdaptiveSegmentationModel.save_pretrained`
+    keeps the config's record of the heads but initialises a plain classifier afresh at each of their paths, and
+    transformers' report names the keys without saying why. Say it where such a model meets the wrapper."""
+    spec = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    heads = spec.get("heads") if isinstance(spec, dict) else None
+    if not isinstance(heads, dict):
+        return
+    plain = [path for path in heads if not isinstance(_submodule(model, path), AdaptiveHead)]
+    if plain:
+        warnings.warn(
+            f"this {type(model).__name__} was loaded from a folder saved by AdaptiveSegmentationModel.save_pretrained "
+            f"(its config.json records the adaptive heads {sorted(heads)}) by the plain transformers class: the "
+            f"classifier(s) at {plain} are freshly initialised and the trained heads' weights were left unused. "
+            "Load the folder with AdaptiveSegmentationModel.from_pretrained(folder)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 class AdaptiveSegmentationModel(nn.Module):
     """Wrap an HF semantic-segmentation model so its loss includes the adaptive heads' terms.
 
@@ -72,6 +100,12 @@ class AdaptiveSegmentationModel(nn.Module):
     ``forward(pixel_values, labels=None, **kwargs)`` returns the model's output; in training with labels its
     ``loss`` is the model's loss plus ``sup.loss()`` (the extra terms: the model's own CE already covers each
     head's main term), and :attr:`last_losses` holds every named term (detached) for logging.
+
+    The loss is a mean over the batch's pixels: ``transformers.Trainer`` divides it by
+    ``gradient_accumulation_steps`` (:attr:`accepts_loss_kwargs` is ``False``), so 4 accumulated batches of 1 give
+    the update and the logged loss of one batch of 4 where the loss is a per-pixel mean (tested). Terms pooled over
+    the batch stay batch-level, as BatchNorm's statistics do: the teacher of CAC and SSA-Seg (official
+    ``teacher_pooling="batch"``) and CAC's class-wise average of its distillation.
     """
 
     def __init__(
@@ -84,6 +118,7 @@ class AdaptiveSegmentationModel(nn.Module):
         **head_options: Any,
     ) -> None:
         super().__init__()
+        _warn_of_a_plain_load_of_adaptive_weights(model)
         if head is not None:
             replace_classifier(model, head, include_aux=include_aux, **head_options)
         elif head_options:
@@ -107,6 +142,12 @@ class AdaptiveSegmentationModel(nn.Module):
         self.model = model
         self.loss_fns = loss_fns
         self.last_losses: dict[str, Tensor] = {}
+
+    #: read by ``transformers.Trainer`` (>= 4.46): the loss is a mean over this batch's pixels, not a sum to be
+    #: normalised by the Trainer's ``num_items_in_batch``, so under gradient accumulation the Trainer divides it by
+    #: the accumulation steps. Without it, ``forward(**kwargs)`` makes the Trainer skip that division (the loss and
+    #: the gradients ``gradient_accumulation_steps`` times too large).
+    accepts_loss_kwargs = False
 
     @property
     def config(self):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier
+from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, slide_inference
 from adaptive_heads.registry import HEADS
 
 from ..conftest import assert_dropout_on_the_coarse_path_only
@@ -138,6 +138,12 @@ def test_plain_transformers_load_of_a_saved_folder_reinitialises_the_classifier(
     assert {"decode_head.classifier.weight", "decode_head.classifier.bias"} <= set(info["missing_keys"])
     assert any(k.startswith("decode_head.classifier.proj.") for k in info["unexpected_keys"])
     assert isinstance(plain.decode_head.classifier, torch.nn.Conv2d)  # a fresh plain classifier
+    with pytest.warns(
+        UserWarning,
+        match=r"saved by AdaptiveSegmentationModel.save_pretrained .* plain .*"
+        r"\['decode_head.classifier'\] are freshly initialised .* AdaptiveSegmentationModel.from_pretrained",
+    ):
+        AdaptiveSegmentationModel(plain, "cac")  # wrapping it again would train a fresh head: said, not silent
     reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)  # the adaptive class loads it whole
     images = torch.randn(1, 3, 32, 32)
     model.eval(), reloaded.eval()
@@ -211,6 +217,73 @@ def test_adaptive_trainer_logs_every_term_averaged_since_the_last_log(tmp_path):
     for entry, steps in zip(logs, (seen[:2], seen[2:]), strict=True):
         for name in terms:
             assert entry[name] == pytest.approx(sum(float(s[name]) for s in steps) / 2, abs=1e-4), name
+
+
+# ----------------------------------------------------------------------------- training and inference seams (issue 33)
+def _segformer_without_batch_statistics():
+    """The tiny Segformer without dropout and with its decode head's BatchNorm as ``nn.Identity``, and a CAC head
+    whose loss is a mean over the batch's pixels (an oracle per image, no distillation, which the official code
+    averages per class over the whole batch): a batch of 4 and 4 batches of 1 then have the same gradient."""
+    config = _segformer().config
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = config.drop_path_rate = 0.0
+    config.classifier_dropout_prob = 0.0
+    torch.manual_seed(0)
+    base = transformers.SegformerForSemanticSegmentation(config)
+    base.decode_head.batch_norm = torch.nn.Identity()
+    loss = ContextAwareLoss(weights={"distill": 0.0})
+    return AdaptiveSegmentationModel(base, "cac", teacher_pooling="image", loss_fns=loss)
+
+
+@pytest.mark.parametrize("trainer_cls", ["Trainer", "AdaptiveTrainer"])
+def test_gradient_accumulation_gives_the_update_and_the_loss_of_the_whole_batch(trainer_cls, tmp_path):
+    """``gradient_accumulation_steps=4`` × batch 1 gives the SGD update and the logged loss of 1 × batch 4: the
+    wrapper's loss is a per-batch mean, so the Trainer must divide it by the accumulation steps (transformers ≥ 4.46
+    skips that division for a model whose ``forward`` takes ``**kwargs``, unless ``accepts_loss_kwargs`` is False)."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    trainer_type = AdaptiveTrainer if trainer_cls == "AdaptiveTrainer" else transformers.Trainer
+    data = _Scenes(count=4)
+    data.labels = torch.randint(0, 5, data.labels.shape, generator=torch.Generator().manual_seed(1))  # none ignored
+    runs = {}
+    for batch, steps in ((4, 1), (1, 4)):
+        model = _segformer_without_batch_statistics()
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"{batch}x{steps}"), max_steps=1, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=steps, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+            disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        trainer = trainer_type(model=model, args=args, train_dataset=data)
+        trainer.train()
+        loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+        runs[batch] = loss, {k: (p.detach() - before[k]) for k, p in model.named_parameters()}
+    (whole_loss, whole_update), (accumulated_loss, accumulated_update) = runs[4], runs[1]
+    assert accumulated_loss == pytest.approx(whole_loss, rel=1e-3)  # the transformers 5 logs round to 4 digits
+    head_update = [k for k in whole_update if k.startswith("model.decode_head.classifier.")]
+    assert head_update and any(whole_update[k].abs().max() > 0 for k in head_update)
+    for name, update in whole_update.items():
+        torch.testing.assert_close(accumulated_update[name], update, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_image_context_slide_inference_through_the_wrapper_of_a_model_with_an_adaptive_aux_head(tmp_path):
+    """UperNet with adaptive main and auxiliary heads: the wrapper's main head (recorded on the HF model inside it)
+    builds the image context; one tile covering the image equals the plain forward."""
+    torch.manual_seed(0)
+    model = AdaptiveSegmentationModel(_upernet(), "cac", include_aux=True).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        whole = torch.nn.functional.interpolate(
+            model(pixel_values=images).logits, size=(64, 64), mode="bilinear", align_corners=False
+        )
+    one_tile = slide_inference(model, images, 64, 64, context="image")
+    torch.testing.assert_close(one_tile, whole, rtol=1e-5, atol=1e-5)
+    tiled = slide_inference(model, images, 32, 16, context="image")
+    named = slide_inference(model, images, 32, 16, context="image", head="model.decode_head.classifier")
+    assert torch.isfinite(tiled).all()
+    torch.testing.assert_close(tiled, named, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)  # its heads replaced path by path
+    torch.testing.assert_close(slide_inference(reloaded.eval(), images, 32, 16, context="image"), tiled)
 
 
 def test_from_pretrained_refuses_weights_saved_with_other_head_options(tmp_path):

@@ -3,6 +3,8 @@ in its oldest and newest environments, see ``.ci/run``)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,7 +204,9 @@ def test_smp_image_context_goes_through_the_segmentation_head(name, activation):
 
     torch.manual_seed(0)
     model = smp.FPN(encoder_name="resnet18", encoder_weights=None, classes=4, activation=activation)
-    replace_classifier(model, HEADS[name])
+    with warnings.catch_warnings():  # returning probabilities is warned about (tested below); image context works
+        warnings.simplefilter("ignore")
+        replace_classifier(model, HEADS[name])
     model.eval()
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
@@ -229,6 +233,20 @@ def test_smp_image_context_goes_through_the_segmentation_head(name, activation):
         whole = local(images)
         image = slide_inference(local, images, crop_size=40, stride=28, context="image")
     torch.testing.assert_close(image, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["softmax2d", "sigmoid", None, "logsoftmax"])
+def test_smp_built_with_an_activation_is_warned_of(activation):
+    """smp's ``activation=`` makes ``model(x)`` return probabilities: a CE on them trains on probabilities."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.Unet(encoder_name="resnet18", encoder_weights=None, classes=4, activation=activation)
+    if activation in ("softmax2d", "sigmoid"):
+        with pytest.warns(UserWarning, match=r"segmentation_head.2.* returns probabilities.*activation=None"):
+            replace_classifier(model, "cac")
+    else:  # no activation, or log-probabilities (their CE is the CE of the logits)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            replace_classifier(model, "cac")
 
 
 @pytest.mark.parametrize("architecture", ["FPN", "PSPNet"])
