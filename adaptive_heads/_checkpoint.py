@@ -47,8 +47,9 @@ def load_prefixed_state_dict(
     """
     flat = _unwrap(state_dict)
     # official checkpoints hold weights only: a head's saved options (its ``_extra_state``) are neither expected
-    # nor read here (AdaptiveHead.load_state_dict checks them)
-    own = {k: v for k, v in module.state_dict().items() if not k.endswith(_EXTRA_STATE)}
+    # nor read here; the head's own stand in for them, so its load has nothing to check and nothing to warn about
+    full = module.state_dict()
+    own = {k: v for k, v in full.items() if not k.endswith(_EXTRA_STATE)}
     if prefix is None:
         options = [p for c in candidates for p in (c, "module." + c)]
         scores = [sum((p + k) in flat for k in own) for p in options]
@@ -80,5 +81,5 @@ def load_prefixed_state_dict(
     missing = [k for k in own if k not in picked]
     if strict and missing:
         raise KeyError(f"missing keys for {type(module).__name__} under prefix {prefix!r}: {missing}")
-    module.load_state_dict(picked, strict=False)
+    module.load_state_dict({**picked, **{k: v for k, v in full.items() if k.endswith(_EXTRA_STATE)}}, strict=False)
     return _IncompatibleKeys(missing, unexpected)

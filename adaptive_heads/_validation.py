@@ -17,6 +17,7 @@ The finite-feature check also costs a full pass over the feature map, so it runs
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ __all__ = [
     "check_unit_interval",
     "is_debug",
     "is_tracing",
+    "plain_option",
     "set_debug",
 ]
 
@@ -67,6 +69,21 @@ def _device_checks(t: Tensor) -> bool:
     """Assert on the device, without a host synchronisation: CUDA (``torch._assert_async`` has no kernel for MPS or
     XPU, and ROCm builds compile device asserts out) and ``meta`` (what the tests trace)."""
     return not is_tracing() and (t.device.type == "meta" or (t.device.type == "cuda" and torch.version.hip is None))
+
+
+def plain_option(value: Any) -> Any:
+    """A numpy scalar (``np.int64(3)``, ``np.float32(10)``, ``np.bool_(True)``, ``np.str_("x")``, common from
+    configs and sweeps) or a 0-d tensor as the Python ``int``/``float``/``bool``/``str`` it holds, so that options
+    compare, print and serialise (JSON) as the plain values; any other value unchanged (and checked by the caller).
+    """
+    if isinstance(value, Tensor):
+        return value.item() if value.dim() == 0 and not value.is_complex() else value
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    for plain in (bool, int, float, str):  # subclasses (an IntEnum, np.float64) to the plain type
+        if isinstance(value, plain):
+            return plain(value)
+    return value
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

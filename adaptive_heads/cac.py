@@ -106,8 +106,8 @@ class ContextAwareClassifier(CosineHead):
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
             class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
         )  # fmt: skip
-        self.proj = prototype_mlp(in_channels)
-        self.apd_proj = prototype_mlp(in_channels)
+        self.proj = prototype_mlp(self.in_channels)
+        self.apd_proj = prototype_mlp(self.in_channels)
 
     loss_type = ContextAwareLoss
     training_only = ("apd_proj",)

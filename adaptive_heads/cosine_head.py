@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ._distributed import all_reduce_class_statistics
 from ._precision import float32_math, upcast_half
 from ._types import CONTEXT_POOLINGS, LABEL_POOLINGS, ClassDirection, ContextPooling, LabelPooling
-from ._validation import check_choice
+from ._validation import check_choice, plain_option
 from .functional import (
     hard_class_pool,
     pointwise_conv,
@@ -90,6 +90,11 @@ class CosineHead(AdaptiveHead):
         coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
+        teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation, class_direction = (
+            plain_option(v) for v in (teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation,
+                                      class_direction)
+        )  # fmt: skip
+        context_pooling, coarse_mix = plain_option(context_pooling), plain_option(coarse_mix)
         check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         check_choice("class_direction", class_direction, ("sum", "centre"))
         check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
@@ -112,7 +117,7 @@ class CosineHead(AdaptiveHead):
         self.init_std = float(init_std)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.conv_seg = nn.Conv2d(
-            in_channels, num_classes, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation
+            self.in_channels, self.num_classes, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation
         )
         self.reset_coarse_classifier()
 

@@ -1,5 +1,5 @@
-"""``AdaptiveHead``: what every head shares as a drop-in for the final 1×1 classifier conv (construction
-replay for ``init_weights``, the ``supervise`` hook, saved options, stripping)."""
+"""``AdaptiveHead``: what every head shares as a drop-in for the final 1×1 classifier conv (``reset_parameters``
+and ``init_weights``, the ``supervise`` hook, saved options, stripping)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ._saved_options import encode_saved_options, option_mismatch, training_changes
-from ._validation import check_features, check_target, is_tracing
+from ._saved_options import compare_saved_options, decode_saved_options, encode_saved_options
+from ._validation import check_features, check_target, is_tracing, plain_option
 from .losses.base import HeadLoss
 from .outputs import HeadOutput
 
@@ -20,7 +20,6 @@ __all__ = ["AdaptiveHead"]
 
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
-_REPLAYING = False  # AdaptiveHead.init_weights() is rebuilding a head
 _INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -66,14 +65,15 @@ class AdaptiveHead(nn.Module):
     coarse_classifier: ClassVar[str | None] = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> AdaptiveHead:
-        # the constructor's arguments and the CPU generator's state before it drew anything: init_weights()
-        # replays the construction to give every layer back the values it was built with
+        # the names of the options the caller gave (built_with): a head built with an explicit dropout= keeps it
+        # when replace_classifier hands it the host's dropout
         head = super().__new__(cls)
-        object.__setattr__(head, "_construction", (torch.random.get_rng_state(), args, kwargs))
+        object.__setattr__(head, "_explicit_options", tuple(kwargs))
         return head
 
     def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
         super().__init__()
+        in_channels, num_classes, ignore_index = (plain_option(v) for v in (in_channels, num_classes, ignore_index))
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -100,6 +100,7 @@ class AdaptiveHead(nn.Module):
         self.stripped = False
         self._supervisor: Any = None
         self._context_collector: Any = None  # set by slide_inference(context="image") during its first pass
+        self._options_mismatch: str | None = None  # of the last load: how the saved options differ (see loading)
 
     @property
     def out_channels(self) -> int:
@@ -180,7 +181,7 @@ class AdaptiveHead(nn.Module):
 
     def built_with(self, option: str) -> bool:
         """Whether the constructor was given ``option`` explicitly (``False`` for a default)."""
-        return option in self.__dict__.get("_construction", (None, (), {}))[2]
+        return option in self.__dict__.get("_explicit_options", ())
 
     def take_input_dropout(self, p: float) -> bool:
         """Take over the rate ``p`` of a dropout the host model applies right before this head's input
@@ -192,49 +193,54 @@ class AdaptiveHead(nn.Module):
         """
         return False
 
+    def reset_parameters(self) -> None:
+        """Draw a new initialisation, in place, from the current random generator (of each tensor's device):
+        every parameter and buffer as the constructor initialises it.
+
+        The layers are reset in the order the constructor built them, each as ``torch.nn`` does (its own
+        ``reset_parameters()``), the coarse classifier (:attr:`coarse_classifier`, CAC's and SSA-Seg's ``conv_seg``)
+        then with mmseg's ``N(0, init_std²)`` weight and zero bias, ProtoSeg's prototypes as a fresh draw. So under
+        the same seed the values equal those of a fresh construction on the same device: ``torch.manual_seed(s);
+        head.reset_parameters()`` gives the weights of ``torch.manual_seed(s); type(head)(...)``, and a head built
+        under ``torch.device("meta")`` is materialised by ``head.to_empty(device=...)`` then this. Layers dropped
+        by :meth:`strip_training_layers` stay dropped; a coarse classifier adopted from a k×k conv keeps its
+        geometry.
+
+        Example:
+            >>> from adaptive_heads import ContextAwareClassifier
+            >>> _ = torch.manual_seed(0)
+            >>> fresh = ContextAwareClassifier(16, 5)
+            >>> head = ContextAwareClassifier(16, 5)  # other draws
+            >>> _ = torch.manual_seed(0)
+            >>> head.reset_parameters()
+            >>> all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), fresh.state_dict().values()))
+            True
+        """
+        reset: list[str] = []
+        with torch.no_grad():
+            for name, module in self.named_modules():
+                if module is self or any(name.startswith(f"{done}.") for done in reset):
+                    continue
+                own_reset = getattr(module, "reset_parameters", None)
+                if callable(own_reset):
+                    own_reset()
+                    reset.append(name)
+                    if name == self.coarse_classifier:
+                        self.reset_coarse_classifier()
+
     def init_weights(self) -> None:
-        """Give the head the initialisation of the official code, in place.
+        """mmengine's initialisation hook: :meth:`reset_parameters`, the official initialisation drawn anew.
 
-        Every layer gets back the values it was constructed with (the constructor is replayed from the CPU
-        generator state it started with, so a head built under ``torch.manual_seed(s)`` gets what a fresh head
-        built under the same seed has); the coarse classifier (:attr:`coarse_classifier`, CAC's and SSA-Seg's
-        ``conv_seg``) gets mmseg's ``N(0, init_std²)`` weight and zero bias, drawn from the current generator.
-
-        mmseg's decode heads carry ``init_cfg=Normal(std=0.01, override=dict(name="conv_seg"))``, which mmengine
-        applies to every layer of the module at ``conv_seg``, the adaptive head once it has replaced the
-        classifier (LayerNorm scales to ≈ 0, projector weights to N(0, 0.01²)); mmengine then calls the
-        ``init_weights()`` of each child module, this method, which undoes it. Buffers (ProtoSeg's prototypes)
-        are reset too; layers dropped by :meth:`strip_training_layers` stay dropped.
-
-        The values equal the construction's when the head was built on the CPU (the default; built under another
-        default device, the replay draws the same distributions from the CPU generator). Call it before wrapping
+        mmengine's ``BaseModule.init_weights()`` (called by ``Runner.train()``) first applies a decode head's
+        ``init_cfg``; mmseg's ``Normal(std=0.01, override=dict(name="conv_seg"))`` reaches every layer of the module
+        at ``conv_seg``, the adaptive head once :func:`~adaptive_heads.replace_classifier` has put it there
+        (LayerNorm scales to ≈ 0, projector weights to N(0, 0.01²)). mmengine then calls the ``init_weights()`` of
+        each child module, this method, which gives every layer its constructor's initialisation and the coarse
+        classifier mmseg's N(0, ``init_std``²) (the ``Adaptive*`` decode heads of
+        :mod:`adaptive_heads.integrations.mmseg` take ``init_std`` from that ``init_cfg``). Call it before wrapping
         the model for sharded training (FSDP), as mmengine's runner does.
         """
-        global _REPLAYING
-        if _REPLAYING:  # a subclass that calls init_weights() in its constructor, while it is being replayed
-            return
-        state, args, kwargs = self.__dict__["_construction"]
-        if not args and not kwargs:  # unpickled from before the construction was recorded: the same architecture
-            args, kwargs = (self.in_channels, self.num_classes), self.options()
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.random.set_rng_state(state)
-            _REPLAYING = True
-            try:
-                with torch.device("cpu"):
-                    fresh = type(self)(*args, **kwargs)
-            finally:
-                _REPLAYING = False
-        own = {**dict(self.named_parameters()), **dict(self.named_buffers())}
-        coarse = self.coarse_classifier
-        with torch.no_grad():
-            for name, value in [*fresh.named_parameters(), *fresh.named_buffers()]:
-                if coarse is not None and name.startswith(f"{coarse}."):
-                    continue
-                mine = own.get(name)
-                if mine is not None and mine.shape == value.shape:
-                    mine.copy_(value)
-        self.reset_coarse_classifier()
+        self.reset_parameters()
 
     def reset_coarse_classifier(self) -> None:
         """mmseg's init of the coarse classifier (see :meth:`init_weights`); heads without one: nothing."""
@@ -261,36 +267,69 @@ class AdaptiveHead(nn.Module):
 
     def get_extra_state(self) -> Tensor:
         """The head's class, shape and :meth:`options`, saved in its state dict (``<prefix>_extra_state``, ``[1024]``
-        uint8 of zero-padded JSON): loading into a head built with other function options (``tau``...) is an
-        error naming them; other training options warn. See ``adaptive_heads/_saved_options.py``."""
+        uint8 of zero-padded JSON, format 1): a load compares them with this head's. See docs/checkpoints.md."""
         return encode_saved_options(self)
 
     def set_extra_state(self, state: Any) -> None:
-        """Compare the saved options with this head's (loaders that call this directly, as transformers 5 does,
-        get the same checks): ``ValueError`` for a function option, a warning for a training option."""
+        """Compare the saved options with this head's, for loaders that call this directly (transformers 5): a
+        ``ValueError`` for another head class, a function option or an unreadable record, a warning for a
+        training option; another class count is left to the loader's shape checks.
+
+        ``load_state_dict`` does not come here: it checks the record after loading every tensor that fits
+        (docs/checkpoints.md)."""
         where = type(self).__name__
-        error = option_mismatch(self, state, where)
-        if error is not None:
-            raise ValueError(error)
-        warning = training_changes(self, state, where)
+        changes = compare_saved_options(self, decode_saved_options(state))
+        if changes.computes_otherwise:
+            raise ValueError(changes.describe(where))
+        warning = changes.describe_training(where)
         if warning is not None:
-            warnings.warn(warning, stacklevel=_caller_level())
+            warnings.warn(warning, UserWarning, stacklevel=_caller_level())
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        saved = state_dict.get(prefix + "_extra_state")
-        error = None if saved is None else option_mismatch(self, saved, prefix.rstrip(".") or type(self).__name__)
-        if error is not None:
-            # reported like a size mismatch (load_state_dict raises after the walk, mmengine's strict=False logs
-            # it), and none of this head's weights is copied: its keys leave the dict its submodules load from
-            error_msgs.append(error)
-            for key in [k for k in state_dict if k.startswith(prefix)]:
-                del state_dict[key]
-            return
+        # every tensor whose shape fits loads (torch reports the others as size mismatches); the saved options are
+        # checked afterwards. torch calls this with strict=True whatever the caller's strict, which acts on the
+        # missing and unexpected keys only: a record that differs in what the weights compute is an unexpected key
+        key = prefix + "_extra_state"
+        where = prefix.rstrip(".") or type(self).__name__
+        saved = state_dict.pop(key, None)  # checked here, not by torch's call of set_extra_state
+        has_weights = any(k.startswith(prefix) for k in state_dict)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if key in missing_keys:  # optional: 0.1 state dicts, parameter-only filters
+            missing_keys.remove(key)
+        self._options_mismatch = None
+        if saved is None:
+            if has_weights:
+                warnings.warn(
+                    f"{where}: the state dict has no saved options ({key!r}: saved by adaptive_heads 0.1, or "
+                    "filtered to parameters), so they could not be checked against this head's; the weights "
+                    "loaded as for any module",
+                    UserWarning,
+                    stacklevel=_caller_level(),
+                )
+            return
+        try:
+            changes = compare_saved_options(self, decode_saved_options(saved, key))
+        except ValueError as error:
+            self._options_mismatch = str(error)
+        else:
+            if changes.computes_otherwise:
+                self._options_mismatch = changes.describe(where)
+            training = changes.describe_training(where)
+            if training is not None:
+                warnings.warn(training, UserWarning, stacklevel=_caller_level())
+        if self._options_mismatch is not None:
+            unexpected_keys.append(key)
+            warnings.warn(
+                f"{self._options_mismatch}.\nEvery tensor whose shape fits was loaded; {key!r} is reported as an "
+                "unexpected key, so a strict load raises on it: load with strict=False to go on with this head's "
+                "options (fine-tuning)",
+                UserWarning,
+                stacklevel=_caller_level(),
+            )
 
     def extra_repr(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
@@ -301,3 +340,10 @@ class AdaptiveHead(nn.Module):
         state["_supervisor"] = None
         state["_context_collector"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # heads pickled by 0.2.0 carry (CPU generator state, args, kwargs) of their construction: keep the names
+        construction = state.pop("_construction", None)
+        if construction is not None and "_explicit_options" not in state:
+            state["_explicit_options"] = tuple(construction[2])
+        super().__setstate__(state)

@@ -22,7 +22,7 @@ from ._checkpoint import load_prefixed_state_dict
 from ._distributed import all_reduce_, is_distributed
 from ._layers import ProjectionHead
 from ._precision import HALF_DTYPES, upcast_half
-from ._validation import check_choice, check_features, check_target, is_tracing
+from ._validation import check_choice, check_features, check_target, is_tracing, plain_option
 from .functional import (
     classwise_kmeans,
     classwise_sinkhorn,
@@ -128,6 +128,13 @@ class PrototypeClassifier(AdaptiveHead):
         checkpoint_embedding: bool = False,
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
+        in_channels, num_classes = self.in_channels, self.num_classes
+        (num_prototypes, embed_dim, gamma, sinkhorn_iters, sinkhorn_eps, update_prototypes, update_assignment,
+         projection_norm, sync, init_std, checkpoint_embedding) = (
+            plain_option(v) for v in (num_prototypes, embed_dim, gamma, sinkhorn_iters, sinkhorn_eps,
+                                      update_prototypes, update_assignment, projection_norm, sync, init_std,
+                                      checkpoint_embedding)
+        )  # fmt: skip
         if num_prototypes < 1:
             raise ValueError(f"num_prototypes must be >= 1, got {num_prototypes}")
         if not 0.0 <= gamma <= 1.0:
@@ -147,6 +154,7 @@ class PrototypeClassifier(AdaptiveHead):
         self.projection_norm = projection_norm
         self.sync = sync
         self.checkpoint_embedding = checkpoint_embedding
+        self.init_std = float(init_std)
         self.generator: torch.Generator | None = None
         self.proj_head = ProjectionHead(in_channels, embed_dim)
         self.feat_norm = nn.LayerNorm(embed_dim)
@@ -167,6 +175,17 @@ class PrototypeClassifier(AdaptiveHead):
             if after.dtype in HALF_DTYPES:
                 setattr(self, name, before.to(device=after.device, dtype=torch.float32))
         return self
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The layers as :meth:`AdaptiveHead.reset_parameters <adaptive_heads.head.AdaptiveHead.reset_parameters>`,
+        then the prototypes as the constructor draws them (unit rows of a normal truncated at ±2, std ``init_std``)
+        and ``usage_counts`` zero."""
+        super().reset_parameters()
+        fresh = torch.empty(self.prototypes.shape, device=self.prototypes.device)
+        nn.init.trunc_normal_(fresh, std=self.init_std)
+        self.prototypes.copy_(F.normalize(fresh, dim=-1))
+        self.usage_counts.zero_()
 
     # ------------------------------------------------------------------ embedding and similarities
     def embed(self, feat: Tensor) -> Tensor:

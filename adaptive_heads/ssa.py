@@ -113,9 +113,9 @@ class SSAClassifier(CosineHead):
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
             class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
         )  # fmt: skip
-        c = in_channels
+        c = self.in_channels
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
-        self.center_pos = nn.Embedding(num_classes, c)
+        self.center_pos = nn.Embedding(self.num_classes, c)
         self.center_content_proj = prototype_mlp(c)
         self.center_pos_proj = prototype_mlp(c)
         self.center_proj = nn.Linear(c, c, bias=False)

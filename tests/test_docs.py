@@ -178,7 +178,11 @@ SETUPS: dict[str, Callable[[], dict]] = {
     "mmseg_model": _mmseg_model,
 }
 #: the libraries a block imports and their setups do not already ask for
-NEEDS = {"segmentation_models_pytorch": "segmentation_models_pytorch", "torchvision": "torchvision"}
+NEEDS = {
+    "segmentation_models_pytorch": "segmentation_models_pytorch",
+    "torchvision": "torchvision",
+    "mmengine": "mmengine",
+}
 
 
 def test_every_block_is_found_and_marked_with_a_known_setup():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import pickle
 import warnings
 
 import pytest
@@ -28,14 +29,10 @@ from .models import TinyFCN
 from .test_sync_free import DeviceDiscipline
 
 
-# ----------------------------------------------------------------------------- init_weights
-@pytest.mark.parametrize("name", list(HEADS))
-def test_init_weights_restores_the_construction_and_gives_the_coarse_conv_mmsegs_init(name):
-    torch.manual_seed(3)
-    head = HEADS[name](32, 6)
-    torch.manual_seed(3)
-    fresh = HEADS[name](32, 6)
-    with torch.no_grad():  # what mmengine's Normal(std=0.01) override does to every layer of the module
+# ----------------------------------------------------------------------------- reset_parameters and init_weights
+def _scramble(head):
+    """What mmengine's Normal(std=0.01) override does to every layer of the module (and a zeroed buffer)."""
+    with torch.no_grad():
         for module in head.modules():
             if getattr(module, "weight", None) is not None:
                 module.weight.normal_(0, 0.01)
@@ -43,27 +40,67 @@ def test_init_weights_restores_the_construction_and_gives_the_coarse_conv_mmsegs
                 module.bias.zero_()
         if hasattr(head, "prototypes"):
             head.prototypes.zero_()
-    head.init_weights()
-    for (key, value), (_, expected) in zip(head.state_dict().items(), fresh.state_dict().items(), strict=True):
-        if not key.startswith("conv_seg."):
-            assert torch.equal(value, expected), key
+
+
+def _assert_same_state(head, expected):
+    for (key, value), (_, want) in zip(head.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert torch.equal(value, want), key
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+@pytest.mark.parametrize("method", ["reset_parameters", "init_weights"])
+def test_reset_parameters_draws_what_a_fresh_construction_draws_under_the_same_seed(name, method):
+    head = HEADS[name](32, 6)
+    _scramble(head)
+    torch.manual_seed(3)
+    getattr(head, method)()
+    torch.manual_seed(3)
+    _assert_same_state(head, HEADS[name](32, 6))  # every parameter and buffer, the coarse conv's N(0, 0.01²) too
     if hasattr(head, "conv_seg"):
         assert abs(float(head.conv_seg.weight.detach().std()) - 0.01) < 0.002
         assert torch.count_nonzero(head.conv_seg.bias) == 0
+    first = next(head.parameters()).clone()
+    getattr(head, method)()  # from the generator as it is now: a new initialisation
+    assert not torch.equal(first, next(head.parameters()))
 
 
-def test_init_weights_keeps_a_kxk_coarse_classifier_and_stripped_layers():
+@pytest.mark.parametrize("name", list(HEADS))
+def test_a_head_built_on_the_meta_device_is_materialised_by_to_empty_and_reset_parameters(name):
+    with torch.device("meta"):
+        head = HEADS[name](16, 4, init_std=0.05)
+    head.to_empty(device="cpu")
+    torch.manual_seed(5)
+    head.reset_parameters()
+    torch.manual_seed(5)
+    _assert_same_state(head, HEADS[name](16, 4, init_std=0.05))
+
+
+def test_reset_parameters_keeps_a_kxk_coarse_classifier_and_stripped_layers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 3, padding=1))
-    replace_classifier(model, SSAClassifier, num_classes=4)
+    replace_classifier(model, SSAClassifier, num_classes=4, init_std=0.2)
     head = model[1]
-    proj = head.center_proj.weight.clone()
     head.strip_training_layers()
     with torch.no_grad():
         head.center_proj.weight.zero_()
     head.init_weights()
     assert head.conv_seg.kernel_size == (3, 3) and head.gt_center_proj is None
-    assert torch.equal(head.center_proj.weight, proj)
+    assert abs(float(head.conv_seg.weight.detach().std()) - 0.2) < 0.03
+    assert torch.count_nonzero(head.center_proj.weight) > 0
+
+
+def test_no_generator_state_is_pickled_and_heads_pickled_by_0_2_still_load():
+    head = ContextAwareClassifier(8, 3, dropout=0.2)
+    plain = nn.Module()
+    plain.proj, plain.apd_proj, plain.conv_seg = head.proj, head.apd_proj, head.conv_seg
+    overhead = len(pickle.dumps(head)) - len(pickle.dumps(plain))
+    assert overhead < 2000, overhead  # the CPU generator's state alone was 5 KB
+    assert not any(isinstance(v, torch.Tensor) for v in head.__dict__.values())
+    old = pickle.loads(pickle.dumps(head))
+    del old.__dict__["_explicit_options"]
+    old.__dict__["_construction"] = (torch.random.get_rng_state(), (8, 3), {"dropout": 0.2})  # as 0.2.0 pickled
+    clone = pickle.loads(pickle.dumps(old))
+    assert "_construction" not in clone.__dict__ and clone.built_with("dropout") and not clone.built_with("tau")
 
 
 # ----------------------------------------------------------------------------- the host's dropout
@@ -433,7 +470,7 @@ def test_image_context_refuses_a_model_whose_main_classifier_is_not_adaptive():
     assert model.adaptive_head_paths == ["classifier.4", "aux_classifier.4"]
 
 
-def test_init_weights_called_by_a_subclass_constructor_does_not_recurse():
+def test_init_weights_called_by_a_subclass_constructor_draws_once_more():
     class Reinitialised(ContextAwareClassifier):  # the mmcv pattern: init_weights() at the end of __init__
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
@@ -442,5 +479,6 @@ def test_init_weights_called_by_a_subclass_constructor_does_not_recurse():
     torch.manual_seed(0)
     head = Reinitialised(8, 3)
     torch.manual_seed(0)
-    fresh = ContextAwareClassifier(8, 3)
-    assert torch.equal(head.proj[0].weight, fresh.proj[0].weight)
+    expected = ContextAwareClassifier(8, 3)
+    expected.reset_parameters()
+    _assert_same_state(head, expected)

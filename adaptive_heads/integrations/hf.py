@@ -51,6 +51,10 @@ _IGNORE_INDEX_ATTRS = ("semantic_loss_ignore_index", "loss_ignore_index")
 
 #: the key of the saved ``config.json`` that records the adaptive heads (their paths, kinds and options)
 CONFIG_KEY = "adaptive_heads"
+#: a head's saved options in a state dict (``AdaptiveHead.get_extra_state``)
+_EXTRA_STATE = "_extra_state"
+#: where-to-load-from options that both the config's and the model's from_pretrained take
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 def _warn_of_a_plain_load_of_adaptive_weights(model: nn.Module) -> None:
@@ -191,11 +195,22 @@ class AdaptiveSegmentationModel(nn.Module):
         *,
         model_class: type | None = None,
         loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
+        **kwargs: Any,
     ) -> AdaptiveSegmentationModel:
         """Rebuild a model saved by :meth:`save_pretrained`: its HF class (``config.architectures[0]``, or
         ``model_class``) from the config, each adaptive head at its path with its options, and every weight from
-        the safetensors file(s), loaded strictly."""
-        config = transformers.AutoConfig.from_pretrained(directory)
+        the safetensors file(s).
+
+        ``kwargs`` are those of the HF class's ``from_pretrained``: config attributes (``num_labels=7``,
+        ``id2label=...``) and loading options. Fine-tuning onto another class count is HF's own recipe,
+        ``from_pretrained(folder, num_labels=7, ignore_mismatched_sizes=True)``: the heads are built for 7 classes
+        and every tensor whose shape fits loads (transformers lists the others as mismatched and initialises them).
+        Any other key left unmatched is an error, and so are weights saved with other head options than
+        ``config.json``'s. Weights without the heads' saved options (a state dict filtered to parameters, or saved by
+        adaptive_heads 0.1) load with a warning that the options could not be checked.
+        """
+        hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        config, model_kwargs = transformers.AutoConfig.from_pretrained(directory, return_unused_kwargs=True, **kwargs)
         spec = getattr(config, CONFIG_KEY, None)
         if not isinstance(spec, dict) or "heads" not in spec:
             raise ValueError(
@@ -222,10 +237,28 @@ class AdaptiveSegmentationModel(nn.Module):
         # the HF class's own name and module: transformers picks its checkpoint key conversions by them
         WithAdaptiveHeads.__name__ = WithAdaptiveHeads.__qualname__ = model_class.__name__
         WithAdaptiveHeads.__module__ = model_class.__module__
-        model, info = WithAdaptiveHeads.from_pretrained(directory, config=config, output_loading_info=True)
+        model, info = WithAdaptiveHeads.from_pretrained(
+            directory, config=config, output_loading_info=True, **hub, **model_kwargs
+        )
+        unchecked = sorted(k for k in info.get("missing_keys", ()) if k.endswith(_EXTRA_STATE))
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        problems["missing_keys"] = [k for k in problems.get("missing_keys", ()) if not k.endswith(_EXTRA_STATE)]
+        if model_kwargs.get("ignore_mismatched_sizes"):  # fine-tuning: transformers lists them, as asked
+            problems.pop("mismatched_keys", None)
+        problems = {k: v for k, v in problems.items() if v}
         if problems:
             raise RuntimeError(f"loading {directory} left keys unmatched: {problems}")
+        if unchecked:
+            warnings.warn(
+                f"{directory} holds no saved options for {unchecked}: the heads were built from config.json and "
+                "their weights loaded, but the options they were trained with could not be checked",
+                UserWarning,
+                stacklevel=2,
+            )
+        for module in model.modules():  # transformers 4 loads through _load_from_state_dict, whose errors it drops
+            mismatch = getattr(module, "_options_mismatch", None) if isinstance(module, AdaptiveHead) else None
+            if mismatch is not None:
+                raise ValueError(f"loading {directory}: {mismatch}")
         return cls(model, loss_fns=loss_fns)
 
 

@@ -33,10 +33,11 @@ CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` 
 ``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
 ``conv_seg`` is not applied; ProtoSeg keeps it (the official ProtoSeg embeds dropped-out features). The head's
 parameters live under ``decode_head.conv_seg.`` (``conv_seg.conv_seg.weight`` is the coarse classifier). mmengine's
-``init_weights()`` (called by ``Runner.train()``) applies the decode head's ``init_cfg`` (``Normal(std=0.01,
-override=conv_seg)``) to the whole adaptive head, then calls the head's own
-:meth:`~adaptive_heads.head.AdaptiveHead.init_weights`, which restores the official initialisation: mmseg's N(0,
-0.01²) for the coarse classifier only.
+``init_weights()`` (called by ``Runner.train()``) calls the head's own
+:meth:`~adaptive_heads.head.AdaptiveHead.init_weights`, the official initialisation drawn anew: mmseg's N(0, 0.01²)
+and zero bias for the coarse classifier, every other layer as its constructor. The decode head's ``init_cfg``
+override of ``conv_seg`` sets that std (``Normal(std=0.5, override=dict(name="conv_seg"))`` gives N(0, 0.5²), as
+``adaptive=dict(init_std=0.5)`` does); an override the adaptive head cannot take is refused.
 """
 
 from __future__ import annotations
@@ -77,6 +78,58 @@ _BASES = (
 )  # fmt: skip
 
 
+#: mmseg's ``BaseDecodeHead`` init_cfg: N(0, 0.01²) weight and zero bias for ``conv_seg``
+_MMSEG_CLASSIFIER_INIT = {"type": "Normal", "std": 0.01, "override": {"name": "conv_seg"}}
+
+
+def _take_classifier_init(init_cfg, head_cls: type, adaptive: Mapping) -> tuple[object, float | None]:
+    """The decode head's ``init_cfg`` without its ``override`` of ``conv_seg``, and the coarse classifier's
+    ``init_std`` that override asks for (``None``: the head's own).
+
+    ``conv_seg`` is the adaptive head, whose ``init_weights()`` gives every layer its constructor's init
+    (:meth:`~adaptive_heads.head.AdaptiveHead.reset_parameters`): mmengine must not first apply a classifier's init to
+    all of it. mmseg's default (``Normal(std=0.01)``) is what the head does anyway; a user's ``Normal`` with mean 0
+    and bias 0 becomes the coarse classifier's ``init_std``; anything else is refused with the way that works.
+    """
+    if not init_cfg:
+        return init_cfg, None
+    default = init_cfg == _MMSEG_CLASSIFIER_INIT
+    kept, std = [], None
+    for entry in [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg):
+        entry = dict(entry)
+        overrides = entry.pop("override", None)
+        others = []
+        for override in [overrides] if isinstance(overrides, Mapping) else list(overrides or []):
+            if override.get("name") != "conv_seg":
+                others.append(override)
+                continue
+            spec = {k: v for k, v in override.items() if k != "name"}
+            spec = spec or {k: v for k, v in entry.items() if k != "layer"}  # a bare name: the entry's init
+            kind = spec.get("type")
+            kind = getattr(kind, "__name__", kind)
+            normal = kind in ("Normal", "NormalInit") and spec.get("mean", 0) == 0 and spec.get("bias", 0) == 0
+            if default:
+                continue  # mmseg's own: the adaptive head's init (adaptive=dict(init_std=...) where it has one)
+            if not normal or not issubclass(head_cls, CosineHead):
+                what = "CAC's and SSA-Seg's coarse classifier takes a Normal with mean 0 and bias 0 as its init_std"
+                raise ValueError(
+                    f"init_cfg initialises conv_seg, the adaptive {head_cls.__name__}, with {spec}: its init_weights() "
+                    f"gives every layer its constructor's initialisation ({what}; ProtoSeg's prototypes take "
+                    "adaptive=dict(init_std=...)). Set the init in adaptive=dict(init_std=...) and drop the override"
+                )
+            std = float(spec.get("std", 1.0))  # NormalInit's default std
+            if "init_std" in adaptive and float(adaptive["init_std"]) != std:
+                raise ValueError(
+                    f"init_cfg asks for N(0, {std}²) on conv_seg but adaptive sets init_std={adaptive['init_std']}: "
+                    "keep one of them"
+                )
+        if others:
+            entry["override"] = others[0] if len(others) == 1 else others
+        if others or entry.get("layer") is not None or entry.get("type") == "Pretrained":
+            kept.append(entry)  # what still initialises something
+    return (kept[0] if len(kept) == 1 else kept or None), std
+
+
 def make_adaptive_decode_head(base_cls: type) -> type:
     """Subclass of an mmseg decode head whose ``conv_seg`` is an adaptive classifier."""
 
@@ -99,6 +152,10 @@ def make_adaptive_decode_head(base_cls: type) -> type:
             head_cls = ADAPTIVE_HEADS[kind]
             if issubclass(head_cls, CosineHead) and "dropout" not in cfg:
                 cfg["dropout"] = max(float(self.dropout_ratio), 0.0)  # the decode head's rate (OCR: none)
+            init_cfg, init_std = _take_classifier_init(getattr(self, "init_cfg", None), head_cls, cfg)
+            self.init_cfg = init_cfg  # BaseModule's
+            if init_std is not None:
+                cfg["init_std"] = init_std
             head = head_cls(conv.in_channels, conv.out_channels, ignore_index=self.ignore_index, **cfg)
             inner = getattr(head, "conv_seg", None)
             if inner is not None:

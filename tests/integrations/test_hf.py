@@ -295,3 +295,45 @@ def test_from_pretrained_refuses_weights_saved_with_other_head_options(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises((ValueError, RuntimeError), match=r"tau=10\.0 \(this head: 15\.0\)"):
         AdaptiveSegmentationModel.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- checkpoints (issue 32)
+@pytest.mark.parametrize("name", list(HEADS))
+def test_from_pretrained_fine_tunes_onto_another_class_count_as_transformers_does(name, tmp_path):
+    """HF's recipe: from_pretrained(folder, num_labels=7, ignore_mismatched_sizes=True) builds the model and its
+    head for 7 classes and loads every tensor whose shape fits."""
+    model = AdaptiveSegmentationModel(_segformer(), name)
+    model.save_pretrained(tmp_path)
+    saved = model.state_dict()
+    tuned = AdaptiveSegmentationModel.from_pretrained(tmp_path, num_labels=7, ignore_mismatched_sizes=True)
+    head = tuned.model.decode_head.classifier
+    assert tuned.config.num_labels == 7 and head.num_classes == 7 and len(tuned.config.id2label) == 7
+    fitted = 0
+    for key, value in tuned.state_dict().items():
+        if key.endswith("_extra_state"):
+            continue
+        if saved[key].shape == value.shape:
+            assert torch.equal(value, saved[key]), key
+            fitted += key.startswith("model.decode_head.classifier.")
+        else:
+            assert key.startswith("model.decode_head.classifier."), key
+    assert fitted > 2  # the head's projectors (or ProtoSeg's embedding) came from the checkpoint
+    images = torch.randn(1, 3, 32, 32)
+    assert tuned.eval()(pixel_values=images).logits.shape == (1, 7, 8, 8)
+    with pytest.raises((RuntimeError, ValueError), match=r"mismatch|size"):  # without the flag: transformers refuses
+        AdaptiveSegmentationModel.from_pretrained(tmp_path, num_labels=7)
+
+
+def test_from_pretrained_loads_weights_without_the_saved_options_with_a_warning(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = AdaptiveSegmentationModel(_segformer(), "ssa", tau=10.0)
+    model.save_pretrained(tmp_path)
+    weights = safetensors.load_file(tmp_path / "model.safetensors")
+    assert any(k.endswith("_extra_state") for k in weights)
+    weights = {k: v for k, v in weights.items() if not k.endswith("_extra_state")}  # filtered, or saved by 0.1
+    safetensors.save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"no saved options for \['decode_head\.classifier\._extra_state'\]"):
+        reloaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)
+    assert reloaded.model.decode_head.classifier.tau == 10.0
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key

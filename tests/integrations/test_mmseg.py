@@ -124,41 +124,54 @@ def _snapshot(head: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
 
-def _assert_official_init(head: torch.nn.Module, constructed: dict) -> None:
-    """After mmengine's init_weights: the coarse conv N(0, 0.01²) / 0, every other layer as constructed."""
+def _record_generator_at_init_weights(head: torch.nn.Module) -> list:
+    """The CPU generator's state each time mmengine calls the head's init_weights()."""
+    states, own = [], head.init_weights
+
+    def init_weights() -> None:
+        states.append(torch.random.get_rng_state())
+        own()
+
+    head.init_weights = init_weights
+    return states
+
+
+def _assert_official_init(head: torch.nn.Module, state: torch.Tensor) -> None:
+    """After mmengine's init_weights: what a fresh construction draws from the generator at the head's turn (the
+    coarse conv N(0, 0.01²) / 0, every other layer as its constructor)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(state)
+        options = {**head.options(), "init_std": head.init_std}
+        fresh = type(head)(head.in_channels, head.num_classes, **options)
     for key, value in head.state_dict().items():
-        if key.startswith("conv_seg."):
-            continue
-        torch.testing.assert_close(value, constructed[key], rtol=0, atol=0, msg=f"{key} was re-initialised")
+        torch.testing.assert_close(value, fresh.state_dict()[key], rtol=0, atol=0, msg=key)
     if hasattr(head, "conv_seg"):
         assert abs(float(head.conv_seg.weight.detach().std()) - 0.01) < 0.003
         assert torch.count_nonzero(head.conv_seg.bias) == 0
 
 
 @pytest.mark.parametrize("kind", [cls.__name__ for cls in HEADS.values()])
-def test_init_weights_of_an_adaptive_decode_head_keeps_the_official_init(kind):
+def test_init_weights_of_an_adaptive_decode_head_draws_the_official_init(kind):
     model = _model("AdaptiveFCNHead", dict(type=kind))
     head = model.decode_head.conv_seg
-    constructed = _snapshot(head)
-    model.init_weights()  # what Runner.train() calls: the decode head's init_cfg overrides conv_seg
-    _assert_official_init(head, constructed)
+    assert model.decode_head.init_cfg is None  # mmseg's conv_seg override is the head's own init
+    states = _record_generator_at_init_weights(head)
+    model.init_weights()  # what Runner.train() calls
+    assert len(states) == 1
+    _assert_official_init(head, states[0])
 
 
 @pytest.mark.parametrize("name", list(HEADS))
-def test_init_weights_after_replace_classifier_keeps_the_official_init(name):
+def test_init_weights_after_replace_classifier_draws_the_official_init(name):
     from adaptive_heads import replace_classifier
 
     model = _model("FCNHead", {}, aux=True)
     assert model.decode_head.init_cfg["override"]["name"] == "conv_seg"  # mmseg's Normal(std=0.01) on it
-    torch.manual_seed(7)
     replace_classifier(model, HEADS[name], include_aux=True)
-    torch.manual_seed(7)
-    fresh = HEADS[name](32, 5)
     head = model.decode_head.conv_seg
-    constructed = _snapshot(head)
-    assert all(torch.equal(v, constructed[k]) for k, v in fresh.state_dict().items() if not k.startswith("conv_seg."))
-    model.init_weights()
-    _assert_official_init(head, constructed)
+    states = _record_generator_at_init_weights(head)
+    model.init_weights()  # mmseg's override reaches every layer of the head first, then its init_weights()
+    _assert_official_init(head, states[0])
     assert model.adaptive_head_paths == ["decode_head.conv_seg", "auxiliary_head.conv_seg"]
     assert model.adaptive_head_weights == {"auxiliary_head.conv_seg": 0.4}  # the aux head's loss_weight
     if name != "proto":  # mmseg's decode-head dropout moved onto the coarse path
@@ -474,3 +487,87 @@ def test_runner_saves_and_resumes_on_this_torch(tmp_path, monkeypatch):
     load_checkpoint(fresh, str(path), map_location="cpu")
     for key, value in fresh.state_dict().items():  # reloads exactly
         torch.testing.assert_close(value, saved[key], rtol=0, atol=0, msg=key)
+
+
+# ----------------------------------------------------------------------------- checkpoints and init (issue 32)
+def _decode_head(num_classes: int = 5, **options):
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    import adaptive_heads.integrations.mmseg  # noqa: F401
+
+    cfg = dict(type="AdaptiveFCNHead", in_channels=16, channels=8, num_convs=1, concat_input=False,
+               num_classes=num_classes, norm_cfg=dict(type="BN"), align_corners=False,
+               loss_decode=dict(type="CrossEntropyLoss", loss_weight=1.0))  # fmt: skip
+    return MODELS.build({**cfg, "adaptive": dict(type="ContextAwareClassifier"), **options})
+
+
+def test_a_users_init_cfg_on_conv_seg_gives_the_coarse_classifiers_std():
+    """init_cfg=Normal(std=0.5, override=conv_seg) reaches the coarse classifier, as adaptive=dict(init_std=0.5)."""
+    init_cfg = dict(type="Normal", std=0.5, override=dict(name="conv_seg"))
+    head = _decode_head(num_classes=64, init_cfg=init_cfg)
+    assert head.conv_seg.init_std == 0.5 and head.init_cfg is None
+    head.init_weights()
+    assert abs(float(head.conv_seg.conv_seg.weight.detach().std()) - 0.5) < 0.1
+    assert float(head.conv_seg.proj[0].weight.detach().abs().max()) < 0.5  # the projector kept its own init
+    own = _decode_head(num_classes=64, init_cfg=dict(type="Normal", std=0.01, override=dict(name="conv_seg", type=
+                       "Normal", std=0.2)), adaptive=dict(type="SSAClassifier"))  # fmt: skip
+    assert own.conv_seg.init_std == 0.2
+
+
+@pytest.mark.parametrize(
+    ("init_cfg", "adaptive", "message"),
+    [
+        (
+            dict(type="Kaiming", override=dict(name="conv_seg")),
+            dict(type="ContextAwareClassifier"),
+            r"init_cfg initialises conv_seg.*'Kaiming'.*adaptive=dict\(init_std=\.\.\.\)",
+        ),
+        (
+            dict(type="Normal", std=0.5, override=dict(name="conv_seg")),
+            dict(type="PrototypeClassifier"),
+            r"PrototypeClassifier.*prototypes take adaptive=dict\(init_std",
+        ),
+        (
+            dict(type="Normal", std=0.5, override=dict(name="conv_seg")),
+            dict(type="SSAClassifier", init_std=0.3),
+            r"N\(0, 0\.5²\) on conv_seg but adaptive sets init_std=0\.3",
+        ),
+    ],
+    ids=["kaiming", "protoseg", "conflict"],
+)
+def test_an_init_cfg_the_head_cannot_take_is_refused_with_the_way_that_works(init_cfg, adaptive, message):
+    with pytest.raises(ValueError, match=message):
+        _decode_head(init_cfg=init_cfg, adaptive=adaptive)
+
+
+def test_mmseg_defaults_and_adaptive_init_std_still_apply():
+    assert _decode_head(adaptive=dict(type="ContextAwareClassifier", init_std=0.3)).conv_seg.init_std == 0.3
+    kept = dict(type="Normal", std=0.01, override=[dict(name="conv_seg"), dict(name="convs")])
+    head = _decode_head(init_cfg=kept)
+    assert head.init_cfg == dict(type="Normal", std=0.01, override=dict(name="convs"))  # the other override stays
+
+
+def test_load_checkpoint_fine_tunes_a_decode_head_onto_another_class_count(tmp_path, capsys):
+    """mmseg's load_from: mmengine's load_checkpoint(model_for_7, checkpoint_for_5, strict=False) loads the decode
+    head's convs and every adaptive tensor whose shape fits (the projectors), without advice to build 5 classes."""
+    import warnings
+
+    from mmengine.runner import load_checkpoint
+
+    torch.manual_seed(0)
+    saved = _decode_head(num_classes=5).state_dict()
+    torch.save({"state_dict": saved, "meta": {}}, tmp_path / "five.pth")
+    head = _decode_head(num_classes=7)
+    conv_seg = head.conv_seg.conv_seg.weight.detach().clone()
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(head, str(tmp_path / "five.pth"), map_location="cpu", strict=False)
+    log = capsys.readouterr().out
+    assert torch.equal(head.convs[0].conv.weight, saved["convs.0.conv.weight"])
+    for key in ("conv_seg.proj.0.weight", "conv_seg.proj.2.bias", "conv_seg.apd_proj.0.weight"):
+        assert torch.equal(head.state_dict()[key], saved[key]), key
+    assert torch.equal(head.conv_seg.conv_seg.weight, conv_seg)  # [7, C] left at its init
+    assert "size mismatch" in log and "num_classes" not in log
