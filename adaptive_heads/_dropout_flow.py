@@ -102,8 +102,8 @@ class _Uses:
         self.problem = ""
         self.feeds = False
         self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        method = next(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
-        self_names = {method.args.args[0].arg} if method.args.args else {"self"}
+        method = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+        self_names = {method.args.args[0].arg} if method is not None and method.args.args else {"self"}
         for node in ast.walk(tree):
             if self.problem:
                 return

@@ -79,7 +79,11 @@ def plain_option(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.item() if value.dim() == 0 and not value.is_complex() else value
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        value = value.item()
+        # a float16/float32 as the decimal it prints as (np.float32(0.9) is 0.9, not 0.8999999761581421)
+        narrow_float = (
+            getattr(value, "dtype", None) is not None and value.dtype.kind == "f" and value.dtype.itemsize < 8
+        )
+        value = float(str(value)) if narrow_float else value.item()
     for plain in (bool, int, float, str):  # subclasses (an IntEnum, np.float64) to the plain type
         if isinstance(value, plain):
             return plain(value)

@@ -158,6 +158,9 @@ class AdaptiveSegmentationModel(nn.Module):
         return getattr(self.model, "config", None)
 
     def forward(self, pixel_values: Tensor, labels: Tensor | None = None, **kwargs):
+        # a Trainer that took **kwargs for loss kwargs (transformers 4.46-4.47 read the signature, not
+        # accepts_loss_kwargs) passes num_items_in_batch: the loss here is a per-batch mean, the HF model takes none
+        kwargs.pop("num_items_in_batch", None)
         if labels is None or not self.training:
             return self.model(pixel_values=pixel_values, labels=labels, **kwargs)
         with supervise(self.model, labels, self.loss_fns) as sup:
@@ -282,6 +285,9 @@ class AdaptiveTrainer(transformers.Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # the loss is a per-batch mean whatever the transformers version decides from forward's signature (4.46 and
+        # 4.47 read **kwargs as "normalises by num_items_in_batch"): the Trainer divides it by the accumulation steps
+        self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, Tensor] = {}
         self._term_steps = 0
 

@@ -1,5 +1,6 @@
 # mmseg 1.x config: fine-tune mmseg's own FCN (ResNet-50-D8, Cityscapes, 80k iterations) with SSA-Seg classifiers on
-# the decode and the auxiliary head, evaluated by slide inference whose classifier is built from the whole image.
+# the decode and the auxiliary head, evaluated by mmseg's slide inference (context="image" would build each image's
+# classifier from all its tiles; tile context is the recommendation: docs/large-images.md, "Which context").
 # Run with mmseg's tools/train.py (docs/integrations.md, "From mmseg"); adaptive_heads must be importable.
 _base_ = ["mmseg::fcn/fcn_r50-d8_4xb2-80k_cityscapes-512x1024.py"]
 
@@ -9,7 +10,7 @@ model = dict(
     type="AdaptiveEncoderDecoder",  # was EncoderDecoder: it reads test_cfg's context
     decode_head=dict(type="AdaptiveFCNHead", adaptive=dict(type="SSAClassifier")),  # was FCNHead
     auxiliary_head=dict(type="AdaptiveFCNHead", adaptive=dict(type="SSAClassifier")),  # extra terms weighted 0.4
-    test_cfg=dict(mode="slide", crop_size=(512, 1024), stride=(341, 682), context="image"),
+    test_cfg=dict(mode="slide", crop_size=(512, 1024), stride=(341, 682), context="tile"),  # or "image"
 )
 
 # start from the trained FCN: each head's conv_seg becomes its coarse classifier (conv_seg.conv_seg), the SSA-Seg

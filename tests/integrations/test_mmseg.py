@@ -273,14 +273,14 @@ def test_fine_tuning_from_a_plain_mmseg_checkpoint(tmp_path):
 
     register_all_modules()
     cfg = Config.fromfile(str(EXAMPLES[0].parent / "fcn_ssa_cityscapes_finetune.py"))
-    assert cfg.load_from.endswith(".pth") and cfg.model.test_cfg.context == "image"
+    assert cfg.load_from.endswith(".pth") and cfg.model.test_cfg.context == "tile"
     small = dict(depth=18, base_channels=8, stem_channels=8, norm_cfg=dict(type="BN"), init_cfg=None)
     heads = dict(in_channels=64, channels=8, norm_cfg=dict(type="BN"), num_classes=5)
     cfg.model.pop("pretrained", None)
     cfg.model.backbone.update(small)
     cfg.model.decode_head.update(heads)
     cfg.model.auxiliary_head.update(heads, in_channels=32)
-    cfg.model.test_cfg.update(crop_size=(48, 48), stride=(32, 32))
+    cfg.model.test_cfg.update(crop_size=(48, 48), stride=(32, 32), context="image")  # the other context
     plain_cfg = copy.deepcopy(cfg.model)  # mmseg's own FCN: the checkpoint's model
     plain_cfg.type = "EncoderDecoder"
     for head in (plain_cfg.decode_head, plain_cfg.auxiliary_head):
