@@ -295,7 +295,9 @@ class AdaptiveHead(nn.Module):
         key = prefix + "_extra_state"
         where = prefix.rstrip(".") or type(self).__name__
         saved = state_dict.pop(key, None)  # checked here, not by torch's call of set_extra_state
-        has_weights = any(k.startswith(prefix) for k in state_dict)
+        # a plain model's checkpoint from before the swap holds the coarse classifier's weights alone: no options
+        coarse = f"{prefix}{self.coarse_classifier}." if self.coarse_classifier else None
+        has_weights = any(k.startswith(prefix) and not (coarse and k.startswith(coarse)) for k in state_dict)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
