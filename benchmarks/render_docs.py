@@ -497,6 +497,17 @@ def _choosing_block() -> str:
     return "\n".join(lines)
 
 
+def _robust_block(name: str, args: list[str]) -> str:
+    import camvid_robust
+
+    result = load(_source(args[0]) if args else EXAMPLE_RESULTS / "camvid-robust.json")
+    runs = [EXAMPLE_RESULTS / "camvid-unseen.json", EXAMPLE_RESULTS / "camvid-unseen-dusk.json"]
+    base = camvid_robust.conv_baseline(runs)
+    if name == "camvid-robust-headline":
+        return camvid_robust.headline(result, base, camvid_robust.official_rows(runs))
+    return camvid_robust.render(result, base)
+
+
 def render_block(name: str, args: list[str]) -> str:
     """The content of the block ``name`` (its start mark's ``args``: the sources it names).
 
@@ -508,7 +519,10 @@ def render_block(name: str, args: list[str]) -> str:
     - ``camvid-diagnosis DIAGNOSIS``: ``camvid_diagnose.py``'s tables, with the per-class gains of the run;
     - ``camvid-seeds FILE:CLASSIFIER:LABEL ...``: val mIoU per seed, one row per argument (``_`` for a space);
     - ``camvid-tiles`` (with its reading) and ``camvid-tiles-table``: ``examples/results/camvid-tiles.json``;
-    - ``choosing``: the table of docs/choosing.md, from six result files and the losses.
+    - ``choosing``: the table of docs/choosing.md, from six result files and the losses;
+    - ``camvid-robust RESULT`` and ``camvid-robust-headline RESULT``: ``camvid_robust.py``'s tables (every variant
+      tried, per held-out sequence, against the conv runs of ``camvid-unseen.json`` and ``camvid-unseen-dusk.json``)
+      and the README's first lines on CamVid.
     """
     if name.startswith("bench:"):
         return _bench_block(name.removeprefix("bench:"))
@@ -528,6 +542,8 @@ def render_block(name: str, args: list[str]) -> str:
         return _tiles_table()
     if name == "choosing":
         return _choosing_block()
+    if name in ("camvid-robust", "camvid-robust-headline"):
+        return _robust_block(name, args)
     raise KeyError(f"no renderer for the block {name!r}: see benchmarks/render_docs.py")
 
 

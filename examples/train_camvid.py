@@ -678,7 +678,7 @@ def render_parts(path: Path, finetune: Path | None = None) -> tuple[str, str]:
             "frames"
         )
     readme = [
-        f"## Does it help? CamVid\n\n{intro} ({_budget(result)}):\n\n{headline_table(runs, tuple(splits))}",
+        f"{intro} ({_budget(result)}):\n\n{headline_table(runs, tuple(splits))}",
         f"```bash\n{command(result)}\n```",
     ]
     details = [f"Measured: {_budget(result)}. `examples/results/{path.name}`.\n\n```bash\n{command(result)}\n```"]
