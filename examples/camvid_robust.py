@@ -265,7 +265,12 @@ def render(result: dict, base: dict) -> str:
                 f"| {v['worst_class']} {v['worst_class_delta']:+.1f} |"
             )
         lines.append("")
-    lines.append(f"Chosen on val (every network's val scores): `{select_on_val(table) or 'official'}`")
+    chosen = select_on_val(table)
+    lines.append(
+        "Chosen on val (every network's val scores): "
+        + ("none: no setting, the official heads included, keeps every class within 2 IoU of the conv on val"
+           if chosen is None else f"`{chosen or 'official'}`")
+    )  # fmt: skip
     return "\n".join(lines)
 
 
