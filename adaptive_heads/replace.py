@@ -334,7 +334,7 @@ def _feeding_dropout(model: nn.Module, path: str, known: _Classifiers | None) ->
         dropout = _get(model, candidate)
         if isinstance(dropout, _DropoutNd):
             alone, reason = shown()
-            places = sum(m is dropout for m in model.modules(remove_duplicate=False))
+            places = sum(m is dropout for _, m in model.named_modules(remove_duplicate=False))
             if alone and places > 1:
                 alone, reason = False, f"the same {type(dropout).__name__} is registered at {places} paths"
             return _FeedingDropout(candidate, alone, reason)
