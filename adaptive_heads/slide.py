@@ -339,7 +339,7 @@ def slide_inference(
     check_choice("context", context, ("image", "tile"))
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
-    if model.training:
+    if getattr(model, "_orig_mod", model).training:  # torch.compile's wrapper keeps a training flag of its own (2.4)
         raise ValueError("slide_inference needs the model in eval mode (model.eval())")
     crop, step = _pair(crop_size, "crop_size"), _pair(stride, "stride")
     _check_stride(crop, step)

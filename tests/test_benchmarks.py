@@ -130,4 +130,5 @@ def test_bench_train_step_quick(tmp_path):
     if rows[0]["load_average_before"] is not None:  # POSIX: how busy the machine was is on record
         assert "load average" in text
     if rows[0]["train_peak_bytes"] is not None:  # Linux: peak memory, above what was live before the step
-        assert all(r["train_peak_bytes"] > 0 for r in rows) and "train_extra_mib" in rows[1]
+        # >= 0: in a long test process freed memory is reused, so a tiny step may need nothing above the start
+        assert all(r["train_peak_bytes"] >= 0 for r in rows) and "train_extra_mib" in rows[1]
