@@ -350,8 +350,7 @@ class AdaptiveHead(nn.Module):
         if construction is not None and "_explicit_options" not in state:
             state["_explicit_options"] = tuple(construction[2])
         super().__setstate__(state)
-        if "init_std" not in self.__dict__:  # 0.2.0's ProtoSeg kept it in the construction record only
-            default = inspect.signature(type(self).__init__).parameters.get("init_std")
+        parameter = inspect.signature(type(self).__init__).parameters.get("init_std")
+        if "init_std" not in self.__dict__ and parameter is not None:  # 0.2.0's ProtoSeg: in the record only
             recorded = construction[2] if construction is not None else {}
-            if "init_std" in recorded or default is not None:
-                self.init_std = float(recorded.get("init_std", default.default if default is not None else 0.0))
+            self.init_std = float(recorded.get("init_std", parameter.default))

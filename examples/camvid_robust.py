@@ -141,7 +141,8 @@ def summarise(rows: list[dict], base: dict) -> list[dict]:
     table = []
     for (held_out, name), rs in groups.items():
         entry: dict = {
-            "holdout_sequence": held_out, "variant": name, "setting": setting_name(rs[0]),
+            "holdout_sequence": held_out, "variant": name, "classifier": rs[0]["classifier"],
+            "setting": setting_name(rs[0]),
             "seeds": sorted(r["seed"] for r in rs),
         }  # fmt: skip
         for split in SPLITS:
@@ -177,7 +178,7 @@ def select_on_val(table: list[dict]) -> str | None:
     for entry in table:
         if "@inference" not in entry["setting"]:
             by_setting.setdefault(entry["setting"], []).append(entry)
-    networks = len({(e["holdout_sequence"], e["variant"].split("+")[0].split("[")[0]) for e in table})
+    networks = len({(e["holdout_sequence"], e["classifier"]) for e in table})
     eligible = {
         s: statistics.mean(e["val"]["miou_mean"] for e in es)
         for s, es in by_setting.items()
@@ -219,16 +220,13 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
     )
     chosen = select_on_val(tried)
     official_delta = {
-        (e["holdout_sequence"], e["variant"]): e["unseen"]["delta_mean"] for e in tried if not e["setting"]
+        (e["holdout_sequence"], e["classifier"]): e["unseen"]["delta_mean"] for e in tried if not e["setting"]
     }
     settings = [e for e in tried if e["setting"] and "@inference" not in e["setting"]]
     if not settings:
         return text
-    head_of = {e["variant"]: e["variant"][: len(e["variant"]) - len(e["setting"])] for e in settings}
     better = [
-        e
-        for e in settings
-        if e["unseen"]["delta_mean"] > official_delta[(e["holdout_sequence"], head_of[e["variant"]])]
+        e for e in settings if e["unseen"]["delta_mean"] > official_delta[(e["holdout_sequence"], e["classifier"])]
     ]
     link = "[what was tried](docs/camvid.md#adaptation-that-survives-new-scenes)"
     if better:
