@@ -155,25 +155,30 @@ def _camvid_value(stem: str, classifier: str, split: str, stat: str) -> list[flo
 
 # ----------------------------------------------------------------------------- benchmark figures
 #: the benchmark fields a figure can show, each with its format
+def _field(key: str, spec: str) -> Callable[[dict], str]:
+    """A row's ``key`` formatted with ``spec``."""
+    return lambda row: format(row[key], spec)
+
+
 FIELDS: dict[str, Callable[[dict], str]] = {
-    "infer_time_ratio": lambda r: f"{r['infer_time_ratio']:.2f}",
-    "train_time_ratio": lambda r: f"{r['train_time_ratio']:.2f}",
-    "train_time_ratio1": lambda r: f"{r['train_time_ratio']:.1f}",
-    "train_cpu_ratio": lambda r: f"{r['train_cpu_ratio']:.2f}",
-    "train_extra_mib": lambda r: f"{r['train_extra_mib']:+.0f}",
+    "infer_time_ratio": _field("infer_time_ratio", ".2f"),
+    "train_time_ratio": _field("train_time_ratio", ".2f"),
+    "train_time_ratio1": _field("train_time_ratio", ".1f"),
+    "train_cpu_ratio": _field("train_cpu_ratio", ".2f"),
+    "train_extra_mib": _field("train_extra_mib", "+.0f"),
     "train_extra_gib": lambda r: f"{r['train_extra_mib'] / 1024:.1f}",
     "train_extra_vs_plain_gib": lambda r: f"{r['train_extra_vs_plain_mib'] / 1024:+.1f}",
     "train_extra_copies": lambda r: (
         f"{r['train_extra_mib'] * MIB / (4 * r['C'] * (r['size'] // r['stride']) ** 2):.1f}"
     ),
     "train_peak_mib": lambda r: f"{r['train_peak_bytes'] / MIB:.0f}",
-    "train_s": lambda r: f"{r['train_s']:.1f}",
-    "seconds": lambda r: f"{r['seconds']:.1f}",
+    "train_s": _field("train_s", ".1f"),
+    "seconds": _field("seconds", ".1f"),
     "peak_mib": lambda r: f"{r['peak_bytes'] / MIB:.0f}",
-    "loop_train_s": lambda r: f"{r['loop_train_s']:.1f}",
-    "speedup_vs_loop": lambda r: f"{r['speedup_vs_loop']:.1f}",
+    "loop_train_s": _field("loop_train_s", ".1f"),
+    "speedup_vs_loop": _field("speedup_vs_loop", ".1f"),
     "ops_vs_loop": lambda r: f"{r['loop_ops'] / r['train_ops']:.0f}",
-    "loop_syncs": lambda r: f"{r['loop_syncs']:,}",
+    "loop_syncs": _field("loop_syncs", ","),
 }
 
 
