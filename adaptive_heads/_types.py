@@ -13,6 +13,7 @@ LABEL_POOLINGS: tuple[str, ...] = ("batch", "image", "global")
 #: the ``[n, C]`` class direction of a k×k coarse classifier: the sum over its taps, or its centre tap
 ClassDirection = Literal["sum", "centre"]
 #: how a cosine head weights each pixel when it pools the image's class prototypes from the coarse mask: by the
-#: class softmax (official), or by the class softmax at each pixel's predicted class only
-ContextPooling = Literal["soft", "predicted"]
-CONTEXT_POOLINGS: tuple[str, ...] = ("soft", "predicted")
+#: class softmax (official), by the class softmax at each pixel's predicted class only, or by that weight scaled
+#: by the pixel's confidence (one minus its normalised entropy)
+ContextPooling = Literal["soft", "predicted", "confident"]
+CONTEXT_POOLINGS: tuple[str, ...] = ("soft", "predicted", "confident")

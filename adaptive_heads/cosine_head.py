@@ -15,6 +15,7 @@ from ._precision import float32_math, upcast_half
 from ._types import CONTEXT_POOLINGS, LABEL_POOLINGS, ClassDirection, ContextPooling, LabelPooling
 from ._validation import check_choice, plain_option
 from .functional import (
+    confident_class_weights,
     hard_class_pool,
     pointwise_conv,
     predicted_class_weights,
@@ -52,8 +53,10 @@ class CosineHead(AdaptiveHead):
         class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
         context_pooling: how each pixel weighs in the image's class prototypes: ``"soft"`` (official: the class
             softmax of the coarse mask, at every pixel) or ``"predicted"`` (the class softmax at the pixels the
-            coarse mask assigns to that class only, :func:`~adaptive_heads.functional.predicted_class_weights`).
-            Not in the papers; an option for scenes unlike the training ones (docs: CamVid experiment).
+            coarse mask assigns to that class only, :func:`~adaptive_heads.functional.predicted_class_weights`)
+            or ``"confident"`` (that weight times the pixel's confidence, one minus its normalised entropy,
+            :func:`~adaptive_heads.functional.confident_class_weights`). Not in the papers; options for scenes
+            unlike the training ones (docs: CamVid experiment).
         coarse_mix: weight ``w`` of the coarse logits added to the label-free output:
             ``adaptive + w · conv_seg(feat)``, a product of the two classifiers' softmaxes (0: official). Training
             is unchanged (the losses see the adaptive and the coarse logits apart, as the official code), so it can
@@ -175,10 +178,14 @@ class CosineHead(AdaptiveHead):
     def context_weights(self, coarse: Tensor) -> Tensor:
         """The class weights ``[B, n, ...]`` (float32) each pixel gives the image's class prototypes: the class
         softmax of the coarse logits ``coarse [B, n, ...]``, kept at the predicted class only with
-        ``context_pooling="predicted"``."""
+        ``context_pooling="predicted"``, and scaled by the pixel's confidence with ``"confident"``."""
         with float32_math(coarse.device):
             probs = torch.softmax(upcast_half(coarse), dim=1)
-            return predicted_class_weights(probs) if self.context_pooling == "predicted" else probs
+            if self.context_pooling == "predicted":
+                return predicted_class_weights(probs)
+            if self.context_pooling == "confident":
+                return confident_class_weights(probs)
+            return probs
 
     def mix_coarse(self, logits: Tensor, feat: Tensor, coarse: Tensor | None = None) -> Tensor:
         """The label-free output: ``logits + coarse_mix · coarse`` (``coarse``: the coarse logits of ``feat``,

@@ -76,9 +76,9 @@ class SSAClassifier(CosineHead):
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
-        context_pooling: ``"soft"`` (official) or ``"predicted"``: which pixels pool each semantic centre (the
-            spatial centre keeps its pixel softmax; :class:`~adaptive_heads.cosine_head.CosineHead`; not in the
-            paper).
+        context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each
+            semantic centre (the spatial centre keeps its pixel softmax;
+            :class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
         coarse_mix: weight of the coarse logits added to the label-free output (0: official; not in the paper).
 
     Example:

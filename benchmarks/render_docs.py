@@ -509,7 +509,7 @@ def _robust_block(name: str, args: list[str]) -> str:
     runs = [EXAMPLE_RESULTS / "camvid-unseen.json", EXAMPLE_RESULTS / "camvid-unseen-dusk.json"]
     base = camvid_robust.conv_baseline(runs)
     if name == "camvid-robust-headline":
-        return camvid_robust.headline(result, base, camvid_robust.official_rows(runs))
+        return camvid_robust.headline(result, base, camvid_robust.trained_rows(runs))
     return camvid_robust.render(result, base)
 
 

@@ -290,7 +290,7 @@ def test_robustness_setting_is_chosen_on_val_by_the_issue_criterion():
             "unseen": {"miou": unseen_miou, "per_class_iou": per_class},
         }
 
-    base = {("X", seed): splits(40.0, 0.0, 30.0) for seed in (0, 1)}
+    base = {("0006R0", seed): splits(40.0, 0.0, 30.0) for seed in (0, 1)}
     rows = []
     for head in ("cac", "ssa"):
         for mix, val_miou, val_worst, unseen in (
@@ -300,20 +300,29 @@ def test_robustness_setting_is_chosen_on_val_by_the_issue_criterion():
         ):
             for seed in (0, 1):
                 rows.append({
-                    "holdout_sequence": "X", "classifier": head, "seed": seed, "trained_pooling": "soft",
+                    "holdout_sequence": "0006R0", "classifier": head, "seed": seed, "trained_pooling": "soft",
                     "context_pooling": "soft", "coarse_mix": mix, "splits": splits(val_miou, val_worst, unseen),
                 })  # fmt: skip
     table = camvid_robust.summarise(rows, base)
     # the official head (best val mIoU) loses 3 IoU on a class of val; of the others the better val mIoU wins,
     # whatever the held-out sequence says
     assert camvid_robust.select_on_val(table) == "+mix1"
+    assert camvid_robust.qualifies_on_val(table, "+mix1") and not camvid_robust.qualifies_on_val(table, "")
+    # none qualifies: the closest to the criterion (highest worst class on val), then the better val mIoU
+    unqualified = [
+        {**r, "splits": {**r["splits"], "val": {**r["splits"]["val"], "per_class_iou": {
+            **r["splits"]["val"]["per_class_iou"], classes[0]: r["splits"]["val"]["per_class_iou"][classes[0]] - 3
+        }}}} for r in rows
+    ]  # fmt: skip
+    assert camvid_robust.select_on_val(camvid_robust.summarise(unqualified, base)) == "+mix1"
+    assert camvid_robust.select_on_val(table, holdout_sequence="0001TP") is None
     entry = next(e for e in table if e["variant"] == "cac+mix0.5")
     assert entry["val"]["delta_mean"] == 5.0 and entry["val"]["worst_class_delta"] == -1.0
     assert entry["unseen"]["seeds_gained"] == 0
     official = [r for r in rows if r["coarse_mix"] == 0.0]
     text = camvid_robust.headline({"rows": rows}, base, official)
     assert (
-        "a CamVid sequence held out of training, 2 seeds each, the official CAC / SSA-Seg: +69.0 / +69.0 mIoU on X"
+        "a CamVid sequence held out of training, 2 seeds each, the official CAC / SSA-Seg: +69.0 / +69.0 mIoU on 0006R0"
         in text
     )
     assert "None of the robustness settings tried so far does better" in text and "keeps +mix1" in text

@@ -1,5 +1,5 @@
-"""The cosine heads' options for scenes unlike the training ones: ``context_pooling="predicted"`` and
-``coarse_mix`` (not in the papers; the defaults stay the official code's)."""
+"""The cosine heads' options for scenes unlike the training ones: ``context_pooling="predicted"`` or
+``"confident"``, and ``coarse_mix`` (not in the papers; the defaults stay the official code's)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptive_heads as ah
-from adaptive_heads.functional import predicted_class_weights
+from adaptive_heads.functional import confident_class_weights, predicted_class_weights
 
 from .conftest import make_head
 from .test_slide import pixel_local
@@ -31,6 +31,31 @@ def test_predicted_class_weights_keep_the_argmax_class_only():
     torch.testing.assert_close(predicted_class_weights(probs), expected, rtol=0, atol=0)
     tied = torch.tensor([[[0.5], [0.5], [0.0]]])
     assert predicted_class_weights(tied).flatten().tolist() == [0.5, 0.5, 0.0]
+
+
+def test_confident_class_weights_scale_the_predicted_class_by_one_minus_the_normalised_entropy():
+    torch.manual_seed(0)
+    probs = torch.randn(2, 5, 6, 7, dtype=torch.float64).softmax(1)
+    entropy = -(probs * probs.log()).sum(1, keepdim=True)
+    expected = predicted_class_weights(probs) * (1 - entropy / np.log(5))
+    torch.testing.assert_close(confident_class_weights(probs), expected, rtol=1e-12, atol=0)
+    even_and_sure = torch.tensor([[[0.25, 1.0], [0.25, 0.0], [0.25, 0.0], [0.25, 0.0]]])  # [B=1, n=4, N=2]
+    assert confident_class_weights(even_and_sure).flatten().tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    one_class = torch.ones(1, 1, 3)
+    assert confident_class_weights(one_class).tolist() == one_class.tolist()
+    assert confident_class_weights(torch.zeros(1, 3, 2).index_fill(1, torch.tensor([0]), 1.0)).isfinite().all()
+
+
+def test_confident_class_weights_gate_is_detached():
+    """Gradients flow through the kept probabilities only, scaled by the (constant) confidence of each pixel."""
+    torch.manual_seed(0)
+    probs = torch.randn(2, 4, 5, dtype=torch.float64).softmax(1).requires_grad_()
+    entropy = -(probs * probs.log()).sum(1, keepdim=True)
+    confidence = 1 - entropy / np.log(4)
+    weights = torch.randn(2, 4, 5, dtype=torch.float64)
+    (confident_class_weights(probs) * weights).sum().backward()
+    mask = predicted_class_weights(probs.detach()) > 0
+    torch.testing.assert_close(probs.grad, weights * mask * confidence.detach())
 
 
 def test_cac_predicted_pooling_is_the_hand_computed_classifier():
@@ -54,10 +79,11 @@ def test_cac_predicted_pooling_is_the_hand_computed_classifier():
 
 
 @pytest.mark.parametrize("name", COSINE_HEADS)
-def test_predicted_pooling_changes_the_semantic_prototypes_in_training_too(name):
+@pytest.mark.parametrize("pooling", ["predicted", "confident"])
+def test_predicted_pooling_changes_the_semantic_prototypes_in_training_too(name, pooling):
     torch.manual_seed(0)
     soft = make_head(name, 8, 5, dropout=0.0)
-    predicted = make_head(name, 8, 5, dropout=0.0, context_pooling="predicted")
+    predicted = make_head(name, 8, 5, dropout=0.0, context_pooling=pooling)
     predicted.load_state_dict(weights_of(soft), strict=False)
     feat, target = torch.randn(2, 8, 6, 6), torch.randint(0, 5, (2, 12, 12))
     out_soft, out_predicted = soft(feat, target), predicted(feat, target)
@@ -86,12 +112,14 @@ def test_coarse_mix_adds_the_coarse_logits_to_the_label_free_output_only(name):
 
 
 @pytest.mark.parametrize("name", COSINE_HEADS)
-@pytest.mark.parametrize("options", [{"coarse_mix": 1.5}, {"context_pooling": "predicted"}])
+@pytest.mark.parametrize(
+    "options", [{"coarse_mix": 1.5}, {"context_pooling": "predicted"}, {"context_pooling": "confident"}]
+)
 def test_image_context_slide_equals_whole_image_with_the_options(name, options):
-    model = pixel_local(name, **options)
-    images = torch.randn(2, 3, 29, 33)
+    model = pixel_local(name, **options).double()  # float64: exact up to the order of the sums
+    images = torch.randn(2, 3, 29, 33, dtype=torch.float64)
     out = ah.slide_inference(model, images, (16, 16), (10, 12), context="image")
-    torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, model(images), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", COSINE_HEADS)

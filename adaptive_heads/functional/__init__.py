@@ -33,6 +33,7 @@ from .labels import canny_edges, label_boundary, resize_labels_nearest
 from .pooling import (
     class_means,
     class_pixel_counts,
+    confident_class_weights,
     hard_class_pool,
     label_one_hot,
     predicted_class_weights,
@@ -60,6 +61,7 @@ __all__ = [
     "classwise_kmeans",
     "classwise_sinkhorn",
     "classwise_weighted_mean",
+    "confident_class_weights",
     "context_aware_distillation",
     "cosine_logits",
     "hard_class_pool",

@@ -5,6 +5,8 @@ Pixel sums run in float32 whatever the input dtype (a sum over 400k pixels overf
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -14,6 +16,7 @@ from ._half import class_sums
 __all__ = [
     "class_means",
     "class_pixel_counts",
+    "confident_class_weights",
     "hard_class_pool",
     "label_one_hot",
     "predicted_class_weights",
@@ -66,6 +69,38 @@ def predicted_class_weights(probs: Tensor) -> Tensor:
                  [0.0000, 0.6000]]])
     """
     return probs * (probs == probs.amax(dim=1, keepdim=True))
+
+
+def confident_class_weights(probs: Tensor) -> Tensor:
+    """Class weights kept at each pixel's predicted class and scaled by how sure the pixel is:
+    ``probs · 1[k = argmax_j probs_j] · (1 − H(probs) / log n)``.
+
+    ``H`` is the entropy of the pixel's class distribution, so a pixel the coarse mask is sure of (one class near
+    1) keeps its weight and a pixel spread evenly over the ``n`` classes gives none; a class the coarse mask is
+    sure of nowhere gets a prototype of almost no mass. The confidence factor is a gate, not a target: it is
+    detached, so gradients flow through the kept ``probs`` only (as in :func:`predicted_class_weights`). With
+    ``n = 1`` the factor is 1.
+
+    Args:
+        probs: ``[B, n, ...]`` class probabilities (class axis 1, each pixel summing to 1).
+
+    Returns:
+        ``[B, n, ...]``, same dtype.
+
+    Example:
+        >>> probs = torch.tensor([[[1.0, 0.5], [0.0, 0.5]]])  # [B=1, n=2, N=2]: one sure pixel, one even pixel
+        >>> confident_class_weights(probs)
+        tensor([[[1., 0.],
+                 [0., 0.]]])
+    """
+    kept = predicted_class_weights(probs)
+    num_classes = probs.shape[1]
+    if num_classes == 1:
+        return kept
+    with torch.no_grad():
+        entropy = -torch.special.xlogy(probs, probs).sum(dim=1, keepdim=True)
+        confidence = (1 - entropy / math.log(num_classes)).clamp_(0, 1)
+    return kept * confidence
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
