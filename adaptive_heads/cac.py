@@ -72,7 +72,6 @@ class ContextAwareClassifier(CosineHead):
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
         context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each class
             prototype (:class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
-        coarse_mix: weight of the coarse logits added to the label-free output (0: official; not in the paper).
 
     Example:
         >>> head = ContextAwareClassifier(in_channels=16, num_classes=5)
@@ -99,12 +98,11 @@ class ContextAwareClassifier(CosineHead):
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
         context_pooling: ContextPooling = "soft",
-        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(
             in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
-            class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
+            class_direction=class_direction, context_pooling=context_pooling,
         )  # fmt: skip
         self.proj = prototype_mlp(self.in_channels)
         self.apd_proj = prototype_mlp(self.in_channels)
@@ -150,11 +148,10 @@ class ContextAwareClassifier(CosineHead):
 
     def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
         """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""
-        return self.mix_coarse(self._adaptive_logits(feat, context), feat)
+        return self._adaptive_logits(feat, context)
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        coarse = self.coarse_logits(feat)
-        return self.mix_coarse(self._adaptive_logits(feat, self._statistics(feat, coarse)), feat, coarse)
+        return self._adaptive_logits(feat, self.context_statistics(feat))
 
     def teacher_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
         """The label-built (oracle) classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global

@@ -3,7 +3,6 @@ SSA-Seg share."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, cast
 
 import torch
@@ -57,11 +56,6 @@ class CosineHead(AdaptiveHead):
             or ``"confident"`` (that weight times the pixel's confidence, one minus its normalised entropy,
             :func:`~adaptive_heads.functional.confident_class_weights`). Not in the papers; options for scenes
             unlike the training ones (docs: CamVid experiment).
-        coarse_mix: weight ``w`` of the coarse logits added to the label-free output:
-            ``adaptive + w · conv_seg(feat)``, a product of the two classifiers' softmaxes (0: official). Training
-            is unchanged (the losses see the adaptive and the coarse logits apart, as the official code), so it can
-            be set on a trained head; with ``w > 0`` the output is no longer bounded by ``±tau``. Not in the papers
-            (docs: CamVid experiment).
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier
@@ -72,8 +66,7 @@ class CosineHead(AdaptiveHead):
 
     coarse_classifier = "conv_seg"
     training_options = ("ignore_index", "dropout", "teacher_pooling")
-    #: ``coarse_mix`` is a deployment choice made for a trained head (set it on a checkpoint trained without it)
-    free_options = ("init_std", "coarse_mix")
+    free_options = ("init_std",)
 
     def __init__(
         self,
@@ -90,24 +83,18 @@ class CosineHead(AdaptiveHead):
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
         context_pooling: ContextPooling = "soft",
-        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
         teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation, class_direction = (
             plain_option(v) for v in (teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation,
                                       class_direction)
         )  # fmt: skip
-        context_pooling, coarse_mix = plain_option(context_pooling), plain_option(coarse_mix)
+        context_pooling = plain_option(context_pooling)
         check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         check_choice("class_direction", class_direction, ("sum", "centre"))
         check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
-        if isinstance(coarse_mix, (bool, str, bytes)) or not hasattr(coarse_mix, "__float__"):
-            raise TypeError(f"coarse_mix must be a real number, got {type(coarse_mix).__name__}")
-        if not 0 <= float(coarse_mix) < math.inf:
-            raise ValueError(f"coarse_mix must be finite and >= 0, got {coarse_mix!r}")
         self.teacher_pooling = teacher_pooling
         self.context_pooling = context_pooling
-        self.coarse_mix = float(coarse_mix)
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.class_direction = class_direction
@@ -151,7 +138,6 @@ class CosineHead(AdaptiveHead):
             "class_direction": self.class_direction,
             "teacher_pooling": self.teacher_pooling,
             "context_pooling": self.context_pooling,
-            "coarse_mix": self.coarse_mix,
         }
 
     @property
@@ -186,15 +172,6 @@ class CosineHead(AdaptiveHead):
             if self.context_pooling == "confident":
                 return confident_class_weights(probs)
             return probs
-
-    def mix_coarse(self, logits: Tensor, feat: Tensor, coarse: Tensor | None = None) -> Tensor:
-        """The label-free output: ``logits + coarse_mix · coarse`` (``coarse``: the coarse logits of ``feat``,
-        computed here when not given); ``logits`` itself when ``coarse_mix`` is 0."""
-        if self.coarse_mix == 0:
-            return logits
-        if coarse is None:
-            coarse = self.coarse_logits(feat)
-        return logits + self.coarse_mix * coarse.to(logits.dtype)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

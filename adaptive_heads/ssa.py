@@ -79,7 +79,6 @@ class SSAClassifier(CosineHead):
         context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each
             semantic centre (the spatial centre keeps its pixel softmax;
             :class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
-        coarse_mix: weight of the coarse logits added to the label-free output (0: official; not in the paper).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)
@@ -106,12 +105,11 @@ class SSAClassifier(CosineHead):
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
         context_pooling: ContextPooling = "soft",
-        coarse_mix: float = 0.0,
     ) -> None:
         super().__init__(
             in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
-            class_direction=class_direction, context_pooling=context_pooling, coarse_mix=coarse_mix,
+            class_direction=class_direction, context_pooling=context_pooling,
         )  # fmt: skip
         c = self.in_channels
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)
@@ -153,7 +151,7 @@ class SSAClassifier(CosineHead):
         coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
         semantic, position = self._student(feat, coarse, pos)
-        return self.mix_coarse(self._classify(feat, pos, semantic, position), feat, coarse)
+        return self._classify(feat, pos, semantic, position)
 
     def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         """The image statistics the classifier is built from, mergeable over disjoint pixel sets (tiles).
@@ -216,7 +214,7 @@ class SSAClassifier(CosineHead):
         sem_center = context["sem_sums"] / (context["sem_area"].unsqueeze(-1) + self.eps)
         pos_center = context["pos_sums"] / context["pos_norm"].unsqueeze(-1)
         semantic, position = self._prototypes(sem_center, pos_center)
-        return self.mix_coarse(self._classify(feat, self.get_feat_pos(feat), semantic, position), feat)
+        return self._classify(feat, self.get_feat_pos(feat), semantic, position)
 
     def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
         """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""

@@ -1,13 +1,16 @@
 """Adaptation that survives new scenes: the cosine heads' robustness options on trained CamVid networks.
 
 The diagnosis (``camvid_diagnose.py``) found the per-image classifier pooled from the wrong pixels on unseen
-sequences. Two options of :class:`~adaptive_heads.cosine_head.CosineHead` answer it, neither in the papers:
+sequences. Two kinds of answer are evaluated here, neither in the papers:
 
-- ``coarse_mix`` (inference): the label-free output is ``adaptive + w · coarse``, the product of the adaptive and
-  the static (coarse) classifier's softmaxes, so a class the image gives no reliable evidence for falls back
-  towards the static classifier. Training is unchanged, so every ``w`` is evaluated here on the same trained
-  networks (those of a ``train_camvid.py`` result, from its checkpoints);
-- ``context_pooling="predicted"``: each class prototype is pooled only from the pixels the coarse mask assigns to
+- mixing the static classifier back in at inference (``--mix w``): the label-free output is
+  ``adaptive + w · coarse``, the product of the adaptive and the static (coarse) classifier's softmaxes, so a class
+  the image gives no reliable evidence for falls back towards the static classifier. Training is unchanged, so
+  every ``w`` is evaluated on the same trained networks (those of a ``train_camvid.py`` result, from its
+  checkpoints). It lowered every split at every weight, so it is not an option of the heads (it was, as
+  ``coarse_mix``, until that was measured); this script applies it by wrapping the head's ``forward_logits``;
+- the pooling options of :class:`~adaptive_heads.cosine_head.CosineHead`:
+  ``context_pooling="predicted"``: each class prototype is pooled only from the pixels the coarse mask assigns to
   that class; ``"confident"``: the same, each pixel weighted by its confidence (one minus its normalised entropy),
   so a class the coarse mask is sure of nowhere gets a prototype of almost no mass. They change what the head
   learns, so they are trained (``train_camvid.py --head-options '{"context_pooling": "predicted"}'``) and their
@@ -34,9 +37,11 @@ Writes ``--out`` (default ``examples/results/camvid-robust.json``) after every n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,7 +55,9 @@ from camvid_data import CLASSES, channel_statistics  # noqa: E402
 from camvid_diagnose import load_weights  # noqa: E402
 from train_camvid import CLASSIFIER_PATH, build_model, evaluate, load_data, parse_args  # noqa: E402
 
-#: the inference-time variants evaluated on each trained head: (context_pooling at inference, coarse_mix)
+from adaptive_heads.cosine_head import CosineHead  # noqa: E402
+
+#: the weights ``w`` of the coarse logits mixed into each trained head's output at inference
 MIXES = (0.0, 0.25, 0.5, 1.0, 2.0)
 SPLITS = ("val", "unseen")
 NAMES = {"cac": "CAC", "ssa": "SSA-Seg"}
@@ -74,6 +81,25 @@ def variant_name(record: dict) -> str:
     return record["classifier"] + setting_name(record)
 
 
+@contextlib.contextmanager
+def mixed_with_coarse(head: CosineHead, weight: float) -> Iterator[None]:
+    """Within the context, ``head``'s label-free output is ``adaptive + weight · coarse`` (its coarse logits)."""
+    if weight == 0:
+        yield
+        return
+    adaptive = head.forward_logits
+
+    def forward_logits(feat: torch.Tensor) -> torch.Tensor:
+        logits = adaptive(feat)
+        return logits + weight * head.coarse_logits(feat).to(logits.dtype)
+
+    head.forward_logits = forward_logits  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del head.forward_logits
+
+
 def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, mixes: tuple[float, ...]) -> None:
     """Every variant of every CAC/SSA-Seg network of ``run_path``, appended to ``out`` after each network."""
     run = json.loads(run_path.read_text())
@@ -93,11 +119,15 @@ def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, 
         model = build_model(record["classifier"], args, record["seed"])
         load_weights(model, torch.load(checkpoints / record["checkpoint"], weights_only=False)["model"])
         head = model.get_submodule(CLASSIFIER_PATH)
+        assert isinstance(head, CosineHead)
         poolings = [trained_pooling] + (["predicted"] if trained_pooling == "soft" else [])
         for pooling in poolings:
             for mix in mixes if pooling == trained_pooling else (0.0,):
-                head.context_pooling, head.coarse_mix = pooling, mix
-                splits = {s: evaluate(model, data[s], stats, args, torch.device("cpu")) for s in SPLITS if s in data}
+                head.context_pooling = pooling
+                with mixed_with_coarse(head, mix):
+                    splits = {
+                        s: evaluate(model, data[s], stats, args, torch.device("cpu")) for s in SPLITS if s in data
+                    }
                 row = {
                     "run": run_path.name, "holdout_sequence": cfg["holdout_sequence"],
                     "classifier": record["classifier"], "seed": record["seed"], "trained_pooling": trained_pooling,
@@ -326,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--out", type=Path, default=ROOT / "examples" / "results" / "camvid-robust.json")
     cli.add_argument("--add", type=Path, nargs="+", default=[], help="train_camvid.py results of heads trained "
                      "with a robustness setting: their rows as trained, without re-evaluating")  # fmt: skip
-    cli.add_argument("--mix", type=float, nargs="+", default=list(MIXES), help="coarse_mix values")
+    cli.add_argument("--mix", type=float, nargs="+", default=list(MIXES), help="weights of the coarse logits mixed in")
     cli.add_argument("--threads", type=int)
     cli.add_argument("--render", type=Path, metavar="JSON", help="print the tables of a saved result")
     opts = cli.parse_args(argv)

@@ -1,5 +1,5 @@
 """The cosine heads' options for scenes unlike the training ones: ``context_pooling="predicted"`` or
-``"confident"``, and ``coarse_mix`` (not in the papers; the defaults stay the official code's)."""
+``"confident"`` (not in the papers; the default stays the official code's)."""
 
 from __future__ import annotations
 
@@ -95,52 +95,29 @@ def test_predicted_pooling_changes_the_semantic_prototypes_in_training_too(name,
 
 
 @pytest.mark.parametrize("name", COSINE_HEADS)
-def test_coarse_mix_adds_the_coarse_logits_to_the_label_free_output_only(name):
-    torch.manual_seed(0)
-    official = make_head(name, 8, 5).eval()
-    mixed = make_head(name, 8, 5, coarse_mix=0.5).eval()
-    mixed.load_state_dict(official.state_dict())  # a free option: an official checkpoint loads as it is
-    feat, target = torch.randn(2, 8, 6, 7), torch.randint(0, 5, (2, 6, 7))
-    with torch.no_grad():
-        torch.testing.assert_close(mixed(feat), official(feat) + 0.5 * official.conv_seg(feat))
-        official.train(), mixed.train()
-        torch.manual_seed(1)
-        train_official = official(feat, target)
-        torch.manual_seed(1)
-        train_mixed = mixed(feat, target)
-    torch.testing.assert_close(train_mixed.logits, train_official.logits)  # training: the official terms
-
-
-@pytest.mark.parametrize("name", COSINE_HEADS)
-@pytest.mark.parametrize(
-    "options", [{"coarse_mix": 1.5}, {"context_pooling": "predicted"}, {"context_pooling": "confident"}]
-)
-def test_image_context_slide_equals_whole_image_with_the_options(name, options):
-    model = pixel_local(name, **options).double()  # float64: exact up to the order of the sums
+@pytest.mark.parametrize("pooling", ["predicted", "confident"])
+def test_image_context_slide_equals_whole_image_with_the_options(name, pooling):
+    model = pixel_local(name, context_pooling=pooling).double()  # float64: exact up to the order of the sums
     images = torch.randn(2, 3, 29, 33, dtype=torch.float64)
     out = ah.slide_inference(model, images, (16, 16), (10, 12), context="image")
     torch.testing.assert_close(out, model(images), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", COSINE_HEADS)
-def test_context_pooling_is_a_function_option_and_coarse_mix_is_free(name):
+def test_context_pooling_is_a_function_option(name):
     saved = make_head(name, 8, 5).state_dict()
     with pytest.warns(UserWarning, match="context_pooling='soft'"), pytest.raises(RuntimeError, match="_extra_state"):
-        make_head(name, 8, 5, context_pooling="predicted").load_state_dict(saved)
+        make_head(name, 8, 5, context_pooling="confident").load_state_dict(saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_head(name, 8, 5, coarse_mix=2.0).load_state_dict(saved)
+        make_head(name, 8, 5, context_pooling="confident").load_state_dict(
+            make_head(name, 8, 5, context_pooling="confident").state_dict()
+        )
 
 
 def test_option_errors_and_numpy_values():
     with pytest.raises(ValueError, match="context_pooling"):
         ah.ContextAwareClassifier(8, 5, context_pooling="hard")
-    with pytest.raises(ValueError, match="coarse_mix"):
-        ah.SSAClassifier(8, 5, coarse_mix=-0.5)
-    with pytest.raises(ValueError, match="coarse_mix"):
-        ah.SSAClassifier(8, 5, coarse_mix=float("nan"))
-    with pytest.raises(TypeError, match="coarse_mix"):
-        ah.ContextAwareClassifier(8, 5, coarse_mix="0.5")
-    head = ah.ContextAwareClassifier(8, 5, coarse_mix=np.float32(0.25))
-    assert type(head.options()["coarse_mix"]) is float
+    head = ah.SSAClassifier(8, 5, context_pooling=np.str_("confident"))
+    assert type(head.options()["context_pooling"]) is str
     head.state_dict()  # the saved options are JSON
