@@ -131,8 +131,8 @@ class ContextAwareClassifier(CosineHead):
                 tiles, so every image pixel counts once).
 
         Returns:
-            ``{"sums": [B, n, C], "area": [B, n]}``: soft class sums of the features under ``softmax(p)`` and the
-            soft areas (float32).
+            ``{"sums": [B, n, C], "area": [B, n]}``: soft class sums of the features under the pooling weights
+            (``softmax(p)`` officially; :meth:`~CosineHead.context_weights`) and the soft areas (float32).
         """
         return self._statistics(feat, self.coarse_logits(feat), pixel_weight)
 

@@ -48,7 +48,8 @@ class SSAClassifier(CosineHead):
     2. position features ``P_f = get_feat_pos(feat)``, a depthwise 3×3 conv (content-conditioned, no coordinates);
     3. spatial centre: softmax of ``M`` over the **pixels** of each class pools ``P_f``;
        ``P_p = center_pos_proj([E, pooled])`` with ``E = center_pos.weight``;
-    4. semantic centre: softmax of ``M`` over the **classes** pools ``feat`` (normalised by the soft area);
+    4. semantic centre: softmax of ``M`` over the **classes** pools ``feat`` (normalised by the soft area; other
+       weights with ``context_pooling``);
        ``S_p = center_content_proj([pooled, W])``;
     5. logits ``= tau · cos(feat + P_f, center_proj(S_p + P_p))``.
 
@@ -156,9 +157,10 @@ class SSAClassifier(CosineHead):
     def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         """The image statistics the classifier is built from, mergeable over disjoint pixel sets (tiles).
 
-        The semantic centre's soft class sums and areas (class softmax), and the spatial centre's pixel-softmax
-        pooling as a running log-sum-exp: per class the peak coarse logit ``m``, ``Σ_i w_i e^{M_i − m} P_i`` and
-        ``Σ_i w_i e^{M_i − m}`` (:meth:`merge_context` rescales both to the common peak).
+        The semantic centre's soft class sums and areas (class softmax, or the ``context_pooling`` weights), and
+        the spatial centre's pixel-softmax pooling as a running log-sum-exp: per class the peak coarse logit ``m``,
+        ``Σ_i w_i e^{M_i − m} P_i`` and ``Σ_i w_i e^{M_i − m}`` (:meth:`merge_context` rescales both to the common
+        peak).
 
         Args:
             feat: ``[B, C, h, w]`` features of an image or of one tile of it.

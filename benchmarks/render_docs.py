@@ -28,7 +28,9 @@ and fails when a page differs from its JSON. Two kinds of marks:
     per-seed range of image context behind tile context, and of the cores against every tile pixel);
     ``tiles/CLASSIFIER/STAT``: their mean over seeds, ``adaptation`` (whole frames, adaptive minus static
     classifier), or a mode's mean mIoU (``whole``, ``static``, ``tile``, ``image``, ``image_all``); ``STAT@seedN``:
-    seed N's alone.
+    seed N's alone;
+  * ``robust/HELD_OUT/VARIANT/SPLIT/STAT``, from ``examples/results/camvid-robust.json``: see
+    :func:`robust_figure`.
 
     python benchmarks/render_docs.py            # rewrite every stale block and figure, say which
     python benchmarks/render_docs.py --check    # only list them; exit status 1 if any
@@ -284,6 +286,8 @@ def figure(key: str) -> str:
         return diagnosis_figure(*parts)
     if family == "tiles" and len(parts) in (1, 2):
         return tiles_figure(*parts)
+    if family == "robust" and len(parts) == 4:
+        return robust_figure(*parts)
     raise KeyError(f"unknown figure {key!r}: see benchmarks/render_docs.py for the keys")
 
 
@@ -502,11 +506,40 @@ def _choosing_block() -> str:
     return "\n".join(lines)
 
 
+ROBUST_BASELINES = (EXAMPLE_RESULTS / "camvid-unseen.json", EXAMPLE_RESULTS / "camvid-unseen-dusk.json")
+
+
+@cache
+def _robust_table() -> dict[tuple[str, str], dict]:
+    """``camvid_robust.summarise`` of ``examples/results/camvid-robust.json``, by (held-out sequence, variant)."""
+    import camvid_robust
+
+    rows = load(EXAMPLE_RESULTS / "camvid-robust.json")["rows"]
+    table = camvid_robust.summarise(rows, camvid_robust.conv_baseline(list(ROBUST_BASELINES)))
+    return {(e["holdout_sequence"], e["variant"]): e for e in table}
+
+
+def robust_figure(held_out: str, variant: str, split: str, stat: str) -> str:
+    """``robust/HELD_OUT/VARIANT/SPLIT/STAT`` from ``examples/results/camvid-robust.json`` (means over seeds, Δ to
+    the conv of the same seeds): ``delta``, ``worst-delta`` (the worst seed's), ``worst-class`` (``Building -1.7``),
+    ``iou-delta-CLASS``; ``VARIANT`` as in its table (``cac[confident]``)."""
+    entry = _robust_table()[(held_out, variant)][split]
+    if stat == "delta":
+        return f"{entry['delta_mean']:+.1f}"
+    if stat == "worst-delta":
+        return f"{entry['delta_min']:+.1f}"
+    if stat == "worst-class":
+        return f"{entry['worst_class']} {entry['worst_class_delta']:+.1f}"
+    if stat.startswith("iou-delta-"):
+        return f"{entry['per_class_delta'][stat.removeprefix('iou-delta-')]:+.1f}"
+    raise KeyError(f"unknown robustness statistic {stat!r}")
+
+
 def _robust_block(name: str, args: list[str]) -> str:
     import camvid_robust
 
     result = load(_source(args[0]) if args else EXAMPLE_RESULTS / "camvid-robust.json")
-    runs = [EXAMPLE_RESULTS / "camvid-unseen.json", EXAMPLE_RESULTS / "camvid-unseen-dusk.json"]
+    runs = list(ROBUST_BASELINES)
     base = camvid_robust.conv_baseline(runs)
     if name == "camvid-robust-headline":
         return camvid_robust.headline(result, base, camvid_robust.trained_rows(runs))

@@ -7,8 +7,9 @@ training sequence; ``unseen``: the held-out sequence), whole frames as in ``trai
   features, the prediction the prototypes are pooled with), both against the labels;
 - ``confidence``: the coarse prediction's mean max-softmax over labelled pixels (how peaked the pooling weights
   are);
-- ``purity`` per class: of the soft pooling mass ``Σ_i softmax_c(i)`` over the split's labelled pixels, the share
-  that comes from pixels labelled c (1: class c's semantic prototype is pooled from its own class only). Summed
+- ``purity`` per class: of the pooling mass ``Σ_i w_c(i)`` over the split's labelled pixels, the share that comes
+  from pixels labelled c (1: class c's semantic prototype is pooled from its own class only); ``w`` is the head's
+  own pooling weight (``CosineHead.context_weights``: the softmax officially, see ``context_pooling``). Summed
   over the split (the heads normalise per image), labelled pixels only (the heads also pool unlabelled ones),
   and the semantic centre only (SSA-Seg's spatial centre pools with a softmax over pixels instead);
 - ``class_share``: each class's share of the labelled pixels of the split (the class mix).
@@ -64,7 +65,7 @@ def diagnose(model: nn.Module, split: CamVidSplit, stats, scale: float) -> dict:
     hook = head.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
     model.eval()
     final, coarse_conf = torch.zeros(N, N, dtype=torch.long), torch.zeros(N, N, dtype=torch.long)
-    mass = torch.zeros(N, N, dtype=torch.float64)  # [predicted class c, label k]: Σ softmax_c over pixels labelled k
+    mass = torch.zeros(N, N, dtype=torch.float64)  # [class c, label k]: Σ of c's pooling weight over pixels labelled k
     confidence, counted = 0.0, 0
     for images, labels, _ in DataLoader(EvalDataset(split, *stats, scale=scale), batch_size=4):
         features.clear()
@@ -74,10 +75,11 @@ def diagnose(model: nn.Module, split: CamVidSplit, stats, scale: float) -> dict:
         coarse_conf += confusion_matrix(_upsampled(coarse, labels).argmax(1), labels)
         small = resize_labels_nearest(labels, coarse.shape[-2:])  # the labels at the pooling's resolution
         probs = coarse.float().softmax(1)
+        weights = head.context_weights(coarse) if isinstance(head, CosineHead) else probs  # the head's own pooling
         keep = small != IGNORE_INDEX
         flat_probs = probs.permute(0, 2, 3, 1)[keep].double()  # [M, n]
         one_hot = F.one_hot(small[keep], N).double()  # [M, n]
-        mass += flat_probs.T @ one_hot
+        mass += weights.permute(0, 2, 3, 1)[keep].double().T @ one_hot
         confidence += float(flat_probs.max(1).values.sum())
         counted += int(keep.sum())
     hook.remove()
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{row['classifier']} s{row['seed']} {split}: mIoU {row['miou']:.1f}, "
                   f"coarse {row['coarse_miou']:.1f}, confidence {row['confidence']:.3f}", file=sys.stderr)  # fmt: skip
     out = opts.run.with_name(opts.run.stem + "-diagnosis.json")
-    result = {"run": opts.run.name, "classes": CLASSES, "rows": rows}
+    pooling = json.loads(cfg.get("head_options", "{}")).get("context_pooling", "soft")
+    result = {"run": opts.run.name, "context_pooling": pooling, "classes": CLASSES, "rows": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(summary(rows))
     return result

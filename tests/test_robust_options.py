@@ -80,7 +80,7 @@ def test_cac_predicted_pooling_is_the_hand_computed_classifier():
 
 @pytest.mark.parametrize("name", COSINE_HEADS)
 @pytest.mark.parametrize("pooling", ["predicted", "confident"])
-def test_predicted_pooling_changes_the_semantic_prototypes_in_training_too(name, pooling):
+def test_pooling_option_changes_the_semantic_prototypes_in_training_too(name, pooling):
     torch.manual_seed(0)
     soft = make_head(name, 8, 5, dropout=0.0)
     predicted = make_head(name, 8, 5, dropout=0.0, context_pooling=pooling)

@@ -76,10 +76,12 @@ def confident_class_weights(probs: Tensor) -> Tensor:
     ``probs · 1[k = argmax_j probs_j] · (1 − H(probs) / log n)``.
 
     ``H`` is the entropy of the pixel's class distribution, so a pixel the coarse mask is sure of (one class near
-    1) keeps its weight and a pixel spread evenly over the ``n`` classes gives none; a class the coarse mask is
-    sure of nowhere gets a prototype of almost no mass. The confidence factor is a gate, not a target: it is
-    detached, so gradients flow through the kept ``probs`` only (as in :func:`predicted_class_weights`). With
-    ``n = 1`` the factor is 1.
+    1) keeps its weight and a pixel spread evenly over the ``n`` classes gives none: within a class, the sure
+    pixels dominate its prototype. (A pooled prototype is a weighted *mean*, so a class with little mass still
+    gets a full-scale prototype; there is no fallback to a static classifier. The factor is mild between two
+    classes: a 50/50 pixel keeps ``1 − log 2 / log n`` of its weight, 0.71 at ``n = 11``.) The factor is a gate,
+    not a target: it is computed in float32 and detached, so gradients flow through the kept ``probs`` only (as
+    in :func:`predicted_class_weights`). With ``n = 1`` it is 1.
 
     Args:
         probs: ``[B, n, ...]`` class probabilities (class axis 1, each pixel summing to 1).
@@ -97,10 +99,11 @@ def confident_class_weights(probs: Tensor) -> Tensor:
     num_classes = probs.shape[1]
     if num_classes == 1:
         return kept
-    with torch.no_grad():
-        entropy = -torch.special.xlogy(probs, probs).sum(dim=1, keepdim=True)
+    with torch.no_grad(), float32_math(probs.device):
+        wide = upcast_half(probs)
+        entropy = -torch.special.xlogy(wide, wide).sum(dim=1, keepdim=True)
         confidence = (1 - entropy / math.log(num_classes)).clamp_(0, 1)
-    return kept * confidence
+    return kept * confidence.to(probs.dtype)
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
