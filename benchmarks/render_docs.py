@@ -23,7 +23,8 @@ and fails when a page differs from its JSON. Two kinds of marks:
     joined by ``,`` that pick the rows (``size=2560,dtype=fp32,head=cac``; ``head!=conv``; ``mode~tile_context``:
     the value holds these words), ``FIELD`` one of :data:`FIELDS`, and with several rows ``FIELD~`` gives their
     range (``1.00–1.11``);
-  * ``diag/SPLIT/HEAD/STAT``, from ``examples/results/camvid-unseen-diagnosis.json``: see :func:`diagnosis_figure`;
+  * ``diag/SPLIT/HEAD/STAT``, from ``examples/results/camvid-unseen-diagnosis.json`` (``diag/STEM/SPLIT/HEAD/STAT``:
+    from ``STEM-diagnosis.json``): see :func:`diagnosis_figure`;
   * ``tiles/STAT``, from ``examples/results/camvid-tiles.json``: ``image-behind-tile`` and ``cores-gain`` (the
     per-seed range of image context behind tile context, and of the cores against every tile pixel);
     ``tiles/CLASSIFIER/STAT``: their mean over seeds, ``adaptation`` (whole frames, adaptive minus static
@@ -243,15 +244,15 @@ def tiles_figure(*path: str) -> str:
     return f"{statistics.mean(r[stat] for r in rows):.1f}"
 
 
-def diagnosis_figure(split: str, head: str, stat: str) -> str:
-    """``diag/SPLIT/HEAD/STAT`` from ``examples/results/camvid-unseen-diagnosis.json``, a mean over seeds (``HEAD``
-    ``cac``, ``ssa`` or ``cac+ssa``): ``coarse_miou``, ``adaptation`` (head − its coarse prediction),
-    ``confidence``, ``share-CLASS[+CLASS…]`` (% of the labelled pixels), ``purity-CLASS``, ``coarse-iou-CLASS``;
-    ``STAT@N`` rounds to N decimals."""
+def diagnosis_figure(split: str, head: str, stat: str, stem: str = "camvid-unseen") -> str:
+    """``diag/SPLIT/HEAD/STAT`` from ``examples/results/camvid-unseen-diagnosis.json`` (``diag/STEM/SPLIT/HEAD/STAT``:
+    from ``STEM-diagnosis.json``), a mean over seeds (``HEAD`` ``cac``, ``ssa`` or ``cac+ssa``): ``coarse_miou``,
+    ``adaptation`` (head − its coarse prediction), ``confidence``, ``share-CLASS[+CLASS…]`` (% of the labelled
+    pixels), ``purity-CLASS``, ``coarse-iou-CLASS``; ``STAT@N`` rounds to N decimals."""
     stat, _, digits = stat.partition("@")
     rows = [
         r
-        for r in load(EXAMPLE_RESULTS / "camvid-unseen-diagnosis.json")["rows"]
+        for r in load(EXAMPLE_RESULTS / f"{stem}-diagnosis.json")["rows"]
         if r["split"] == split and r["classifier"] in head.split("+")
     ]
     if not rows:
@@ -284,6 +285,8 @@ def figure(key: str) -> str:
         return bench_figure(*parts)
     if family == "diag" and len(parts) == 3:
         return diagnosis_figure(*parts)
+    if family == "diag" and len(parts) == 4:
+        return diagnosis_figure(*parts[1:], stem=parts[0])
     if family == "tiles" and len(parts) in (1, 2):
         return tiles_figure(*parts)
     if family == "robust" and len(parts) == 4:

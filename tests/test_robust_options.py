@@ -19,9 +19,12 @@ from .test_slide import pixel_local
 COSINE_HEADS = ["cac", "ssa"]
 
 
-def weights_of(head: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The head's tensors without its saved options (to copy weights between heads built with other options)."""
-    return {k: v for k, v in head.state_dict().items() if not k.endswith("_extra_state")}
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """``source``'s tensors into ``target``, a head built with other options (without the saved options, whose
+    absence the load reports)."""
+    weights = {k: v for k, v in source.state_dict().items() if not k.endswith("_extra_state")}
+    with pytest.warns(UserWarning, match="no saved options"):
+        target.load_state_dict(weights, strict=False)
 
 
 def test_predicted_class_weights_keep_the_argmax_class_only():
@@ -74,7 +77,7 @@ def test_cac_predicted_pooling_is_the_hand_computed_classifier():
         expected = (head.tau * cosine).view(2, 4, 5, 7)
         torch.testing.assert_close(head(feat), expected, rtol=1e-5, atol=1e-5)
         official = ah.ContextAwareClassifier(6, 4).eval()
-        official.load_state_dict(weights_of(head), strict=False)
+        copy_weights(head, official)
         assert (official(feat) - expected).abs().max() > 1e-3  # the option changes the classifier
 
 
@@ -84,7 +87,7 @@ def test_pooling_option_changes_the_semantic_prototypes_in_training_too(name, po
     torch.manual_seed(0)
     soft = make_head(name, 8, 5, dropout=0.0)
     predicted = make_head(name, 8, 5, dropout=0.0, context_pooling=pooling)
-    predicted.load_state_dict(weights_of(soft), strict=False)
+    copy_weights(soft, predicted)
     feat, target = torch.randn(2, 8, 6, 6), torch.randint(0, 5, (2, 12, 12))
     out_soft, out_predicted = soft(feat, target), predicted(feat, target)
     assert (out_soft.logits - out_predicted.logits).abs().max() > 1e-3
