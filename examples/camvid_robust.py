@@ -370,7 +370,8 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
         if s and all(goal_met(e) for e in entries)
     ]
     reached = []
-    for head, (setting, entries) in closest_to_goal(tried).items():
+    closest = closest_to_goal(tried)
+    for head, (setting, entries) in closest.items():
         cells = "; ".join(
             f"{e['unseen']['delta_mean']:+.1f} mIoU on {e['holdout_sequence']} (worst seed "
             f"{e['unseen']['delta_min']:+.1f}, worst class {e['unseen']['worst_class']} "
@@ -382,17 +383,22 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
     if chosen is None:
         rule = "The rule fixed in advance on `val` had no complete setting to choose from"
     elif qualifies_on_val(tried, chosen):
-        rule = f"The rule fixed in advance on `val` chooses {setting_label(chosen)}"
+        rule = f"The rule fixed in advance on `val` chooses {setting_label(chosen) if chosen else 'the official heads'}"
     else:
         rule = (
             "On `val` no setting keeps every class within 2 IoU of the conv for both heads (daylight hold-out's "
-            f"networks), so the rule fixed in advance falls back to the closest: {setting_label(chosen)}"
+            "networks), so the rule fixed in advance falls back to the closest: "
+            + (setting_label(chosen) if chosen else "the official heads")
         )
     goal = "≥ +2.0 mIoU on every seed of both held-out sequences, no class more than 2 IoU below the conv"
     verdict = f"met by {', '.join(met)}" if met else "not met by any of them"
+    if all(setting == "" for setting, _ in closest.values()):
+        nearest = "none of them comes closer to it than the official heads"
+    else:
+        nearest = f"closest per head: {'; '.join(reached)}"
     return (
         f"{text} Tried as robustness options on both, {seeds} seeds each: {', '.join(map(setting_label, robust))}. "
-        f"The goal ({goal}) is {verdict}; closest per head: {'; '.join(reached)}. {rule} ({link})."
+        f"The goal ({goal}) is {verdict}; {nearest}. {rule} ({link})."
     )
 
 
