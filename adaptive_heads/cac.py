@@ -71,7 +71,8 @@ class ContextAwareClassifier(CosineHead):
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
         context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each class
-            prototype (:class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
+            prototype (:class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper; experimental, no better
+            than ``"soft"`` on CamVid's unseen sequences).
 
     Example:
         >>> head = ContextAwareClassifier(in_channels=16, num_classes=5)

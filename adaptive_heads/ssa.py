@@ -79,7 +79,8 @@ class SSAClassifier(CosineHead):
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
         context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each
             semantic centre (the spatial centre keeps its pixel softmax;
-            :class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper).
+            :class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper; experimental, no better than
+            ``"soft"`` on CamVid's unseen sequences).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)

@@ -24,8 +24,10 @@ held-out sequence), with the per-class IoU, against the conv runs of the same se
 ``val`` — among the settings whose per-class IoU on val (mean over seeds) is nowhere more than 2 below the
 conv's for both heads, the highest val mIoU averaged over CAC and SSA-Seg; if none qualifies (on CamVid not even
 the official heads do), the setting closest to qualifying, with the highest worst-class Δ on val (this fallback
-was fixed after the inference-only variants were scored and before any trained variant's held-out figure was
-read). One setting for both heads, chosen on the daylight hold-out's networks, where every setting is trained.
+was committed after the mixes were scored, while the first trained setting's runs were under way; the record
+cannot show that none of their held-out figures had been read, and every setting is reported on both hold-outs
+whatever the rule keeps). One setting for both heads, chosen on the daylight hold-out's networks, where every
+setting is trained.
 
     python examples/camvid_robust.py --data path/to/CamVid --run examples/results/camvid-unseen.json
     python examples/camvid_robust.py --add examples/results/camvid-robust-predicted-0006R0.json
@@ -245,7 +247,7 @@ def select_on_val(table: list[dict], holdout_sequence: str = "0006R0") -> str | 
 
     Among the settings whose per-class val IoU (mean over seeds) is nowhere more than 2 below the conv's, for both
     heads, the highest val mIoU averaged over the heads. If none qualifies, the setting closest to qualifying: the
-    highest worst-class Δ on val over both heads (fixed before any trained variant's held-out figure was read).
+    highest worst-class Δ on val over both heads (when it was fixed: the module docstring).
     ``None`` when no setting was scored on both heads.
     """
     by_setting: dict[str, list[dict]] = {}
@@ -334,8 +336,8 @@ def setting_label(setting: str) -> str:
 
 def headline(result: dict, base: dict, official: list[dict]) -> str:
     """The README's first lines on CamVid: what the official heads give on unseen sequences (``official``: their
-    runs, :func:`trained_rows`), whether a robustness setting measured in ``result`` reaches the issue's goal, the
-    closest per head, and the setting the val rule keeps."""
+    runs, :func:`trained_rows`), what the robustness settings measured in ``result`` did against them and against
+    the issue's goal, and the setting the val rule keeps."""
     table = summarise(official, base)
     tried = summarise(result["rows"], base)
 
@@ -344,10 +346,8 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
         for held_out in dict.fromkeys(e["holdout_sequence"] for e in entries):
             es = [e for e in entries if e["holdout_sequence"] == held_out]
             cells = " / ".join(f"{e['unseen']['delta_mean']:+.1f}" for e in es)
-            worst = min(es, key=lambda e: e["unseen"]["worst_class_delta"])["unseen"]
-            parts.append(
-                f"{cells} mIoU on {held_out} (worst class {worst['worst_class']} {worst['worst_class_delta']:+.1f} IoU)"
-            )
+            worst = " / ".join(f"{e['unseen']['worst_class']} {e['unseen']['worst_class_delta']:+.1f}" for e in es)
+            parts.append(f"{cells} mIoU on {held_out} (worst class {worst} IoU)")
         return "; ".join(parts)
 
     heads = " / ".join(dict.fromkeys(NAMES.get(e["variant"], e["variant"]) for e in table))
@@ -363,42 +363,34 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
     robust = sorted({s for settings in candidates.values() for s in settings if s})
     if not robust:
         return f"{text} No robustness setting has been run on every seed of every held-out sequence yet ({link})."
+    official_delta = {
+        (e["holdout_sequence"], e["classifier"]): e["unseen"]["delta_mean"] for e in tried if not e["setting"]
+    }
+    better = [
+        f"{NAMES.get(head, head)} {setting_label(s)}"
+        for head, settings in candidates.items()
+        for s, entries in settings.items()
+        if s and all(e["unseen"]["delta_mean"] > official_delta[(e["holdout_sequence"], head)] for e in entries)
+    ]
     met = [
         f"{NAMES.get(head, head)} {setting_label(s)}"
         for head, settings in candidates.items()
         for s, entries in settings.items()
         if s and all(goal_met(e) for e in entries)
     ]
-    reached = []
-    closest = closest_to_goal(tried)
-    for head, (setting, entries) in closest.items():
-        cells = "; ".join(
-            f"{e['unseen']['delta_mean']:+.1f} mIoU on {e['holdout_sequence']} (worst seed "
-            f"{e['unseen']['delta_min']:+.1f}, worst class {e['unseen']['worst_class']} "
-            f"{e['unseen']['worst_class_delta']:+.1f})"
-            for e in entries
-        )
-        reached.append(f"{NAMES.get(head, head)} {setting_label(setting)}: {cells}")
+    names = " and ".join(map(setting_label, robust))
+    goal = "≥ +2.0 mIoU on every seed of both, no class more than 2 IoU below the conv"
+    if better:
+        verdict = f"better than the default pooling on both sequences: {', '.join(better)}"
+    else:
+        verdict = "neither beats the default pooling on both sequences for either head"
+    reached = f"the goal ({goal}) is met by {', '.join(met)}" if met else f"none reaches the goal ({goal})"
     chosen = select_on_val(tried)
-    if chosen is None:
-        rule = "The rule fixed in advance on `val` had no complete setting to choose from"
-    elif qualifies_on_val(tried, chosen):
-        rule = f"The rule fixed in advance on `val` chooses {setting_label(chosen) if chosen else 'the official heads'}"
-    else:
-        rule = (
-            "On `val` no setting keeps every class within 2 IoU of the conv for both heads (daylight hold-out's "
-            "networks), so the rule fixed in advance falls back to the closest: "
-            + (setting_label(chosen) if chosen else "the official heads")
-        )
-    goal = "≥ +2.0 mIoU on every seed of both held-out sequences, no class more than 2 IoU below the conv"
-    verdict = f"met by {', '.join(met)}" if met else "not met by any of them"
-    if all(setting == "" for setting, _ in closest.values()):
-        nearest = "none of them comes closer to it than the official heads"
-    else:
-        nearest = f"closest per head: {'; '.join(reached)}"
+    kept = "nothing" if chosen is None else setting_label(chosen) if chosen else "the official pooling"
+    advice = " Leave `context_pooling` at its default." if not better and not met else ""
     return (
-        f"{text} Tried as robustness options on both, {seeds} seeds each: {', '.join(map(setting_label, robust))}. "
-        f"The goal ({goal}) is {verdict}; {nearest}. {rule} ({link})."
+        f"{text} Tried as options (off by default) on both sequences, {seeds} seeds each: {names}; {verdict}, and "
+        f"{reached}.{advice} The choice made on `val` keeps {kept} ({link})."
     )
 
 
@@ -424,14 +416,14 @@ def render(result: dict, base: dict) -> str:
         lines.append("")
     chosen = select_on_val(table)
     if chosen is None:
-        lines.append("Chosen on val: nothing (no setting was scored on every seed of both heads)")
+        lines.append("Chosen on val: nothing (no setting was scored on every seed of both heads).")
     elif qualifies_on_val(table, chosen):
-        lines.append(f"Chosen on val: `{chosen or 'official'}` (every class within 2 IoU of the conv on val)")
+        lines.append(f"Chosen on val: `{chosen or 'official'}` (every class within 2 IoU of the conv on val).")
     else:
         lines.append(
             f"Chosen on val: `{chosen or 'official'}`, the closest to the criterion: on the daylight hold-out's "
             "networks no setting keeps every class within 2 IoU of the conv on val for both heads, the official "
-            "heads included"
+            "heads included."
         )
     per_head = []
     for head in dict.fromkeys(e["classifier"] for e in table):
@@ -444,7 +436,7 @@ def render(result: dict, base: dict) -> str:
         per_head.append(f"{NAMES.get(head, head)}: {cells or 'none'}")
     lines.append(
         "\nRead per head (a reading after the results, not a choice), the settings that keep every class within 2 "
-        f"IoU of the conv on the daylight hold-out's val (val mIoU): {'; '.join(per_head)}"
+        f"IoU of the conv on the daylight hold-out's val (val mIoU): {'; '.join(per_head)}."
     )
     return "\n".join(lines)
 
