@@ -38,7 +38,15 @@ for path in (ROOT, ROOT / "examples"):
         sys.path.insert(0, str(path))
 
 from camvid_data import CLASSES, IGNORE_INDEX, CamVidSplit, EvalDataset, channel_statistics  # noqa: E402
-from train_camvid import CLASSIFIER_PATH, build_model, confusion_matrix, load_data, parse_args, scores  # noqa: E402
+from train_camvid import (  # noqa: E402
+    CLASSIFIER_PATH,
+    build_model,
+    confusion_matrix,
+    context_pooling_of,
+    load_data,
+    parse_args,
+    scores,
+)
 
 from adaptive_heads.cosine_head import CosineHead  # noqa: E402
 from adaptive_heads.functional import resize_labels_nearest  # noqa: E402
@@ -126,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{row['classifier']} s{row['seed']} {split}: mIoU {row['miou']:.1f}, "
                   f"coarse {row['coarse_miou']:.1f}, confidence {row['confidence']:.3f}", file=sys.stderr)  # fmt: skip
     out = opts.run.with_name(opts.run.stem + "-diagnosis.json")
-    pooling = json.loads(cfg.get("head_options", "{}")).get("context_pooling", "soft")
-    result = {"run": opts.run.name, "context_pooling": pooling, "classes": CLASSES, "rows": rows}
+    result = {"run": opts.run.name, "context_pooling": context_pooling_of(cfg), "classes": CLASSES, "rows": rows}
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(summary(rows))
     return result

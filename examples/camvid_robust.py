@@ -3,8 +3,8 @@
 The diagnosis (``camvid_diagnose.py``) found the per-image classifier pooled from the wrong pixels on unseen
 sequences. Two kinds of answer are evaluated here, neither in the papers:
 
-- mixing the static classifier back in at inference (``--mix w``): the label-free output is
-  ``adaptive + w · coarse``, the product of the adaptive and the static (coarse) classifier's softmaxes, so a class
+- mixing the static classifier back in at inference (``--mix w``): the label-free logits are
+  ``adaptive + w · coarse``, i.e. ``softmax(adaptive) · softmax(coarse)^w`` renormalised, so a class
   the image gives no reliable evidence for falls back towards the static classifier. Training is unchanged, so
   every ``w`` is evaluated on the same trained networks (those of a ``train_camvid.py`` result, from its
   checkpoints). It lowered every split at every weight, so it is not an option of the heads (it was, as
@@ -56,7 +56,14 @@ for path in (ROOT, ROOT / "examples"):
 
 from camvid_data import CLASSES, channel_statistics  # noqa: E402
 from camvid_diagnose import load_weights  # noqa: E402
-from train_camvid import CLASSIFIER_PATH, build_model, evaluate, load_data, parse_args  # noqa: E402
+from train_camvid import (  # noqa: E402
+    CLASSIFIER_PATH,
+    build_model,
+    context_pooling_of,
+    evaluate,
+    load_data,
+    parse_args,
+)
 
 from adaptive_heads.cosine_head import CosineHead  # noqa: E402
 
@@ -112,6 +119,16 @@ def row_key(row: dict) -> tuple:
     return row["run"], row["classifier"], row["seed"], row["context_pooling"], row["coarse_mix"]
 
 
+def load_result(out: Path) -> dict:
+    """This script's result file ``out``, or an empty one."""
+    return json.loads(out.read_text()) if out.exists() else {"classes": CLASSES, "runs": {}, "rows": []}
+
+
+def note_run(result: dict, name: str, config: dict) -> None:
+    """Record in ``result`` which ``train_camvid.py`` result ``name`` its rows come from, and how it was trained."""
+    result["runs"][name] = {"holdout_sequence": config["holdout_sequence"], "head_options": config["head_options"]}
+
+
 def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, mixes: tuple[float, ...]) -> None:
     """Every variant of every CAC/SSA-Seg network of ``run_path``, appended to ``out`` after each network."""
     run = json.loads(run_path.read_text())
@@ -120,9 +137,9 @@ def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, 
     args.checkpoints = checkpoints
     data = load_data(args)
     stats = channel_statistics(data["train"].images)
-    trained_pooling = json.loads(cfg.get("head_options", "{}")).get("context_pooling", "soft")
-    result = json.loads(out.read_text()) if out.exists() else {"classes": CLASSES, "runs": {}, "rows": []}
-    result["runs"][run_path.name] = {"holdout_sequence": cfg["holdout_sequence"], "head_options": cfg["head_options"]}
+    trained_pooling = context_pooling_of(cfg)
+    result = load_result(out)
+    note_run(result, run_path.name, cfg)
     done = {row_key(r) for r in result["rows"]}
     variants = [(trained_pooling, mix) for mix in mixes] + ([("predicted", 0.0)] if trained_pooling == "soft" else [])
     for record in run["runs"]:
@@ -168,7 +185,7 @@ def trained_rows(paths: list[Path]) -> list[dict]:
     rows = []
     for path in paths:
         run = json.loads(path.read_text())
-        pooling = json.loads(run["config"].get("head_options", "{}")).get("context_pooling", "soft")
+        pooling = context_pooling_of(run["config"])
         for record in run["runs"]:
             if record["classifier"] in ("cac", "ssa"):
                 rows.append({
@@ -184,13 +201,12 @@ def add_trained(paths: list[Path], out: Path) -> None:
     """Append the trained rows of ``paths`` (:func:`trained_rows`) to ``out``, replacing the as-trained rows of the
     same networks (not their mixes): their splits were scored by ``train_camvid.py``'s own evaluation, the one
     :func:`evaluate_run` calls."""
-    result = json.loads(out.read_text()) if out.exists() else {"classes": CLASSES, "runs": {}, "rows": []}
+    result = load_result(out)
     added = trained_rows(paths)
     keys = {row_key(r) for r in added}
     result["rows"] = [r for r in result["rows"] if row_key(r) not in keys] + added
     for path in paths:
-        cfg = json.loads(path.read_text())["config"]
-        result["runs"][path.name] = {"holdout_sequence": cfg["holdout_sequence"], "head_options": cfg["head_options"]}
+        note_run(result, path.name, json.loads(path.read_text())["config"])
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 

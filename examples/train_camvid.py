@@ -143,6 +143,11 @@ def check_finetune_source(args) -> None:
                              f"{source['epochs']} (still training?)")  # fmt: skip
 
 
+def context_pooling_of(config: dict) -> str:
+    """The ``context_pooling`` a result's heads were trained with (its ``--head-options``; ``"soft"`` by default)."""
+    return json.loads(config.get("head_options", "{}")).get("context_pooling", "soft")
+
+
 def build_model(
     name: str, args, seed: int, device: torch.device | str = "cpu", fit: tuple[CamVidSplit, tuple] | None = None
 ) -> nn.Module:
