@@ -61,14 +61,17 @@ def test_confident_class_weights_gate_is_detached():
     torch.testing.assert_close(probs.grad, weights * mask * confidence.detach())
 
 
-def test_cac_predicted_pooling_is_the_hand_computed_classifier():
+@pytest.mark.parametrize("pooling", ["predicted", "confident"])
+def test_cac_pooling_option_is_the_hand_computed_classifier(pooling):
     torch.manual_seed(0)
-    head = ah.ContextAwareClassifier(6, 4, context_pooling="predicted").eval()
+    head = ah.ContextAwareClassifier(6, 4, context_pooling=pooling).eval()
     feat = torch.randn(2, 6, 5, 7)
     with torch.no_grad():
         coarse = head.conv_seg(feat).flatten(2)  # [B, n, N]
         probs = coarse.softmax(1)
         weights = probs * (probs.argmax(1, keepdim=True) == torch.arange(4).view(1, 4, 1))
+        if pooling == "confident":  # times one minus the pixel's normalised entropy
+            weights = weights * (1 + (probs * probs.log()).sum(1, keepdim=True) / np.log(4))
         x = feat.flatten(2)  # [B, C, N]
         prototypes = torch.einsum("bkn,bcn->bkc", weights, x) / (weights.sum(-1, keepdim=True) + head.eps)
         w = head.conv_seg.weight.flatten(1).expand(2, -1, -1)
