@@ -9,19 +9,13 @@ naming the op when called, so those models build, train and evaluate; a model th
 fails loudly at that call instead of computing anything wrong.
 With the full mmcv (its compiled ops present) it does nothing.
 
-In an mmseg config, import it before the mmseg plugin::
-
-    custom_imports = dict(
-        imports=["adaptive_heads.integrations.mmcv_lite", "adaptive_heads.integrations.mmseg"],
-        allow_failed_imports=False,
-    )
-
-and in Python, before anything imports ``mmseg.models``, ``mmseg.utils`` or ``mmcv.ops``::
+:mod:`adaptive_heads.integrations.mmseg` imports this module before mmseg's models, so an mmseg config needs only the
+plugin in ``custom_imports``. In Python code that imports ``mmseg.models``, ``mmseg.utils`` or ``mmcv.ops`` before
+the plugin, import this module first::
 
     import adaptive_heads.integrations.mmcv_lite  # noqa: F401
-    import adaptive_heads.integrations.mmseg  # noqa: F401
 
-It imports neither mmcv nor mmseg itself.
+It does not import mmseg (looking for mmcv's extension imports the ``mmcv`` package).
 """
 
 from __future__ import annotations

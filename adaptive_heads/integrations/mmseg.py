@@ -23,11 +23,16 @@ is mmseg's own per-tile behaviour. mmseg's plain ``EncoderDecoder`` would ignore
 under it refuses ``context="image"`` (``ValueError``).
 
 ``loss_adaptive`` is weighted like the head's cross-entropy: by the ``loss_weight`` of the ``CrossEntropyLoss``
-in ``loss_decode`` (wherever it is in a list; 0.4 for a usual auxiliary head), or of its only loss;
-``adaptive_loss_weight=`` sets it (needed when ``loss_decode`` lists no, or several, ``CrossEntropyLoss``).
+in ``loss_decode`` (wherever it is in a list; 0.4 for a usual auxiliary head), or of its only loss (alone or in a
+one-entry list, whatever its type); ``adaptive_loss_weight=`` sets it (needed when ``loss_decode`` lists several
+losses and no, or several, ``CrossEntropyLoss``).
 SSA-Seg's loss has its own dice term: a ``DiceLoss`` in ``loss_decode`` beside it warns (dice counted twice).
 
-With ``mmcv-lite`` (no compiled ops, e.g. on a CPU) import :mod:`adaptive_heads.integrations.mmcv_lite` first.
+On ``mmcv-lite`` (no compiled ops, e.g. on a CPU) the plugin puts :mod:`adaptive_heads.integrations.mmcv_lite`'s
+stand-in for mmcv's compiled ops in place before it imports mmseg's models (where the full mmcv is installed it does
+nothing), so a config needs only this plugin in ``custom_imports``. A failure to import mmseg's models is raised as
+:class:`PluginImportError`, a ``RuntimeError``: mmengine's ``Config.fromfile`` replaces every ``ImportError`` of a
+custom import by its own advice to set ``PYTHONPATH``, which would bury the reason.
 
 CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
 ``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
@@ -47,28 +52,34 @@ from collections.abc import Mapping
 
 import torch
 
-try:
-    from mmseg.models import decode_heads as _decode_heads
-    from mmseg.models.segmentors import EncoderDecoder
-except ModuleNotFoundError as error:  # mmcv-lite: no compiled ops
-    if error.name != "mmcv._ext":
-        raise
-    raise ImportError(
-        "mmseg's models import mmcv's compiled ops (mmcv._ext), which mmcv-lite does not ship. Install the full "
-        "mmcv built for your torch (and CUDA), or, for models that call no compiled op (CPU, CI), import "
-        "adaptive_heads.integrations.mmcv_lite first (in a config: custom_imports = dict(imports=["
-        "'adaptive_heads.integrations.mmcv_lite', 'adaptive_heads.integrations.mmseg'])). See docs/integrations.md, "
-        "'From mmseg'"
-    ) from error
-from mmseg.registry import MODELS
-
 from ..cosine_head import CosineHead
 from ..registry import HEADS
 from ..replace import _mmseg_ce_weight
 from ..slide import slide_inference
 from ..supervise import supervise
+from . import mmcv_lite  # noqa: F401  (mmcv-lite: puts the stand-in for the compiled ops in place; full mmcv: nothing)
 
-__all__ = ["ADAPTIVE_HEADS", "AdaptiveEncoderDecoder", "make_adaptive_decode_head"]
+
+class PluginImportError(RuntimeError):
+    """mmseg's models could not be imported, so the plugin cannot register its heads.
+
+    Not an ``ImportError`` on purpose: mmengine's ``Config.fromfile`` turns an ``ImportError`` raised by a config's
+    ``custom_imports`` into its own message (set ``PYTHONPATH``), and the reason would end up above it."""
+
+
+try:
+    from mmseg.models import decode_heads as _decode_heads
+    from mmseg.models.segmentors import EncoderDecoder
+    from mmseg.registry import MODELS
+except ImportError as error:
+    raise PluginImportError(
+        f"adaptive_heads.integrations.mmseg needs mmseg's models, whose import failed: {type(error).__name__}: "
+        f"{error}. The plugin works with mmsegmentation 1.x on mmcv 2.0-2.1 (the full mmcv built for your torch and "
+        "CUDA, or mmcv-lite, whose missing compiled ops it stands in for); see docs/integrations.md, 'From mmseg'"
+    ) from error
+
+
+__all__ = ["ADAPTIVE_HEADS", "AdaptiveEncoderDecoder", "PluginImportError", "make_adaptive_decode_head"]
 
 #: the heads a config names in ``adaptive=dict(type=...)``, by class name
 ADAPTIVE_HEADS = {cls.__name__: cls for cls in HEADS.values()}
