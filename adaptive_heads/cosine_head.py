@@ -11,14 +11,9 @@ from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
 from ._precision import float32_math, upcast_half
-from ._types import CONTEXT_POOLINGS, LABEL_POOLINGS, ClassDirection, ContextPooling, LabelPooling
+from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
 from ._validation import check_choice, plain_option
-from .functional import (
-    confident_class_weights,
-    hard_class_pool,
-    pointwise_conv,
-    predicted_class_weights,
-)
+from .functional import hard_class_pool, pointwise_conv
 from .head import AdaptiveHead
 
 __all__ = ["CosineHead"]
@@ -50,13 +45,6 @@ class CosineHead(AdaptiveHead):
         kernel_size: of ``conv_seg`` (odd; padded to keep the size): 1 (official) or the replaced classifier's.
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``, the class direction of a k×k ``conv_seg``.
-        context_pooling: how each pixel weighs in the image's class prototypes: ``"soft"`` (official: the class
-            softmax of the coarse mask, at every pixel) or ``"predicted"`` (the class softmax at the pixels the
-            coarse mask assigns to that class only, :func:`~adaptive_heads.functional.predicted_class_weights`)
-            or ``"confident"`` (that weight times the pixel's confidence, one minus its normalised entropy,
-            :func:`~adaptive_heads.functional.confident_class_weights`). Not in the papers; experimental: on
-            CamVid's two unseen sequences neither beat ``"soft"`` on both for either head (docs: CamVid
-            experiment).
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier
@@ -83,19 +71,15 @@ class CosineHead(AdaptiveHead):
         kernel_size: int = 1,
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
-        context_pooling: ContextPooling = "soft",
     ) -> None:
         super().__init__(in_channels, num_classes, ignore_index)
         teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation, class_direction = (
             plain_option(v) for v in (teacher_pooling, tau, dropout, eps, init_std, kernel_size, dilation,
                                       class_direction)
         )  # fmt: skip
-        context_pooling = plain_option(context_pooling)
         check_choice("teacher_pooling", teacher_pooling, LABEL_POOLINGS)
         check_choice("class_direction", class_direction, ("sum", "centre"))
-        check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
         self.teacher_pooling = teacher_pooling
-        self.context_pooling = context_pooling
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.class_direction = class_direction
@@ -138,7 +122,6 @@ class CosineHead(AdaptiveHead):
             "dilation": conv.dilation[0],
             "class_direction": self.class_direction,
             "teacher_pooling": self.teacher_pooling,
-            "context_pooling": self.context_pooling,
         }
 
     @property
@@ -163,16 +146,12 @@ class CosineHead(AdaptiveHead):
         return conv(F.dropout2d(feat, p) if p > 0 else feat)
 
     def context_weights(self, coarse: Tensor) -> Tensor:
-        """The class weights ``[B, n, ...]`` (float32) each pixel gives the image's class prototypes: the class
-        softmax of the coarse logits ``coarse [B, n, ...]``, kept at the predicted class only with
-        ``context_pooling="predicted"``, and scaled by the pixel's confidence with ``"confident"``."""
+        """The weight ``[B, n, ...]`` (float32) each pixel gives each class of the image's prototypes: the class
+        softmax of the coarse logits ``coarse [B, n, ...]``, as the official heads. The one place that decides which
+        pixels pool a class prototype (training, inference, sliding-window context): a subclass may override it
+        (``examples/context_pooling.py`` tries two other poolings)."""
         with float32_math(coarse.device):
-            probs = torch.softmax(upcast_half(coarse), dim=1)
-            if self.context_pooling == "predicted":
-                return predicted_class_weights(probs)
-            if self.context_pooling == "confident":
-                return confident_class_weights(probs)
-            return probs
+            return torch.softmax(upcast_half(coarse), dim=1)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -19,7 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ._checkpoint import load_prefixed_state_dict
 from ._layers import prototype_mlp
 from ._precision import float32_math, upcast_half
-from ._types import ClassDirection, ContextPooling, LabelPooling
+from ._types import ClassDirection, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
@@ -77,10 +77,6 @@ class SSAClassifier(CosineHead):
         dilation: of ``conv_seg`` (the replaced classifier's).
         class_direction: ``"sum"`` or ``"centre"``: the ``[n, C]`` class direction of a k×k ``conv_seg``
             (:class:`~adaptive_heads.cosine_head.CosineHead`).
-        context_pooling: ``"soft"`` (official), ``"predicted"`` or ``"confident"``: which pixels pool each
-            semantic centre (the spatial centre keeps its pixel softmax;
-            :class:`~adaptive_heads.cosine_head.CosineHead`; not in the paper; experimental, no better than
-            ``"soft"`` on CamVid's unseen sequences).
 
     Example:
         >>> head = SSAClassifier(in_channels=16, num_classes=5)
@@ -106,12 +102,11 @@ class SSAClassifier(CosineHead):
         kernel_size: int = 1,
         dilation: int = 1,
         class_direction: ClassDirection = "sum",
-        context_pooling: ContextPooling = "soft",
     ) -> None:
         super().__init__(
             in_channels, num_classes, teacher_pooling=teacher_pooling, tau=tau, dropout=dropout,
             ignore_index=ignore_index, eps=eps, init_std=init_std, kernel_size=kernel_size, dilation=dilation,
-            class_direction=class_direction, context_pooling=context_pooling,
+            class_direction=class_direction,
         )  # fmt: skip
         c = self.in_channels
         self.get_feat_pos = nn.Conv2d(c, c, kernel_size=3, padding=1, groups=c)

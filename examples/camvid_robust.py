@@ -147,6 +147,8 @@ def evaluate_run(run_path: Path, data_root: Path, checkpoints: Path, out: Path, 
         todo = [(pooling, mix) for pooling, mix in variants if (*network, pooling, mix) not in done]
         if record["classifier"] not in ("cac", "ssa") or not todo:
             continue
+        # built with its pooling named, so the head can switch it (context_pooling.py)
+        args.head_options = json.dumps({**json.loads(cfg["head_options"]), "context_pooling": trained_pooling})
         model = build_model(record["classifier"], args, record["seed"])
         load_weights(model, torch.load(checkpoints / record["checkpoint"], weights_only=False)["model"])
         head = model.get_submodule(CLASSIFIER_PATH)
@@ -403,10 +405,9 @@ def headline(result: dict, base: dict, official: list[dict]) -> str:
     reached = f"the goal ({goal}) is met by {', '.join(met)}" if met else f"none reaches the goal ({goal})"
     chosen = select_on_val(tried)
     kept = "nothing" if chosen is None else setting_label(chosen) if chosen else "the official pooling"
-    advice = " Leave `context_pooling` at its default." if not better and not met else ""
     return (
-        f"{text} Tried as options (off by default) on both sequences, {seeds} seeds each: {names}; {verdict}, and "
-        f"{reached}.{advice} The choice made on `val` keeps {kept} ({link})."
+        f"{text} Tried as variants of the heads (`examples/context_pooling.py`) on both sequences, {seeds} seeds "
+        f"each: {names}; {verdict}, and {reached}. The choice made on `val` keeps {kept} ({link})."
     )
 
 

@@ -58,6 +58,7 @@ from camvid_data import (  # noqa: E402
     load_split,
     splits_present,
 )
+from context_pooling import pooled_head  # noqa: E402
 from segmentation_net import CosineClassifier, ResNetEncoder, SegmentationNet, timm_encoder  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
@@ -172,6 +173,8 @@ def build_model(
     if head is not None:
         options = {"class_direction": args.class_direction} if issubclass(head, CosineHead) else {}
         options.update(json.loads(args.head_options))
+        if "context_pooling" in options:  # the robustness experiment's variants (context_pooling.py)
+            head = pooled_head(head, options.pop("context_pooling"))
         ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
     model.to(device)
     if name == "proto-kmeans" and fit is not None:

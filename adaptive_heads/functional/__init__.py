@@ -33,10 +33,8 @@ from .labels import canny_edges, label_boundary, resize_labels_nearest
 from .pooling import (
     class_means,
     class_pixel_counts,
-    confident_class_weights,
     hard_class_pool,
     label_one_hot,
-    predicted_class_weights,
     soft_class_pool,
     soft_class_sums,
 )
@@ -61,7 +59,6 @@ __all__ = [
     "classwise_kmeans",
     "classwise_sinkhorn",
     "classwise_weighted_mean",
-    "confident_class_weights",
     "context_aware_distillation",
     "cosine_logits",
     "hard_class_pool",
@@ -69,7 +66,6 @@ __all__ = [
     "label_one_hot",
     "pointwise_conv",
     "position_distillation",
-    "predicted_class_weights",
     "prototype_best_similarity",
     "prototype_contrast_from_stats",
     "prototype_contrast_sums",

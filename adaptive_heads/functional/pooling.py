@@ -5,8 +5,6 @@ Pixel sums run in float32 whatever the input dtype (a sum over 400k pixels overf
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -16,10 +14,8 @@ from ._half import class_sums
 __all__ = [
     "class_means",
     "class_pixel_counts",
-    "confident_class_weights",
     "hard_class_pool",
     "label_one_hot",
-    "predicted_class_weights",
     "soft_class_pool",
     "soft_class_sums",
 ]
@@ -48,62 +44,6 @@ def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
     with float32_math(feat.device):
         probs = upcast_half(probs).to(torch.promote_types(feat.dtype, torch.float32))
         return class_sums(probs, feat), probs.sum(dim=-1)
-
-
-def predicted_class_weights(probs: Tensor) -> Tensor:
-    """Class weights kept only at each pixel's predicted class: ``probs · 1[k = argmax_j probs_j]``.
-
-    A class prototype pooled with these weights comes from the pixels the coarse mask assigns to that class, not
-    from the probability it spreads over other classes' pixels (ties keep every tied class).
-
-    Args:
-        probs: ``[B, n, ...]`` class probabilities (class axis 1).
-
-    Returns:
-        ``[B, n, ...]``, same dtype; gradients flow through the kept entries.
-
-    Example:
-        >>> probs = torch.tensor([[[0.7, 0.4], [0.3, 0.6]]])  # [B=1, n=2, N=2]
-        >>> predicted_class_weights(probs)
-        tensor([[[0.7000, 0.0000],
-                 [0.0000, 0.6000]]])
-    """
-    return probs * (probs == probs.amax(dim=1, keepdim=True))
-
-
-def confident_class_weights(probs: Tensor) -> Tensor:
-    """Class weights kept at each pixel's predicted class and scaled by how sure the pixel is:
-    ``probs · 1[k = argmax_j probs_j] · (1 − H(probs) / log n)``.
-
-    ``H`` is the entropy of the pixel's class distribution, so a pixel the coarse mask is sure of (one class near
-    1) keeps its weight and a pixel spread evenly over the ``n`` classes gives none: within a class, the sure
-    pixels dominate its prototype. (A pooled prototype is a weighted *mean*, so a class with little mass still
-    gets a full-scale prototype; there is no fallback to a static classifier. The factor is mild between two
-    classes: a 50/50 pixel keeps ``1 − log 2 / log n`` of its weight, 0.71 at ``n = 11``.) The factor is a gate,
-    not a target: it is computed in float32 and detached, so gradients flow through the kept ``probs`` only (as
-    in :func:`predicted_class_weights`). With ``n = 1`` it is 1.
-
-    Args:
-        probs: ``[B, n, ...]`` class probabilities (class axis 1, each pixel summing to 1).
-
-    Returns:
-        ``[B, n, ...]``, same dtype.
-
-    Example:
-        >>> probs = torch.tensor([[[1.0, 0.5], [0.0, 0.5]]])  # [B=1, n=2, N=2]: one sure pixel, one even pixel
-        >>> confident_class_weights(probs)
-        tensor([[[1., 0.],
-                 [0., 0.]]])
-    """
-    kept = predicted_class_weights(probs)
-    num_classes = probs.shape[1]
-    if num_classes == 1:
-        return kept
-    with torch.no_grad(), float32_math(probs.device):
-        wide = upcast_half(probs)
-        entropy = -torch.special.xlogy(wide, wide).sum(dim=1, keepdim=True)
-        confidence = (1 - entropy / math.log(num_classes)).clamp_(0, 1)
-    return kept * confidence.to(probs.dtype)
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:

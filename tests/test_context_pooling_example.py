@@ -1,9 +1,7 @@
-"""The cosine heads' options for scenes unlike the training ones: ``context_pooling="predicted"`` or
-``"confident"`` (not in the papers; the default stays the official code's)."""
+"""The CamVid robustness experiment's pooling variants (``examples/context_pooling.py``): heads that override
+``CosineHead.context_weights``, the library's hook for which pixels pool a class prototype."""
 
 from __future__ import annotations
-
-import warnings
 
 import numpy as np
 import pytest
@@ -11,20 +9,17 @@ import torch
 import torch.nn.functional as F
 
 import adaptive_heads as ah
-from adaptive_heads.functional import confident_class_weights, predicted_class_weights
+from examples.context_pooling import confident_class_weights, pooled_head, predicted_class_weights
 
-from .conftest import make_head
-from .test_slide import pixel_local
+from .conftest import FAST_OPTIONS
+from .test_slide import PixelLocal, centre_position_conv
 
-COSINE_HEADS = ["cac", "ssa"]
+COSINE_HEADS = {"cac": ah.ContextAwareClassifier, "ssa": ah.SSAClassifier}
 
 
-def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """``source``'s tensors into ``target``, a head built with other options (without the saved options, whose
-    absence the load reports)."""
-    weights = {k: v for k, v in source.state_dict().items() if not k.endswith("_extra_state")}
-    with pytest.warns(UserWarning, match="no saved options"):
-        target.load_state_dict(weights, strict=False)
+def _pooled(name: str, pooling: str, **options) -> ah.AdaptiveHead:
+    cls = COSINE_HEADS[name]
+    return pooled_head(cls, pooling)(8, 5, **{**FAST_OPTIONS.get(cls, {}), **options})
 
 
 def test_predicted_class_weights_keep_the_argmax_class_only():
@@ -62,9 +57,9 @@ def test_confident_class_weights_gate_is_detached():
 
 
 @pytest.mark.parametrize("pooling", ["predicted", "confident"])
-def test_cac_pooling_option_is_the_hand_computed_classifier(pooling):
+def test_a_pooled_cac_is_the_hand_computed_classifier(pooling):
     torch.manual_seed(0)
-    head = ah.ContextAwareClassifier(6, 4, context_pooling=pooling).eval()
+    head = pooled_head(ah.ContextAwareClassifier, pooling)(6, 4).eval()
     feat = torch.randn(2, 6, 5, 7)
     with torch.no_grad():
         coarse = head.conv_seg(feat).flatten(2)  # [B, n, N]
@@ -79,51 +74,46 @@ def test_cac_pooling_option_is_the_hand_computed_classifier(pooling):
         cosine = torch.einsum("bkc,bcn->bkn", F.normalize(classifier, dim=-1, eps=0), F.normalize(x, dim=1, eps=0))
         expected = (head.tau * cosine).view(2, 4, 5, 7)
         torch.testing.assert_close(head(feat), expected, rtol=1e-5, atol=1e-5)
-        official = ah.ContextAwareClassifier(6, 4).eval()
-        copy_weights(head, official)
-        assert (official(feat) - expected).abs().max() > 1e-3  # the option changes the classifier
+        head.context_pooling = "soft"  # the official pooling, on the same weights
+        assert (head(feat) - expected).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", COSINE_HEADS)
+@pytest.mark.parametrize("name", list(COSINE_HEADS))
 @pytest.mark.parametrize("pooling", ["predicted", "confident"])
-def test_pooling_option_changes_the_semantic_prototypes_in_training_too(name, pooling):
+def test_a_pooled_head_changes_the_semantic_prototypes_in_training_too(name, pooling):
     torch.manual_seed(0)
-    soft = make_head(name, 8, 5, dropout=0.0)
-    predicted = make_head(name, 8, 5, dropout=0.0, context_pooling=pooling)
-    copy_weights(soft, predicted)
+    head = _pooled(name, pooling, dropout=0.0)
+    official = COSINE_HEADS[name](8, 5, **{**FAST_OPTIONS.get(COSINE_HEADS[name], {}), "dropout": 0.0})
+    official.load_state_dict(head.state_dict())
     feat, target = torch.randn(2, 8, 6, 6), torch.randint(0, 5, (2, 12, 12))
-    out_soft, out_predicted = soft(feat, target), predicted(feat, target)
-    assert (out_soft.logits - out_predicted.logits).abs().max() > 1e-3
-    torch.testing.assert_close(out_soft.coarse, out_predicted.coarse)  # the coarse conv and the teacher are not
-    torch.testing.assert_close(out_soft.teacher, out_predicted.teacher)  # touched
-    predicted.default_loss()(out_predicted, target)["loss"].backward()
-    assert predicted.conv_seg.weight.grad.abs().sum() > 0  # the kept weights carry gradients to the coarse conv
+    out_official, out_pooled = official(feat, target), head(feat, target)
+    assert (out_official.logits - out_pooled.logits).abs().max() > 1e-3
+    torch.testing.assert_close(out_official.coarse, out_pooled.coarse)  # the coarse conv and the teacher are not
+    torch.testing.assert_close(out_official.teacher, out_pooled.teacher)  # touched
+    head.default_loss()(out_pooled, target)["loss"].backward()
+    assert head.conv_seg.weight.grad.abs().sum() > 0  # the kept weights carry gradients to the coarse conv
 
 
-@pytest.mark.parametrize("name", COSINE_HEADS)
+@pytest.mark.parametrize("name", list(COSINE_HEADS))
 @pytest.mark.parametrize("pooling", ["predicted", "confident"])
-def test_image_context_slide_equals_whole_image_with_the_options(name, pooling):
-    model = pixel_local(name, context_pooling=pooling).double()  # float64: exact up to the order of the sums
+def test_image_context_slide_equals_whole_image_with_a_pooled_head(name, pooling):
+    torch.manual_seed(0)
+    head = _pooled(name, pooling)
+    if name == "ssa":  # position features with a 1×1 footprint: the exact case (test_slide)
+        centre_position_conv(head)
+    model = PixelLocal(head).eval().double()  # float64: exact up to the order of the sums
     images = torch.randn(2, 3, 29, 33, dtype=torch.float64)
     out = ah.slide_inference(model, images, (16, 16), (10, 12), context="image")
     torch.testing.assert_close(out, model(images), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", COSINE_HEADS)
-def test_context_pooling_is_a_function_option(name):
-    saved = make_head(name, 8, 5).state_dict()
-    with pytest.warns(UserWarning, match="context_pooling='soft'"), pytest.raises(RuntimeError, match="_extra_state"):
-        make_head(name, 8, 5, context_pooling="confident").load_state_dict(saved)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        make_head(name, 8, 5, context_pooling="confident").load_state_dict(
-            make_head(name, 8, 5, context_pooling="confident").state_dict()
-        )
-
-
-def test_option_errors_and_numpy_values():
-    with pytest.raises(ValueError, match="context_pooling"):
-        ah.ContextAwareClassifier(8, 5, context_pooling="hard")
-    head = ah.SSAClassifier(8, 5, context_pooling=np.str_("confident"))
-    assert type(head.options()["context_pooling"]) is str
-    head.state_dict()  # the saved options are JSON
+def test_pooled_heads_save_as_the_library_heads_they_extend():
+    """A checkpoint of a pooled head loads into the library head (and back): the pooling is the subclass's, not an
+    option of the weights."""
+    head = _pooled("ssa", "confident")
+    saved = head.state_dict()
+    official = ah.SSAClassifier(8, 5, **FAST_OPTIONS.get(ah.SSAClassifier, {}))
+    official.load_state_dict(saved)
+    assert type(head).__name__ == "ConfidentSSAClassifier"
+    with pytest.raises(ValueError, match="context_pooling must be one of"):
+        pooled_head(ah.ContextAwareClassifier, "hard")
