@@ -295,9 +295,13 @@ class AdaptiveHead(nn.Module):
         key = prefix + "_extra_state"
         where = prefix.rstrip(".") or type(self).__name__
         saved = state_dict.pop(key, None)  # checked here, not by torch's call of set_extra_state
-        # a plain model's checkpoint from before the swap holds the coarse classifier's weights alone: no options
+        # a plain model's checkpoint from before the swap holds the replaced conv's weight and bias at this path (for
+        # CAC and SSA-Seg already moved to the coarse classifier's keys): no adaptive weights, so no options either
+        plain = {f"{prefix}weight", f"{prefix}bias"}
         coarse = f"{prefix}{self.coarse_classifier}." if self.coarse_classifier else None
-        has_weights = any(k.startswith(prefix) and not (coarse and k.startswith(coarse)) for k in state_dict)
+        has_weights = any(
+            k.startswith(prefix) and k not in plain and not (coarse and k.startswith(coarse)) for k in state_dict
+        )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

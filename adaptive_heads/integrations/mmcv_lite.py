@@ -35,9 +35,15 @@ class CompiledOpUnavailable(RuntimeError):
     """An mmcv compiled op was called where mmcv-lite's stand-in replaces the extension."""
 
 
+#: the build queries of the extension (``mmcv.utils.collect_env`` asks them): answered, not refused
+_BUILD_QUERIES = ("get_compiler_version", "get_compiling_cuda_version")
+
+
 def _missing_op(name: str):
     if name.startswith("__"):  # dunder look-ups (copy, pickle, inspect) see an ordinary module
         raise AttributeError(name)
+    if name in _BUILD_QUERIES:
+        return lambda: "n/a (mmcv-lite)"
 
     def op(*args: object, **kwargs: object) -> None:
         raise CompiledOpUnavailable(
@@ -55,13 +61,16 @@ def install() -> bool:
 
     Returns:
         ``True`` if the stand-in is (now or already) in place, ``False`` if the real extension is installed (or
-        mmcv is not installed at all).
+        mmcv is not installed, or fails to import).
     """
     present = sys.modules.get(EXTENSION)
     if present is not None:
         return getattr(present, "__adaptive_heads_stand_in__", False)
-    if importlib.util.find_spec("mmcv") is None or importlib.util.find_spec(EXTENSION) is not None:
-        return False  # no mmcv at all (mmseg will say so), or the full mmcv with its compiled ops
+    try:
+        if importlib.util.find_spec("mmcv") is None or importlib.util.find_spec(EXTENSION) is not None:
+            return False  # no mmcv at all (mmseg will say so), or the full mmcv with its compiled ops
+    except ImportError:  # mmcv itself fails to import (e.g. OpenCV's libGL): importing mmseg will say why
+        return False
     ext = types.ModuleType(EXTENSION, "Stand-in for mmcv's compiled ops (adaptive_heads.integrations.mmcv_lite).")
     ext.__spec__ = importlib.machinery.ModuleSpec(EXTENSION, None)  # for find_spec() callers (mmengine's Config)
     ext.__getattr__ = _missing_op  # type: ignore[method-assign]

@@ -31,8 +31,10 @@ SSA-Seg's loss has its own dice term: a ``DiceLoss`` in ``loss_decode`` beside i
 On ``mmcv-lite`` (no compiled ops, e.g. on a CPU) the plugin puts :mod:`adaptive_heads.integrations.mmcv_lite`'s
 stand-in for mmcv's compiled ops in place before it imports mmseg's models (where the full mmcv is installed it does
 nothing), so a config needs only this plugin in ``custom_imports``. A failure to import mmseg's models is raised as
-:class:`PluginImportError`, a ``RuntimeError``: mmengine's ``Config.fromfile`` replaces every ``ImportError`` of a
-custom import by its own advice to set ``PYTHONPATH``, which would bury the reason.
+:class:`~adaptive_heads.integrations.PluginImportError`, a ``RuntimeError``: mmengine's ``Config.fromfile`` replaces
+every ``ImportError`` of a custom import by its own advice to set ``PYTHONPATH``, which would bury the reason (so a
+config's ``allow_failed_imports=True`` does not skip this plugin: without mmseg's models its heads cannot be built
+anyway). List the plugin before any other ``custom_imports`` entry that imports mmseg's models.
 
 CAC and SSA-Seg apply their own dropout, at the decode head's ``dropout_ratio`` unless ``adaptive`` sets
 ``dropout``, to the coarse logits only (as the official heads), so the decode head's outer dropout before
@@ -57,17 +59,11 @@ from ..registry import HEADS
 from ..replace import _mmseg_ce_weight
 from ..slide import slide_inference
 from ..supervise import supervise
-from . import mmcv_lite  # noqa: F401  (mmcv-lite: puts the stand-in for the compiled ops in place; full mmcv: nothing)
-
-
-class PluginImportError(RuntimeError):
-    """mmseg's models could not be imported, so the plugin cannot register its heads.
-
-    Not an ``ImportError`` on purpose: mmengine's ``Config.fromfile`` turns an ``ImportError`` raised by a config's
-    ``custom_imports`` into its own message (set ``PYTHONPATH``), and the reason would end up above it."""
-
+from . import PluginImportError
+from .mmcv_lite import install as _install_mmcv_stand_in
 
 try:
+    _install_mmcv_stand_in()  # on mmcv-lite a stand-in for mmcv's compiled ops; with the full mmcv nothing
     from mmseg.models import decode_heads as _decode_heads
     from mmseg.models.segmentors import EncoderDecoder
     from mmseg.registry import MODELS
