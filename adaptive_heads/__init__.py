@@ -11,6 +11,7 @@ lives in :mod:`adaptive_heads.functional`; :data:`adaptive_heads.registry.HEADS`
 """
 
 from . import functional
+from ._budget import memory_budget, set_memory_budget
 from ._validation import set_debug
 from .cac import ContextAwareClassifier
 from .functional import context_aware_distillation
@@ -45,8 +46,10 @@ __all__ = [
     "find_classifier",
     "functional",
     "head_by_name",
+    "memory_budget",
     "replace_classifier",
     "set_debug",
+    "set_memory_budget",
     "slide_inference",
     "supervise",
 ]

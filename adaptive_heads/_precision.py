@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-__all__ = ["float32_math", "upcast_half"]
+__all__ = ["compute_dtype", "float32_math", "upcast_half"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -37,3 +37,32 @@ def float32_math(device: torch.device) -> contextlib.AbstractContextManager:
 def upcast_half(x: Tensor) -> Tensor:
     """Upcast half types to float32, leave float32/float64 alone (float64 is kept for gradcheck)."""
     return x.float() if x.dtype in HALF_DTYPES else x
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype:
+    getter = getattr(torch, "get_autocast_dtype", None)
+    if getter is not None:
+        return getter(device_type)
+    if device_type == "cuda":  # pragma: no cover - torch < 2.4
+        return torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_cpu_dtype()  # pragma: no cover - torch < 2.4
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the heads' per-pixel products of ``x``: its own half dtype, else the autocast dtype where
+    autocast is on for its device (a float32 decoder under autocast: as the conv the heads replace), else its own.
+
+    Example:
+        >>> x = torch.randn(2, 3)
+        >>> compute_dtype(x), compute_dtype(x.bfloat16())
+        (torch.float32, torch.bfloat16)
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16):
+        ...     compute_dtype(x)
+        torch.bfloat16
+    """
+    if x.dtype in HALF_DTYPES:
+        return x.dtype
+    available = _AUTOCAST_DEVICES.get(x.device.type)
+    if available and torch.is_autocast_enabled(x.device.type):
+        return _autocast_dtype(x.device.type)
+    return x.dtype

@@ -152,17 +152,17 @@ def check_target(
     if target.dtype != torch.long:
         target = target.long()
     if target.numel() > 0 and (_value_checks(target) or _device_checks(target)):
-        invalid = (target < 0) | (target >= num_classes)
-        if ignore_index is not None:
-            invalid &= target != ignore_index
         message = (
             f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}; if your "
             "ignore value is another one (-1, -100), pass it as ignore_index= to the head and its loss"
         )
+        ok = target.clamp(0, num_classes - 1) == target  # inside [0, n)
+        if ignore_index is not None:
+            ok |= target == ignore_index
         if _value_checks(target):
-            if bool(invalid.any()):
-                bad = target[invalid]
+            if not bool(ok.all()):
+                bad = target[~ok]
                 raise ValueError(f"{message} (min {int(bad.min())}, max {int(bad.max())})")
         else:
-            torch._assert_async(~invalid.any(), message)  # no sync: fails at a later kernel launch
+            torch._assert_async(ok.all(), message)  # no sync: fails at a later kernel launch
     return target

@@ -15,16 +15,10 @@ from torch import Tensor
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._checkpoint import load_prefixed_state_dict
-from ._layers import prototype_mlp
-from ._precision import float32_math, upcast_half
+from ._layers import prototype_mlp, stacked_mlps
 from ._types import ClassDirection, LabelPooling
 from .cosine_head import CosineHead
-from .functional import (
-    class_means,
-    cosine_logits,
-    resize_labels_nearest,
-    soft_class_sums,
-)
+from .functional import class_means, resize_labels_nearest, soft_class_pool, soft_class_sums
 from .losses import ContextAwareLoss
 from .outputs import CACOutput
 
@@ -107,15 +101,10 @@ class ContextAwareClassifier(CosineHead):
     loss_type = ContextAwareLoss
     training_only = ("apd_proj",)
 
-    def _context_logits(self, feat: Tensor, coarse: Tensor) -> Tensor:
-        """Estimated per-image classifier → ``p_p [B, n, h, w]`` (``post_refine_proto_v2``)."""
-        return self._adaptive_logits(feat, self._statistics(feat, coarse))
-
     def _statistics(self, feat: Tensor, coarse: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         probs = self.context_weights(coarse)
         if pixel_weight is not None:
-            with float32_math(feat.device):
-                probs = probs * upcast_half(pixel_weight)
+            probs = probs * pixel_weight.to(probs.dtype)
         sums, area = soft_class_sums(probs, feat)
         return {"sums": sums, "area": area}
 
@@ -138,32 +127,47 @@ class ContextAwareClassifier(CosineHead):
         """The statistics of the union of two disjoint pixel sets."""
         return {key: first[key] + second[key] for key in first}
 
-    def _adaptive_logits(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
-        prototypes = context["sums"] / (context["area"].unsqueeze(-1) + self.eps)  # [B, n, C], float32
-        classifier = self._fuse(self.proj, prototypes, self.classifier_weight.expand_as(prototypes))  # [B, n, C]
-        return cosine_logits(feat, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
+    def _classifiers(self, prototypes: Tensor, oracle: Tensor | None = None) -> list[Tensor]:
+        """The estimated per-image classifier ``A_p = proj([prototypes, W])`` ``[B, n, C]``
+        (``post_refine_proto_v2``) and, given the oracle prototypes, the oracle classifier ``A_y =
+        apd_proj([oracle, W])``: the two projectors in one batched pass."""
+        weight = self.classifier_weight.expand_as(prototypes)
+        if oracle is None:
+            return [stacked_mlps([self.proj], [(prototypes, weight)])[0]]
+        pairs = [(prototypes, weight), (oracle.expand_as(prototypes), weight)]
+        return list(stacked_mlps([self.proj, self.apd_proj], pairs).unbind(0))
 
     def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
         """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""
-        return self._adaptive_logits(feat, context)
+        prototypes = context["sums"] / (context["area"].unsqueeze(-1) + self.eps)  # [B, n, C], float32
+        return self._logits(feat, self._classifiers(prototypes))[0]
+
+    def _prototypes(self, feat: Tensor, coarse: Tensor) -> Tensor:
+        """The per-image class prototypes ``[B, n, C]``: the features pooled with the coarse mask's softmax."""
+        return soft_class_pool(self.context_weights(coarse), feat, eps=self.eps)
 
     def forward_logits(self, feat: Tensor) -> Tensor:
-        return self._adaptive_logits(feat, self.context_statistics(feat))
+        prototypes = self._prototypes(feat, self.coarse_logits(feat))
+        return self._logits(feat, self._classifiers(prototypes))[0]
+
+    def oracle_prototypes(self, feat: Tensor, feature_target: Tensor) -> Tensor:
+        """The label-built (oracle) prototypes: ``[n, C]`` (batch or global pooling) or ``[B, n, C]``; classes without
+        pixels take the detached classifier row."""
+        sums, counts = self.label_class_statistics(feat, feature_target, self.teacher_pooling)
+        return class_means(sums, counts, self.classifier_weight.detach())
 
     def teacher_classifier(self, feat: Tensor, feature_target: Tensor) -> Tensor:
         """The label-built (oracle) classifier ``A_y`` from ground-truth masks: ``[n, C]`` (batch or global
         pooling) or ``[B, n, C]``."""
-        sums, counts = self.label_class_statistics(feat, feature_target, self.teacher_pooling)
-        weight = self.classifier_weight
-        prototypes = class_means(sums, counts, weight.detach())
-        return self._fuse(self.apd_proj, prototypes, weight.expand_as(sums))
+        oracle = self.oracle_prototypes(feat, feature_target)
+        weight = self.classifier_weight.expand_as(oracle)
+        return stacked_mlps([self.apd_proj], [(oracle, weight)])[0]
 
     def forward_train(self, feat: Tensor, target: Tensor) -> CACOutput:
         coarse = self.coarse_logits(feat)
-        logits = self._context_logits(feat, coarse)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
-        teacher = cosine_logits(feat, self.teacher_classifier(feat, feature_target), self.tau, eps=self.eps)
-        teacher = teacher.to(logits.dtype)
+        classifiers = self._classifiers(self._prototypes(feat, coarse), self.oracle_prototypes(feat, feature_target))
+        logits, teacher = self._logits(feat, classifiers)
         return CACOutput(logits=logits, coarse=coarse, teacher=teacher, feature_target=feature_target)
 
     def load_official_state_dict(

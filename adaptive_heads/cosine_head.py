@@ -3,6 +3,7 @@ SSA-Seg share."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -10,10 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._distributed import all_reduce_class_statistics
-from ._precision import float32_math, upcast_half
 from ._types import LABEL_POOLINGS, ClassDirection, LabelPooling
 from ._validation import check_choice, plain_option
 from .functional import hard_class_pool, pointwise_conv
+from .functional.cosine import cosine_logits_of
 from .head import AdaptiveHead
 
 __all__ = ["CosineHead"]
@@ -150,8 +151,7 @@ class CosineHead(AdaptiveHead):
         softmax of the coarse logits ``coarse [B, n, ...]``, as the official heads. The one place that decides which
         pixels pool a class prototype (training, inference, sliding-window context): a subclass may override it
         (``examples/context_pooling.py`` tries two other poolings)."""
-        with float32_math(coarse.device):
-            return torch.softmax(upcast_half(coarse), dim=1)
+        return torch.softmax(coarse, dim=1, dtype=torch.float64 if coarse.dtype == torch.float64 else torch.float32)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -197,7 +197,12 @@ class CosineHead(AdaptiveHead):
                     bias.zero_()
 
     def label_class_statistics(
-        self, feat: Tensor, feature_target: Tensor, pooling: LabelPooling, one_hot: Tensor | None = None
+        self,
+        feat: Tensor,
+        feature_target: Tensor,
+        pooling: LabelPooling,
+        one_hot: Tensor | None = None,
+        counts: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Class sums and pixel counts of ``feat [B, C, h, w]`` under ``feature_target [B, h, w]``.
 
@@ -206,18 +211,19 @@ class CosineHead(AdaptiveHead):
         one autograd-aware all-reduce of ``[n, C + 1]`` floats in forward and its adjoint in backward
         (``4·n·(C + 1)`` bytes each: 0.3 MB at n = 150, C = 512), so the label-built branch equals one process
         on the concatenated global batch. Without an initialised process group ``"global"`` is ``"batch"``.
+        ``one_hot`` and ``counts`` (per image) share the labels' one-hot masks between poolings
+        (:func:`~adaptive_heads.functional.hard_class_pool`).
         """
         sums, counts = hard_class_pool(
             feat, feature_target, self.num_classes, ignore_index=self.ignore_index, per_image=pooling == "image",
-            one_hot=one_hot,
+            one_hot=one_hot, counts=counts,
         )  # fmt: skip
         if pooling == "global":
             sums, counts = all_reduce_class_statistics(sums, counts)
         return sums, counts
 
-    @staticmethod
-    def _fuse(mlp: nn.Module, first: Tensor, second: Tensor) -> Tensor:
-        """``mlp([first, second])`` (concatenated on the last axis) in the projector's own dtype: the pooled
-        prototypes come in float32, a half model's projector is half."""
-        dtype = next(mlp.parameters()).dtype
-        return mlp(torch.cat([first.to(dtype), second.to(dtype)], dim=-1))
+    def _logits(self, feat: Tensor, classifiers: Sequence[Tensor]) -> list[Tensor]:
+        """Cosine logits of ``feat`` under each ``[B, n, C]`` (or batch-shared ``[n, C]``) classifier, in one product
+        that shares the feature norm; in the head's output dtype."""
+        dtype = self.output_dtype(feat)
+        return [t.to(dtype) for t in cosine_logits_of(feat, classifiers, self.tau, eps=self.eps)]

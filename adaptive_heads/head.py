@@ -21,7 +21,23 @@ __all__ = ["AdaptiveHead"]
 
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
+#: where a head's training output keeps the label map it checked, ``(given, ignore_index, checked)``: not a field
+#: (``dataclasses.fields`` and ``replace`` see the outputs' data only)
+CHECKED_TARGET = "_checked_target"
 _INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+
+
+#: floating dtypes by width, for :func:`_promote`
+_WIDTH = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4, torch.float64: 8}
+
+
+def _promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` of two floating dtypes, decided on the host (an aten call per forward otherwise)."""
+    if a == b or _WIDTH.get(a, 0) > _WIDTH.get(b, 0):
+        return a
+    if _WIDTH.get(b, 0) > _WIDTH.get(a, 0):
+        return b
+    return torch.promote_types(a, b)  # bfloat16 with float16: float32
 
 
 def _caller_level() -> int:
@@ -149,7 +165,9 @@ class AdaptiveHead(nn.Module):
             ignore_index=self.ignore_index,
             device=feat.device,
         )
-        return self.forward_train(feat, checked)
+        out = self.forward_train(feat, checked)
+        vars(out)[CHECKED_TARGET] = (target, self.ignore_index, checked)  # the loss need not read the labels again
+        return out
 
     def output_dtype(self, feat: Tensor) -> torch.dtype:
         """dtype of the logits: that of the features and the head's parameters together.
@@ -158,7 +176,7 @@ class AdaptiveHead(nn.Module):
         inside still run in float32); a float32 model under autocast gets float32 logits, like the statistics.
         """
         for param in self.parameters():  # the first one (a loop: torch.compile before 2.5 cannot trace next())
-            return torch.promote_types(feat.dtype, param.dtype)
+            return _promote(feat.dtype, param.dtype)
         return feat.dtype
 
     def forward_logits(self, feat: Tensor) -> Tensor:  # pragma: no cover - abstract

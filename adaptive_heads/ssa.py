@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ._checkpoint import load_prefixed_state_dict
-from ._layers import prototype_mlp
-from ._precision import float32_math, upcast_half
+from ._layers import prototype_mlp, stacked_linears, stacked_mlps
+from ._precision import compute_dtype, float32_math, upcast_half
 from ._types import ClassDirection, LabelPooling
 from .cosine_head import CosineHead
 from .functional import (
     class_means,
-    cosine_logits,
+    class_sums,
     hard_class_pool,
     label_one_hot,
     resize_labels_nearest,
@@ -121,39 +121,50 @@ class SSAClassifier(CosineHead):
     loss_type = SSALoss
     training_only = ("gt_center_content_proj", "gt_center_pos_proj", "gt_center_proj")
 
-    def _student(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Semantic and spatial prototypes ``S_p``, ``P_p`` ``[B, n, C]`` from the coarse mask."""
-        with float32_math(feat.device):
-            logits = upcast_half(coarse).flatten(2)
-            pixel_softmax = torch.softmax(logits, dim=-1)  # spatial: one distribution per class over pixels
+    def _centres(self, feat: Tensor, coarse: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """The image's semantic and spatial centres ``[B, n, C]`` from the coarse mask."""
+        logits = coarse.flatten(2)
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        pixel_softmax = torch.softmax(logits, dim=-1, dtype=dtype)  # spatial: one distribution per class over pixels
         class_softmax = self.context_weights(logits)  # semantic: a class posterior per pixel
-        pos_center = soft_class_pool(pixel_softmax, pos, eps=self.eps)
         sem_center = soft_class_pool(class_softmax, feat, eps=self.eps)
-        return self._prototypes(sem_center, pos_center)
+        return sem_center, class_sums(pixel_softmax, pos.flatten(2))  # each class's pixel weights sum to 1
 
-    def _prototypes(self, sem_center: Tensor, pos_center: Tensor) -> tuple[Tensor, Tensor]:
-        """``S_p = center_content_proj([semantic centre, W])``, ``P_p = center_pos_proj([E, spatial centre])``."""
-        b = sem_center.shape[0]
-        semantic = self._fuse(self.center_content_proj, sem_center, self.classifier_weight.expand(b, -1, -1))
-        position = self._fuse(self.center_pos_proj, self.center_pos.weight.expand(b, -1, -1), pos_center)
-        return semantic, position
+    def _prototypes(self, centres: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``[S_p, P_p]`` (and with the teacher's centres ``[S_p, P_p, S_p^T, P_p^T]``) ``[K, B, n, C]``:
+        ``S_p = center_content_proj([semantic centre, W])``, ``P_p = center_pos_proj([E, spatial centre])``, the
+        teacher's ``gt_center_content_proj([G, W])``, ``gt_center_pos_proj([H, E])`` (note the concat orders), the
+        projectors in one batched pass."""
+        sem_center, pos_center = centres
+        weight = self.classifier_weight.expand_as(sem_center)
+        basis = self.center_pos.weight.expand_as(sem_center)
+        mlps = [self.center_content_proj, self.center_pos_proj]
+        pairs = [(sem_center, weight), (basis, pos_center)]
+        if teacher is not None:
+            mlps += [self.gt_center_content_proj, self.gt_center_pos_proj]
+            pairs += [(teacher[0].expand_as(sem_center), weight), (teacher[1], basis)]
+        return stacked_mlps(mlps, pairs)
 
-    def _classify(self, feat: Tensor, pos: Tensor, semantic: Tensor, position: Tensor) -> Tensor:
-        classifier = self.center_proj(semantic + position)
+    def _classifiers(self, prototypes: Tensor) -> Tensor:
+        """``center_proj(S_p + P_p)`` (and ``gt_center_proj(S_p^T + P_p^T)``): ``[K, B, n, C]``."""
+        pairs = prototypes.unflatten(0, (-1, 2)).sum(dim=1)  # semantic + spatial, per branch
+        linears = [self.center_proj, self.gt_center_proj][: pairs.shape[0]]
+        return stacked_linears(linears, pairs)
+
+    def _classify(self, feat: Tensor, pos: Tensor, centres: tuple[Tensor, Tensor]) -> Tensor:
         # without autograd the position map can absorb the features in place (one C×N map less)
         x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
-        return cosine_logits(x, classifier, self.tau, eps=self.eps).to(self.output_dtype(feat))
+        return self._logits(x, self._classifiers(self._prototypes(centres)).unbind(0))[0]
 
     def forward_logits(self, feat: Tensor) -> Tensor:
         coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
-        semantic, position = self._student(feat, coarse, pos)
-        return self._classify(feat, pos, semantic, position)
+        return self._classify(feat, pos, self._centres(feat, coarse, pos))
 
     def context_statistics(self, feat: Tensor, pixel_weight: Tensor | None = None) -> dict[str, Tensor]:
         """The image statistics the classifier is built from, mergeable over disjoint pixel sets (tiles).
 
-        The semantic centre's soft class sums and areas (class softmax, or the ``context_pooling`` weights), and
+        The semantic centre's soft class sums and areas (the class softmax, :meth:`~CosineHead.context_weights`), and
         the spatial centre's pixel-softmax pooling as a running log-sum-exp: per class the peak coarse logit ``m``,
         ``Σ_i w_i e^{M_i − m} P_i`` and ``Σ_i w_i e^{M_i − m}`` (:meth:`merge_context` rescales both to the common
         peak).
@@ -211,37 +222,36 @@ class SSAClassifier(CosineHead):
         border of a tile they see the tile's zero padding, not the neighbouring tile)."""
         sem_center = context["sem_sums"] / (context["sem_area"].unsqueeze(-1) + self.eps)
         pos_center = context["pos_sums"] / context["pos_norm"].unsqueeze(-1)
-        semantic, position = self._prototypes(sem_center, pos_center)
-        return self._classify(feat, self.get_feat_pos(feat), semantic, position)
+        return self._classify(feat, self.get_feat_pos(feat), (sem_center, pos_center))
+
+    def teacher_centres(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
+        """The online teacher's semantic centres (``[n, C]`` pooled over the batch officially, ``[B, n, C]`` per image)
+        and spatial centres (``[B, n, C]``, per image) from ground-truth masks; classes without pixels take the
+        detached ``W`` and ``E`` rows."""
+        one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, compute_dtype(feat))  # shared
+        counts = one_hot.sum(dim=-1, dtype=torch.float64 if feat.dtype == torch.float64 else torch.float32)
+        sums, pooled = self.label_class_statistics(feat, feature_target, self.teacher_pooling, one_hot, counts)
+        sem_gt = class_means(sums, pooled, self.classifier_weight.detach())
+        psums, _ = hard_class_pool(pos, feature_target, self.num_classes, one_hot=one_hot, counts=counts)
+        return sem_gt, class_means(psums, counts, self.center_pos.weight.detach())
 
     def teacher_prototypes(self, feat: Tensor, pos: Tensor, feature_target: Tensor) -> tuple[Tensor, Tensor]:
         """Online-teacher prototypes ``S_p^T``, ``P_p^T`` ``[B, n, C]`` from ground-truth masks."""
-        b = feat.shape[0]
-        weight = self.classifier_weight
-        basis = self.center_pos.weight
-        one_hot = label_one_hot(feature_target, self.num_classes, self.ignore_index, torch.float32)  # shared
-        sums, counts = self.label_class_statistics(feat, feature_target, self.teacher_pooling, one_hot)
-        sem_gt = class_means(sums, counts, weight.detach())
-        semantic = self._fuse(self.gt_center_content_proj, sem_gt, weight.expand_as(sem_gt))
-        semantic = semantic.expand(b, -1, -1) if semantic.dim() == 2 else semantic
-        psums, pcounts = hard_class_pool(
-            pos, feature_target, self.num_classes, ignore_index=self.ignore_index, one_hot=one_hot
-        )
-        pos_gt = class_means(psums, pcounts, basis.detach())
-        position = self._fuse(self.gt_center_pos_proj, pos_gt, basis.expand_as(pos_gt))
+        sem_gt, pos_gt = self.teacher_centres(feat, pos, feature_target)
+        weight = self.classifier_weight.expand_as(pos_gt)
+        basis = self.center_pos.weight.expand_as(pos_gt)
+        pairs = [(sem_gt.expand_as(pos_gt), weight), (pos_gt, basis)]
+        semantic, position = stacked_mlps([self.gt_center_content_proj, self.gt_center_pos_proj], pairs).unbind(0)
         return semantic, position
 
     def forward_train(self, feat: Tensor, target: Tensor) -> SSAOutput:
         coarse = self.coarse_logits(feat)
         pos = self.get_feat_pos(feat)
-        semantic, position = self._student(feat, coarse, pos)
-        x = feat + pos
-        out_dtype = self.output_dtype(feat)
-        logits = cosine_logits(x, self.center_proj(semantic + position), self.tau, eps=self.eps).to(out_dtype)
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
-        semantic_t, position_t = self.teacher_prototypes(feat, pos, feature_target)
-        teacher = cosine_logits(x, self.gt_center_proj(semantic_t + position_t), self.tau, eps=self.eps)
-        teacher = teacher.to(out_dtype)
+        centres = self._centres(feat, coarse, pos)
+        prototypes = self._prototypes(centres, self.teacher_centres(feat, pos, feature_target))
+        logits, teacher = self._logits(feat + pos, self._classifiers(prototypes).unbind(0))
+        semantic, position, semantic_t, position_t = prototypes.unbind(0)
         return SSAOutput(
             logits=logits,
             coarse=coarse,

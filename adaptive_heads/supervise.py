@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ._validation import is_tracing
@@ -85,6 +86,7 @@ class Supervision:
         self.head_weights: dict[str, float] = {name: float(weights.get(name, 1.0)) for name in self.heads}
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
         self._terms: dict[str, list[dict[str, Tensor]]] | None = None  # each recorded output's terms, computed once
+        self._main: dict[str, list[str]] = {}  # whether each output's main term is in its terms: with a gradient?
         self._names = {id(h): name for name, h in self.heads.items()}
 
     def __enter__(self) -> Supervision:
@@ -105,13 +107,26 @@ class Supervision:
         self.outputs[self._names[id(head)]].append(out)
         self._terms = None
 
-    def _computed_terms(self) -> dict[str, list[dict[str, Tensor]]]:
-        """Every recorded output's terms, computed at the first call after the forward and reused after."""
+    def _computed_terms(self, main: str) -> dict[str, list[dict[str, Tensor]]]:
+        """Every recorded output's terms, each computed once after the forward and reused after: the extra terms;
+        with ``main="value"`` also each head's main term for reporting (no gradient), with ``"grad"`` with one."""
         if self._terms is None:
-            self._terms = {
-                name: [self.loss_fns[name].terms(out, self.target) for out in outs]
-                for name, outs in self.outputs.items()
-            }
+            self._terms = {name: [] for name in self.outputs}
+            self._main = {name: [] for name in self.outputs}
+        for name, outs in self.outputs.items():
+            loss_fn = self.loss_fns[name]
+            main_term = loss_fn.main_term
+            cached, mains = self._terms[name], self._main[name]
+            for i, out in enumerate(outs):
+                if i == len(cached):  # the extra terms, computed once
+                    cached.append(loss_fn.terms(out, self.target, skip={main_term}))
+                    mains.append("none")
+                if main == "none" or mains[i] in (main, "grad"):
+                    continue  # not asked for, or already computed (with a gradient if that was asked)
+                others = set(loss_fn.weights) - {main_term}
+                with torch.set_grad_enabled(main == "grad" and torch.is_grad_enabled()):
+                    cached[i].update(loss_fn.terms(out, self.target, skip=others))
+                mains[i] = main
         return self._terms
 
     def losses(self, include_main: bool = False) -> dict[str, Tensor]:
@@ -120,19 +135,28 @@ class Supervision:
         ``"adaptive_loss"`` (what :meth:`loss` returns; not ``"loss"``, which in a loss module's dict includes the
         main CE) sums the weighted terms of every head and every recorded call, each head's scaled by its
         :attr:`head_weights`; the main CE of each head is left out of it unless ``include_main`` (the terms
-        themselves are reported, unscaled: each head's main term and every term with a non-zero weight). The
-        terms are computed once per forward: :meth:`loss` and :meth:`losses` share them.
+        themselves are reported, unscaled: each head's main term, without a gradient unless ``include_main``, and
+        every term with a non-zero weight). The terms are computed once per forward: :meth:`loss` and
+        :meth:`losses` share them.
         """
+        return self._losses(include_main, report=True)
+
+    def _losses(self, include_main: bool, report: bool) -> dict[str, Tensor]:
+        computed = self._computed_terms("grad" if include_main else "value" if report else "none")
         result: dict[str, Tensor] = {}
         total: Tensor | None = None
-        for name, outs in self._computed_terms().items():
+        for name, outs in computed.items():
             loss_fn = self.loss_fns[name]
-            for i, terms in enumerate(outs):
+            for i, (out, cached) in enumerate(zip(self.outputs[name], outs, strict=True)):
+                terms = cached
                 exclude = () if include_main else (loss_fn.main_term,)
-                part = self.head_weights[name] * loss_fn.combine(terms, exclude=exclude)
+                part = loss_fn.combine(terms, exclude=exclude, anchor=out.logits)
+                if self.head_weights[name] != 1:
+                    part = self.head_weights[name] * part
                 total = part if total is None else total + part
                 suffix = "" if len(outs) == 1 else f"[{i}]"
-                result.update({f"{name}{suffix}.{k}": v for k, v in terms.items()})
+                if report:
+                    result.update({f"{name}{suffix}.{k}": v for k, v in terms.items()})
         if total is None:
             raise RuntimeError(
                 "no adaptive head ran in training mode inside the supervise() block "
@@ -142,8 +166,9 @@ class Supervision:
         return result
 
     def loss(self, include_main: bool = False) -> Tensor:
-        """The weighted sum of the extra loss terms of every adaptive head (see :meth:`losses`)."""
-        return self.losses(include_main=include_main)["adaptive_loss"]
+        """The weighted sum of the extra loss terms of every adaptive head (see :meth:`losses`); computes no term
+        it does not sum (the main CE only with ``include_main``)."""
+        return self._losses(include_main, report=False)["adaptive_loss"]
 
 
 def supervise(

@@ -45,6 +45,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
+from benchmarks import report  # noqa: E402
 from benchmarks.measure import (  # noqa: E402
     CPU_MEMORY_METHOD,
     count_ops,
@@ -57,7 +58,7 @@ from benchmarks.measure import (  # noqa: E402
 #: every registered head with its loss
 HEADS = {name: (cls, cls.loss_type) for name, cls in ah.HEADS.items()}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MIB = 2**20
+MIB = report.MIB
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -232,84 +233,10 @@ class Config:
                 row["loop_train_s"] = median_time(loop, self.device, 0, args.train_repeats)
                 row.update({f"loop_{k}": v for k, v in count_ops(loop).items()})
                 row.update({f"train_{k}": v for k, v in count_ops(train).items()})
-        _add_relative(self.rows)
-
-
-def _add_relative(rows: list[dict]) -> None:
-    base = next(r for r in rows if r["head"] == "conv")
-    for r in rows:
-        for phase in ("infer", "train"):
-            if f"{phase}_s" in r and f"{phase}_s" in base:
-                r[f"{phase}_time_ratio"] = r[f"{phase}_s"] / base[f"{phase}_s"]
-            pk, bpk = r.get(f"{phase}_peak_bytes"), base.get(f"{phase}_peak_bytes")
-            if pk is not None and bpk is not None:
-                r[f"{phase}_extra_mib"] = (pk - bpk) / MIB
-                r[f"{phase}_extra_pct"] = 100.0 * (pk - bpk) / max(bpk, 1)
-        plain = next((p for p in rows if p["head"] == "conv+plainCE"), None)
-        if plain and r.get("train_peak_bytes") is not None and plain.get("train_peak_bytes") is not None:
-            r["train_extra_vs_plain_mib"] = (r["train_peak_bytes"] - plain["train_peak_bytes"]) / MIB
-        if "loop_train_s" in r:
-            r["speedup_vs_loop"] = r["loop_train_s"] / r["train_s"]
+        report.add_relative(self.rows)
 
 
 # ----------------------------------------------------------------------------- reporting
-def _fmt(v, spec):
-    return "–" if v is None else format(v, spec)
-
-
-def _extra(r: dict, phase: str) -> str:
-    """``+76 (+43 %)``: extra MiB over the conv baseline and the same in percent."""
-    mib, pct = r.get(f"{phase}_extra_mib"), r.get(f"{phase}_extra_pct")
-    return "–" if mib is None else f"{mib:+.0f} ({pct:+.0f} %)"
-
-
-_INFER_COLUMNS = [
-    ("infer ms", lambda r: _fmt(r.get("infer_s") and r["infer_s"] * 1e3, ".1f")),
-    ("fps", lambda r: _fmt(r.get("infer_fps"), ".1f")),
-    ("infer × conv", lambda r: _fmt(r.get("infer_time_ratio"), ".2f")),
-    ("infer peak MiB", lambda r: _fmt(r.get("infer_peak_bytes") and r["infer_peak_bytes"] / MIB, ".0f")),
-    ("infer extra MiB", lambda r: _extra(r, "infer")),
-]
-_TRAIN_COLUMNS = [
-    ("train ms", lambda r: _fmt(r.get("train_s") and r["train_s"] * 1e3, ".0f")),
-    ("train × conv", lambda r: _fmt(r.get("train_time_ratio"), ".2f")),
-    ("train peak MiB", lambda r: _fmt(r.get("train_peak_bytes") and r["train_peak_bytes"] / MIB, ".0f")),
-    ("train extra MiB", lambda r: _extra(r, "train")),
-    ("train extra vs plain-CE conv", lambda r: _fmt(r.get("train_extra_vs_plain_mib"), "+.0f")),
-]
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One row per (configuration, head); inference or training columns only when measured."""
-    keys = ("size", "stride", "n", "C", *(["dtype"] if len({r.get("dtype") for r in rows}) > 1 else []), "head")
-    columns = [(k, (lambda r, k=k: str(r[k]))) for k in keys]
-    if any("infer_s" in r for r in rows):
-        columns += _INFER_COLUMNS
-    if any("train_s" in r for r in rows):
-        columns += _TRAIN_COLUMNS
-    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def loop_table(rows: list[dict]) -> str:
-    """Training step against the per-class-loop implementation (``--loop-reference`` rows only)."""
-    lines = [
-        "| size | stride | n | C | head | train ms | loop-reference ms | speed-up | aten ops / step (ours / loop) "
-        "| host syncs / step (ours / loop) |",
-        "|" + "---|" * 10,
-    ]
-    for r in rows:
-        if "loop_train_s" not in r:
-            continue
-        lines.append(
-            f"| {r['size']} | {r['stride']} | {r['n']} | {r['C']} | {r['head']} | {r['train_s'] * 1e3:.0f} "
-            f"| {r['loop_train_s'] * 1e3:.0f} | {r['speedup_vs_loop']:.1f}× | {r['train_ops']} / {r['loop_ops']} "
-            f"| {r['train_syncs']} / {r['loop_syncs']} |"
-        )
-    return "\n".join(lines)
-
-
 def plot(rows: list[dict], path: Path) -> bool:
     try:
         import matplotlib
@@ -342,20 +269,6 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def update_readme(table: str, tag: str, command: str, meta: str) -> Path:
-    """Replace the ``<!-- bench:<tag>:start -->`` … ``end`` block of whichever page holds it (README.md or docs/),
-    say which, and return that page. ``benchmarks/render_docs.py`` renders the same block from the saved JSON."""
-    from benchmarks.render_docs import BLOCK, pages, replace_block
-
-    name = f"bench:{tag}"
-    for page in pages():
-        if any(match["name"] == name for match in BLOCK.finditer(page.read_text())):
-            replace_block(page, name, f"{meta}\n\n```bash\n{command}\n```\n\n{table}")
-            print(f"updated {page.relative_to(ROOT)} block {tag!r}")
-            return page
-    raise SystemExit(f"no page holds a <!-- {name}:start --> ... <!-- {name}:end --> block")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -405,23 +318,12 @@ def configs(args) -> list[dict]:
     return [{"size": s, "stride": st, "n": n, "C": c, "dtype": d} for s, st, n, c, d in grid]
 
 
-def tables(rows: list[dict]) -> str:
-    """The main table, and the loop comparison when the rows have one."""
-    table = markdown_table(rows)
-    if any("loop_train_s" in r for r in rows):
-        table += "\n\n" + loop_table(rows)
-    return table
-
-
 def render(args) -> list[dict]:
     """``--render``: the tables of a saved JSON, and its README block with ``--update-readme``."""
     data = json.loads(args.render.read_text())
-    table = tables(data["rows"])
-    print(f"{data['meta']}\n\n{table}")
+    print(f"{data['meta']}\n\n{report.heads_tables(data['rows'])}")
     if args.update_readme:
-        tag = args.tag or args.render.stem
-        command = "python benchmarks/bench_heads.py " + " ".join(a for a in data["args"] if a != "--update-readme")
-        update_readme(table, tag, command.strip(), data["meta"])
+        report.update_block(f"bench:{args.tag or args.render.stem}", report.bench_block(args.render.stem))
     return data["rows"]
 
 
@@ -452,16 +354,14 @@ def main(argv=None) -> list[dict]:
         f"{'whole MiniUPerNet' if args.model else 'head only'}; memory: "
         f"{CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
     )
-    table = tables(rows)
-    print(f"\n{meta}\n\n{table}")
+    print(f"\n{meta}\n\n{report.heads_tables(rows)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:], "rows": rows}, indent=1))
     print(f"\nwrote {out}")
     if args.plot and plot(rows, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
     if args.update_readme:
-        command = "python benchmarks/bench_heads.py " + " ".join(a for a in sys.argv[1:] if a != "--update-readme")
-        update_readme(table, tag, command.strip(), meta)
+        report.update_block(f"bench:{out.stem}", report.bench_block(out.stem))
     return rows
 
 

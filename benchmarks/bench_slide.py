@@ -26,11 +26,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 import torch  # noqa: E402
 
 import adaptive_heads as ah  # noqa: E402
-from benchmarks.bench_heads import update_readme  # noqa: E402
+from benchmarks import report  # noqa: E402
 from benchmarks.decoder import MiniUPerNet  # noqa: E402
 from benchmarks.measure import CPU_MEMORY_METHOD, memory_mode, peak_memory  # noqa: E402
-
-MIB = 2**20
 
 
 def measure(args) -> list[dict]:
@@ -62,17 +60,6 @@ def measure(args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    whole = rows[0]["peak_bytes"]
-    lines = ["| mode | tiles | time s | peak MiB | peak vs whole image |", "|---|---|---|---|---|"]
-    for r in rows:
-        peak = r["peak_bytes"]
-        ratio = f"{100 * peak / whole:.0f} %" if peak is not None and whole else "—"
-        mib = f"{peak / MIB:.0f}" if peak is not None else "—"
-        lines.append(f"| {r['mode']} | {r['tiles']} | {r['seconds']:.1f} | {mib} | {ratio} |")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=2048)
@@ -96,7 +83,7 @@ def main(argv=None) -> list[dict]:
         f"n = {args.classes}, {args.head}, one {args.size}×{args.size} image, crop {args.crop}, stride "
         f"{args.stride}; memory: {CPU_MEMORY_METHOD if args.device == 'cpu' else 'torch.cuda.max_memory_allocated'}"
     )
-    text = table(rows)
+    text = report.slide_table(rows)
     print(meta + "\n\n" + text)
     out = (
         args.out
@@ -105,10 +92,7 @@ def main(argv=None) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:] if argv is None else argv, "rows": rows}, indent=1))
     if args.update_readme:
-        command = "python benchmarks/bench_slide.py " + " ".join(
-            a for a in (argv or sys.argv[1:]) if a != "--update-readme"
-        )
-        update_readme(text, "cpu-slide" if args.device == "cpu" else "cuda-slide", command.strip(), meta)
+        report.update_block(f"bench:{out.stem}", report.bench_block(out.stem))
     return rows
 
 

@@ -37,11 +37,12 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 import torch  # noqa: E402
 
+from benchmarks import report  # noqa: E402
 from benchmarks.bench_heads import HEADS, _model_runners  # noqa: E402
 from benchmarks.measure import CPU_MEMORY_METHOD, memory_mode, peak_memory  # noqa: E402
 
-MIB = 2**20
-WARMUP_SIZE = 128
+MIB = report.MIB
+WARMUP_SIZE = report.WARMUP_SIZE
 
 
 def _inputs(size: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,46 +115,6 @@ def measure(args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown: per size and head, the step's CPU time, wall time and peak, each against the conv with plain CE."""
-    lines = [
-        "| size | head | CPU s | CPU × conv | wall s | wall × conv | train peak MiB | extra MiB over conv |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        peak = "—" if r["train_peak_bytes"] is None else f"{r['train_peak_bytes'] / MIB:.0f}"
-        extra = "—" if "train_extra_mib" not in r else f"{r['train_extra_mib']:+.0f} ({r['train_extra_pct']:+.0f} %)"
-        label = "conv + `F.cross_entropy`" if r["head"] == "conv" else r["head"]
-        lines.append(
-            f"| {r['size']} | {label} | {r['train_cpu_s']:.1f} | {r['train_cpu_ratio']:.2f} | {r['train_s']:.1f} "
-            f"| {r['train_time_ratio']:.2f} | {peak} | {extra} |"
-        )
-    return "\n".join(lines)
-
-
-def describe(data: dict) -> str:
-    """The setting line of a saved result: machine, threads, how busy it was, what was measured."""
-    m = data["machine"]
-    loads = [v for r in data["rows"] for v in (r["load_average_before"], r["load_average_after"]) if v]
-    busy = (
-        f"; 1-min load average {min(v[0] for v in loads):.1f} to {max(v[0] for v in loads):.1f} on "
-        f"{m['cpus']} CPUs during the run"
-        + (" (a shared machine: other jobs ran beside it, so the wall times are not comparable)"
-           if max(v[0] for v in loads) > m["cpus"] else "")
-        if loads
-        else ""
-    )  # fmt: skip
-    return (
-        f"{m['device']}, {m['threads']} threads, torch {m['torch']}, fp32, batch 1, whole MiniUPerNet "
-        f"(C = {data['rows'][0]['C']}, n = {data['rows'][0]['n']}), forward + loss + backward, median of "
-        f"{data['steps']} step(s) per head after a {WARMUP_SIZE}-px warm-up step{busy}; memory: {data['memory']}"
-    )
-
-
-def command(data: dict) -> str:
-    return ("python benchmarks/bench_train_step.py " + " ".join(data["args"])).strip()
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="input sizes in px (default 512 1024)")
@@ -186,7 +147,7 @@ def main(argv=None) -> dict:
     out = args.out or ROOT / "benchmarks" / "results" / f"{device.type}-train-step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
-    print(f"{describe(data)}\n\n{table(rows)}\n\nwrote {out}")
+    print(f"{report.train_step_setting(data)}\n\n{report.train_step_table(rows)}\n\nwrote {out}")
     return data
 
 

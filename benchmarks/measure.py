@@ -227,3 +227,43 @@ def count_ops(fn: Callable[[], object]) -> dict[str, int]:
     ops = sum(1 for e in events if not e.cpu_children and e.name not in _NO_KERNEL)
     syncs = sum(1 for e in events if e.name in SYNC_OPS and not _inside_sync(e))
     return {"ops": ops, "syncs": syncs + copies.copies}
+
+
+#: the dispatched aten ops that only make views or allocate (no kernel on CUDA), left out by :func:`count_aten_ops`
+#: (the set of the op counts that first measured the heads on an H200, so the figures compare)
+_VIEWS = frozenset(
+    "view _unsafe_view reshape expand permute transpose t unsqueeze squeeze slice select as_strided alias detach "
+    "split chunk unbind narrow diagonal unflatten flatten empty empty_like new_empty lift_fresh _to_copy_noop".split()
+)
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in _VIEWS:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """The aten ops one call of ``fn`` dispatches, views and allocations excluded: each is at least one kernel
+    launch on CUDA. Runs on any device, ``meta`` included (no data: a whole model's step in seconds, no GPU)."""
+    counter = _AtenOps()
+    with counter:
+        fn()
+    return counter.ops
+
+
+def count_cuda_kernels(fn: Callable[[], object]) -> int:
+    """CUDA kernels one call of ``fn`` launches, as the profiler records them (memory copies and sets included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)

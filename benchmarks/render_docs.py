@@ -53,22 +53,14 @@ for _path in (ROOT, ROOT / "examples"):
     if str(_path) not in sys.path:  # run from a checkout without installing
         sys.path.insert(0, str(_path))
 
-BENCH_RESULTS = ROOT / "benchmarks" / "results"
-EXAMPLE_RESULTS = ROOT / "examples" / "results"
-MIB = 2**20
+from benchmarks import report  # noqa: E402
+from benchmarks.report import BENCH_RESULTS, BLOCK, MIB, pages  # noqa: E402
 
-#: ``<!-- NAME:start ARGS -->`` … ``<!-- NAME:end -->``; NAME without spaces, ARGS optional
-BLOCK = re.compile(
-    r"<!-- (?P<name>[\w:.-]+):start(?P<args>(?: [^ >]+)*) -->\n(?:(?P<body>.*?)\n)?<!-- (?P=name):end -->", re.S
-)
+EXAMPLE_RESULTS = ROOT / "examples" / "results"
+
 #: ``<!--fig KEY-->VALUE<!--/fig-->`` on one line; a value holds no ``<`` nor a backtick (so a code span that shows
 #: the syntax is not a figure)
 FIGURE = re.compile(r"<!--fig (?P<key>[^ >]+)-->(?P<value>[^<`\n]*)<!--/fig-->")
-
-
-def pages() -> list[Path]:
-    """README.md and every page under docs/."""
-    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
 @cache
@@ -295,30 +287,6 @@ def figure(key: str) -> str:
 
 
 # ----------------------------------------------------------------------------- blocks
-def _bench_block(stem: str) -> str:
-    """A benchmark result's setting, command and table, by the script that wrote it."""
-    data = load(BENCH_RESULTS / f"{stem}.json")
-    if "machine" in data:  # bench_train_step.py
-        from benchmarks import bench_train_step
-
-        meta, command, table = (
-            bench_train_step.describe(data),
-            bench_train_step.command(data),
-            bench_train_step.table(data["rows"]),
-        )
-    elif data["rows"] and "mode" in data["rows"][0]:  # bench_slide.py
-        from benchmarks import bench_slide
-
-        meta, table = data["meta"], bench_slide.table(data["rows"])
-        command = "python benchmarks/bench_slide.py " + " ".join(a for a in data["args"] if a != "--update-readme")
-    else:  # bench_heads.py
-        from benchmarks import bench_heads
-
-        meta, table = data["meta"], bench_heads.tables(data["rows"])
-        command = "python benchmarks/bench_heads.py " + " ".join(a for a in data["args"] if a != "--update-readme")
-    return f"{meta}\n\n```bash\n{command.strip()}\n```\n\n{table}"
-
-
 def _camvid_blocks(args: list[str]) -> tuple[str, str]:
     from examples import train_camvid
 
@@ -566,7 +534,7 @@ def render_block(name: str, args: list[str]) -> str:
       and the README's first lines on CamVid.
     """
     if name.startswith("bench:"):
-        return _bench_block(name.removeprefix("bench:"))
+        return report.bench_block(name.removeprefix("bench:"))
     if name == "camvid":
         return _camvid_blocks(args)[0]
     if name == "camvid-details":
@@ -613,17 +581,6 @@ def stale(page: Path) -> list[str]:
         if match["value"] != value:
             found.append(f"figure {match['key']}: the page says {match['value']!r}, the JSON {value!r}")
     return found
-
-
-def replace_block(page: Path, name: str, body: str, args: list[str] | None = None) -> None:
-    """Write ``body`` into the block ``name`` of ``page`` (with ``args``: the sources its start mark names)."""
-    text = page.read_text()
-    match = next((m for m in BLOCK.finditer(text) if m["name"] == name), None)
-    if match is None:
-        raise SystemExit(f"{page} has no <!-- {name}:start --> ... <!-- {name}:end --> block")
-    marks = match["args"] if args is None else "".join(f" {a}" for a in args)
-    new = f"<!-- {name}:start{marks} -->\n{body}\n<!-- {name}:end -->"
-    page.write_text(text[: match.start()] + new + text[match.end() :])
 
 
 def main(argv: list[str] | None = None) -> int:

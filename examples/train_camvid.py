@@ -726,7 +726,7 @@ def render(path: Path, update: bool, finetune: Path | None = None) -> str:
     them from there, and ``tests/test_rendered_docs.py`` checks them)."""
     readme_text, page = render_parts(path, finetune)
     if update:
-        from benchmarks.render_docs import replace_block
+        from benchmarks.report import replace_block
 
         sources = [_relative(p) for p in (path, finetune) if p is not None]
         replace_block(ROOT / "README.md", "camvid", readme_text, sources)

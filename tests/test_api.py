@@ -118,18 +118,29 @@ def test_every_option_is_a_named_keyword_with_its_default(name):
 
 
 def test_supervise_computes_each_term_once_per_forward(monkeypatch):
+    """``loss()`` computes the extra terms alone, ``losses()`` adds the main CE's value (no gradient) and
+    ``loss(include_main=True)`` the main CE with its gradient: no term is computed twice for the same use."""
     from adaptive_heads import ContextAwareLoss
 
     model = replace_classifier(_model(), "cac", path="2").train()
     target = torch.randint(0, 4, (2, 8, 8))
-    calls = []
+    computed = []
     original = ContextAwareLoss.terms
-    monkeypatch.setattr(ContextAwareLoss, "terms", lambda self, out, t: calls.append(1) or original(self, out, t))
+
+    def terms(self, out, t, skip=()):
+        values = original(self, out, t, skip)
+        computed.extend((name, value.requires_grad) for name, value in values.items())
+        return values
+
+    monkeypatch.setattr(ContextAwareLoss, "terms", terms)
     with supervise(model, target) as sup:
         model(torch.randn(2, 3, 8, 8))
     total = sup.loss()
+    assert sorted(name for name, _ in computed) == ["ce_coarse", "ce_teacher", "distill"]  # the main CE: not summed
     terms = sup.losses()
-    assert sup.loss(include_main=True) is not None and len(calls) == 1  # one evaluation serves all three
+    assert computed[-1] == ("ce", False) and len(computed) == 4  # reported, without a graph
+    assert sup.loss(include_main=True) is not None and computed[-1] == ("ce", True) and len(computed) == 5
+    assert sup.losses()["2.ce"].requires_grad and len(computed) == 5  # all computed already
     assert torch.equal(terms["adaptive_loss"], total)  # the weighted sum is re-added (cheap), the terms are shared
 
 
@@ -140,7 +151,7 @@ def test_a_term_weighted_zero_is_not_computed(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a term weighted 0 was computed")
 
-    monkeypatch.setattr(ssa_module, "sigmoid_dice_loss", forbidden)
+    monkeypatch.setattr(ssa_module, "sigmoid_dice_losses", forbidden)
     model = replace_classifier(_model(), "ssa", path="2").train()
     target = torch.randint(0, 4, (2, 8, 8))
     loss_fn = SSALoss(weights={"dice": 0.0, "dice_teacher": 0.0})

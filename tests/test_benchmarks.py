@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from benchmarks import report
+
 
 def test_bench_quick_runs_and_writes_results(tmp_path):
     pytest.importorskip("torch")
@@ -35,8 +37,8 @@ def test_bench_quick_runs_and_writes_results(tmp_path):
         if row["head"] in ("cac", "ssa", "proto"):
             assert row["loop_train_s"] > 0 and row["speedup_vs_loop"] > 0
             assert row["train_ops"] < row["loop_ops"] and row["train_syncs"] < row["loop_syncs"]
-    assert "| 64 | 4 | 19 | 64 | cac |" in bench_heads.markdown_table(rows)
-    assert "| 64 | 4 | 19 | 64 | proto |" in bench_heads.loop_table(rows)
+    assert "| 64 | 4 | 19 | 64 | cac |" in report.heads_table(rows)
+    assert "| 64 | 4 | 19 | 64 | proto |" in report.loop_table(rows)
     assert bench_heads.main(["--render", str(out)]) == data["rows"]  # re-render without measuring
 
 
@@ -60,7 +62,7 @@ def test_bench_model_mode_quick(tmp_path):
     assert {r["head"] for r in rows} == {"conv", "cac", "ssa", "proto"}
     assert all(r["train_s"] > 0 for r in rows)
     training_only = [{k: v for k, v in r.items() if not k.startswith("infer")} for r in rows]
-    header = bench_heads.markdown_table(training_only).splitlines()[0]
+    header = report.heads_table(training_only).splitlines()[0]
     assert "train ms" in header and "infer" not in header  # unmeasured columns are left out
 
 
@@ -83,7 +85,7 @@ def test_bench_slide_quick(tmp_path):
     assert [r["mode"] for r in rows] == ["whole image", "slide, tile context", "slide, image context"]
     assert [r["tiles"] for r in rows] == [1, 9, 9] and all(r["seconds"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
-    assert "| slide, image context | 9 |" in bench_slide.table(rows)
+    assert "| slide, image context | 9 |" in report.slide_table(rows)
 
 
 def test_interleaved_median_times_runs_round_robin_and_takes_medians():
@@ -107,7 +109,7 @@ def test_bench_float32_and_bf16_side_by_side(tmp_path):
         ("bf16", "cac"), ("bf16", "conv"), ("bf16", "conv+plainCE"),
         ("fp32", "cac"), ("fp32", "conv"), ("fp32", "conv+plainCE"),
     ]  # fmt: skip
-    table = bench_heads.markdown_table(rows)
+    table = report.heads_table(rows)
     assert "| dtype |" in table and "| 64 | 4 | 19 | 64 | bf16 | cac |" in table
     assert all(r["train_time_ratio"] > 0 for r in rows)  # each dtype against its own conv
 
@@ -125,7 +127,7 @@ def test_bench_train_step_quick(tmp_path):
     assert saved["rows"] == json.loads(json.dumps(rows)) and saved["args"] == ["--sizes", "64", "--channels", "16",
                                                                                "--classes", "5"]  # fmt: skip
     assert saved["machine"]["threads"] == torch.get_num_threads() and saved["machine"]["cpus"] >= 1
-    text = bench_train_step.describe(saved) + bench_train_step.table(saved["rows"])
+    text = report.train_step_setting(saved) + report.train_step_table(saved["rows"])
     assert "| 64 | conv + `F.cross_entropy` |" in text and "| 64 | ssa |" in text and "threads" in text
     if rows[0]["load_average_before"] is not None:  # POSIX: how busy the machine was is on record
         assert "load average" in text

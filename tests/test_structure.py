@@ -77,7 +77,7 @@ def test_no_import_cycles_inside_the_package():
 #: the package's layers, lowest first, one family per file: a module imports only from lower layers (and the
 #: functional modules from each other); where a reader looks for what
 LAYERS = [
-    ("helpers", {"_types", "_layout", "_precision", "_validation", "_distributed", "_dropout_flow"}),
+    ("helpers", {"_types", "_layout", "_precision", "_validation", "_distributed", "_dropout_flow", "_budget"}),
     ("math", {"functional"}),
     ("outputs, layers, checkpoints", {"outputs", "_layers", "_checkpoint", "_saved_options"}),
     ("losses", {"losses"}),

@@ -20,7 +20,7 @@ sum over 400k pixels overflows float16.
 from __future__ import annotations
 
 from .cosine import channel_norm, cosine_logits, pointwise_conv
-from .dice import sigmoid_dice_loss
+from .dice import sigmoid_dice_loss, sigmoid_dice_losses
 from .distillation import (
     boundary_distillation,
     context_aware_distillation,
@@ -29,10 +29,11 @@ from .distillation import (
     soft_distillation,
 )
 from .embedding import unit_layer_norm
-from .labels import canny_edges, label_boundary, resize_labels_nearest
+from .labels import canny_edges, label_boundary, resize_labels_nearest, valid_labels
 from .pooling import (
     class_means,
     class_pixel_counts,
+    class_sums,
     hard_class_pool,
     label_one_hot,
     soft_class_pool,
@@ -47,7 +48,13 @@ from .prototypes import (
 )
 from .reductions import classwise_weighted_mean
 from .sinkhorn import classwise_sinkhorn
-from .upsampled import bilinear_source_rows, upsampled_cross_entropy, upsampled_sigmoid_stats
+from .upsampled import (
+    bilinear_source_rows,
+    upsampled_cross_entropy,
+    upsampled_cross_entropy_sums,
+    upsampled_sigmoid_stats,
+    upsampled_sigmoid_sums,
+)
 
 __all__ = [
     "bilinear_source_rows",
@@ -56,6 +63,7 @@ __all__ = [
     "channel_norm",
     "class_means",
     "class_pixel_counts",
+    "class_sums",
     "classwise_kmeans",
     "classwise_sinkhorn",
     "classwise_weighted_mean",
@@ -73,10 +81,14 @@ __all__ = [
     "relation_distillation",
     "resize_labels_nearest",
     "sigmoid_dice_loss",
+    "sigmoid_dice_losses",
     "soft_class_pool",
     "soft_class_sums",
     "soft_distillation",
     "unit_layer_norm",
     "upsampled_cross_entropy",
+    "upsampled_cross_entropy_sums",
     "upsampled_sigmoid_stats",
+    "upsampled_sigmoid_sums",
+    "valid_labels",
 ]

@@ -1,28 +1,95 @@
-"""Cosine classification of every pixel, the 1×1 conv as a matmul, and the channel norm they share."""
+"""Per-pixel products of the heads: the 1×1 conv, cosine logits, and the channel norm they share.
+
+Every pixel of ``[B, C, h, w]`` features is multiplied by a ``[n, C]`` classifier (or one ``[n, C]`` classifier per
+image). Where those products run, and in which precision:
+
+- on CUDA (and any device but the CPU) they are convolutions (a grouped one for per-image classifiers), so that
+  they follow the precision policy of the 1×1 conv the heads replace: ``torch.backends.cudnn.allow_tf32`` (on by
+  default) governs both, and ``adopt_classifier``'s coarse logits equal the original model's;
+- on the CPU they are batched matmuls (oneDNN's 1×1 convolution costs layout conversions, ~1.4× slower at C = 512),
+  as are channels-last features everywhere;
+- under autocast (or with half features) they run in the half dtype, accumulated in float32 by the GEMM libraries,
+  and the norms in float32.
+"""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
-from einops import rearrange
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._layout import is_channels_last
-from .._precision import float32_math, upcast_half
+from .._precision import compute_dtype, float32_math, upcast_half
 from .._validation import is_tracing
-from ._half import classify_pixels
 
 __all__ = ["channel_norm", "cosine_logits", "pointwise_conv"]
 
 
-def pointwise_conv(feat: Tensor, weight: Tensor, bias: Tensor | None = None, channel_dropout: float = 0.0) -> Tensor:
-    """A 1×1 convolution as one batched matmul ``W @ x + b``: ``[B, C, h, w]`` → ``[B, n, h, w]``.
+def _as_convolution(x: Tensor) -> bool:
+    """Run the products as convolutions (CUDA, and every device but the CPU) or as matmuls (the CPU)."""
+    return x.device.type != "cpu" and not is_channels_last(x)
 
-    Same result as ``F.conv2d(feat, weight, bias)``; on CPU the matmul avoids the oneDNN layout conversions of a
-    1×1 convolution (≈1.4× faster at C = 512). ``channel_dropout = p > 0`` gives the convolution of
+
+def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``weight @ x (+ bias)`` per pixel: ``x [B, C, h, w]``, ``weight`` ``[n, C]`` or ``[B, n, C]`` (same dtype),
+    ``bias [n]`` → ``[B, n, h, w]`` (see the module docstring for where it runs)."""
+    b, c, h, w = x.shape
+    n = weight.shape[-2]
+    if _as_convolution(x):
+        if weight.dim() == 2:
+            return F.conv2d(x, weight[:, :, None, None], bias)
+        bias = None if bias is None else bias.repeat(b)
+        out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * n, c, 1, 1), bias, groups=b)
+        return out.view(b, n, h, w)
+    if is_channels_last(x):
+        flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: [B, N, C] with C contiguous
+        wt = weight.transpose(-1, -2)
+        wt = wt.expand(b, c, n) if wt.dim() == 2 else wt
+        out = torch.bmm(flat, wt) if bias is None else torch.baddbmm(bias.view(1, 1, n), flat, wt)
+        return out.view(b, h, w, n).permute(0, 3, 1, 2)
+    flat = x.contiguous().view(b, c, h * w)
+    weight = weight.expand(b, n, c) if weight.dim() == 2 else weight
+    out = torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias.view(1, n, 1), weight, flat)
+    return out.view(b, n, h, w)
+
+
+def _classify_pixels_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, needs: tuple[bool, bool]
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of :func:`classify_pixels` (per-image ``weight [B, n, C]``) for ``grad [B, n, h, w]``:
+    ``(∂/∂x, ∂/∂weight)``, each where ``needs`` asks."""
+    b, c, h, w = x.shape
+    n = weight.shape[-2]
+    if _as_convolution(x):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad.reshape(1, b * n, h, w), x.reshape(1, b * c, h, w), weight.reshape(b * n, c, 1, 1), None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], b, [needs[0], needs[1], False],
+        )  # fmt: skip
+        return (
+            None if grad_x is None else grad_x.view(b, c, h, w),
+            None if grad_w is None else grad_w.view(b, n, c),
+        )
+    if is_channels_last(x):
+        g = grad.permute(0, 2, 3, 1).reshape(b, h * w, n)  # [B, N, n]
+        flat = x.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        grad_x = torch.bmm(g, weight).view(b, h, w, c).permute(0, 3, 1, 2) if needs[0] else None
+        return grad_x, torch.bmm(g.transpose(1, 2), flat) if needs[1] else None
+    g = grad.reshape(b, n, h * w)
+    flat = x.contiguous().view(b, c, h * w)
+    grad_x = torch.bmm(weight.transpose(1, 2), g).view(b, c, h, w) if needs[0] else None
+    return grad_x, torch.bmm(g, flat.transpose(1, 2)) if needs[1] else None
+
+
+def pointwise_conv(feat: Tensor, weight: Tensor, bias: Tensor | None = None, channel_dropout: float = 0.0) -> Tensor:
+    """A 1×1 convolution ``W @ x + b``: ``[B, C, h, w]`` → ``[B, n, h, w]`` (see the module docstring for where it
+    runs).
+
+    Same result as ``F.conv2d(feat, weight, bias)``. ``channel_dropout = p > 0`` gives the convolution of
     ``F.dropout2d(feat, p)`` (whole input channels zeroed per image, survivors scaled by ``1/(1-p)``) by scaling a
-    per-image copy of the ``[n, C]`` weight instead of copying the feature map. Every memory format takes the same
-    matmul path (so TF32 settings and rounding do not depend on the layout): a channels-last input is multiplied
-    as ``[B, h·w, C] @ Wᵀ`` and gives a channels-last output; other strides are made contiguous first.
+    per-image copy of the ``[n, C]`` weight instead of copying the feature map.
 
     Args:
         feat: ``[B, C, h, w]``.
@@ -36,34 +103,25 @@ def pointwise_conv(feat: Tensor, weight: Tensor, bias: Tensor | None = None, cha
         >>> torch.allclose(pointwise_conv(x, conv.weight, conv.bias), conv(x), atol=1e-6)
         True
     """
-    b, c, h, w = feat.shape
+    b, c = feat.shape[:2]
     n = weight.shape[0]
     if weight.numel() != n * c:
         raise ValueError(f"weight must be [n, {c}] or [n, {c}, 1, 1] for these features, got {tuple(weight.shape)}")
-    weight = weight.reshape(1, n, c)
+    weight = weight.reshape(n, c)
     if channel_dropout > 0:
         keep = feat.new_empty(b, 1, c).bernoulli_(1.0 - channel_dropout).div_(1.0 - channel_dropout)
-        weight = weight * keep.to(weight.dtype)
-    else:
-        weight = weight.expand(b, -1, -1)
-    if is_channels_last(feat):
-        x = feat.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: [B, N, C] with C contiguous
-        wt = weight.transpose(1, 2)
-        out = torch.bmm(x, wt) if bias is None else torch.baddbmm(bias.view(1, 1, -1), x, wt)
-        return out.view(b, h, w, n).permute(0, 3, 1, 2)
-    x = feat.contiguous().view(b, c, h * w)
-    out = torch.bmm(weight, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), weight, x)
-    return out.view(b, n, h, w)
+        weight = weight * keep.to(weight.dtype)  # [B, n, C]
+    return classify_pixels(feat, weight, bias)
 
 
-#: pixels per chunk of :func:`channel_norm` × channels (keeps each chunk in cache)
+#: pixels per chunk of :func:`channel_norm` × channels on the CPU (keeps each chunk in cache)
 _NORM_CHUNK_ELEMENTS = 1 << 20
 
 
 def _chunked_sq_norm(x: Tensor) -> Tensor:
-    """``Σ_c x²`` ``[B, 1, N]`` in float32 (or wider), a half input upcast one pixel chunk at a time."""
+    """``Σ_c x²`` ``[B, 1, N]`` in float32 (or wider), a half input upcast one pixel chunk at a time (CPU)."""
     b, c, n = x.shape
-    out = x.new_empty(b, 1, n, dtype=torch.promote_types(x.dtype, torch.float32))
+    out = x.new_empty(b, 1, n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     step = max(1, _NORM_CHUNK_ELEMENTS // max(1, c))
     for start in range(0, n, step):
         chunk = upcast_half(x[:, :, start : start + step])
@@ -87,21 +145,89 @@ class _ChannelNorm(torch.autograd.Function):
 
 
 def channel_norm(x: Tensor) -> Tensor:
-    """L2 norm over the channel axis of ``[B, C, N]`` → ``[B, 1, N]`` (float32 for half input), in pixel chunks.
+    """L2 norm over the channel axis of ``[B, C, N]`` → ``[B, 1, N]`` (float32 for half input).
 
-    Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)`` but several times faster on CPU (the strided
-    reduction runs chunk by chunk in cache) and without an ``x²`` copy. The gradient at a zero vector is 0.
-    Under ``torch.compile``/``torch.export``/tracing it is the single ``vector_norm`` op (shape-agnostic graphs).
+    Equal to ``torch.linalg.vector_norm(x, dim=1, keepdim=True)``; on the CPU in pixel chunks that stay in cache
+    (several times faster than the strided reduction) and without an ``x²`` copy, elsewhere (and while
+    ``torch.compile``/``torch.export`` trace) the single ``vector_norm`` op. The gradient at a zero vector is 0.
 
     Example:
         >>> channel_norm(torch.tensor([[[3.0, 0.0], [4.0, 0.0]]]))  # [B=1, C=2, N=2]
         tensor([[[5., 0.]]])
     """
-    if is_tracing():
-        return torch.linalg.vector_norm(upcast_half(x), dim=1, keepdim=True)
+    if x.device.type != "cpu" or is_tracing():
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return _ChannelNorm.apply(x)
     return _chunked_sq_norm(x).sqrt_()
+
+
+class _CosineLogits(torch.autograd.Function):
+    """``scale · ŵ x / max(‖x‖, eps)`` with ``ŵ = w / max(‖w‖, eps)`` for per-image classifiers ``w [B, n_i, C]``, one
+    output per classifier, all of them in one product that shares the feature norm (a head's student and teacher).
+    The backward is written out: two products and a few ``[B, 1, N]`` and ``[B, M, 1]`` ops instead of autograd's
+    chain through both norms; a classifier whose logits received no gradient gets none (``None``, as autograd
+    gives an unused layer)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float, eps: float, *weights: Tensor):
+        ctx.set_materialize_grads(False)
+        dtype = compute_dtype(x)
+        # the scale goes with ŵ, except in float16, where ŵ·x must stay below |x| (the range of x itself)
+        w_scale, x_scale = (1.0, scale) if dtype == torch.float16 else (scale, 1.0)
+        with float32_math(x.device):
+            w = upcast_half(weights[0] if len(weights) == 1 else torch.cat(weights, dim=1))
+            w_norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # [B, M, 1]
+            w_div = w_norm.clamp_min(eps)
+            w_div = w_div.div_(w_scale) if w_scale != 1 else w_div  # ŵ = w / w_div
+            w_hat = (w / w_div).to(dtype)
+            x_c = x.to(dtype)
+            x_norm = channel_norm(x.flatten(2)).view(x.shape[0], 1, *x.shape[2:])  # [B, 1, h, w], float32
+            x_div = x_norm.clamp_min(eps)
+            x_div = x_div.div_(x_scale) if x_scale != 1 else x_div
+            out = classify_pixels(x_c, w_hat) / x_div  # float32 (float64 for float64 input)
+        ctx.save_for_backward(x_c, w_hat, w_norm, w_div, x_norm, x_div, out)
+        ctx.eps, ctx.scales, ctx.x_dtype = eps, (w_scale, x_scale), x.dtype
+        ctx.weights = [(t.shape[1], t.dtype) for t in weights]
+        if len(weights) == 1:
+            return out
+        starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
+        return tuple(out[:, a:b] for a, b in itertools.pairwise(starts))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        x_c, w_hat, w_norm, w_div, x_norm, x_div, out = ctx.saved_tensors
+        if all(g is None for g in grads):
+            return (None,) * (3 + len(grads))
+        parts = [g if g is not None else out.new_zeros(()).expand(out.shape[0], size, *out.shape[2:])
+                 for g, (size, _) in zip(grads, ctx.weights, strict=True)]  # fmt: skip
+        grad = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        needs_x = ctx.needs_input_grad[0]
+        needs_w = any(ctx.needs_input_grad[3:])
+        with float32_math(x_c.device):
+            grad_z = (grad / x_div).to(x_c.dtype)  # through out = z / max(‖x‖, eps)
+            grad_x, grad_w_hat = _classify_pixels_backward(grad_z, x_c, w_hat, (needs_x, needs_w))
+            w_scale, x_scale = ctx.scales
+            if needs_x:  # through 1 / max(‖x‖, eps): −x · Σ_M (g · out) / ‖x‖², where ‖x‖ > eps
+                coef = (grad * out).sum(dim=1, keepdim=True).div_(x_div.square())
+                coef = coef.masked_fill_(x_norm <= ctx.eps, 0.0).to(x_c.dtype)
+                grad_x = grad_x.addcmul_(x_c, coef, value=-1.0 / x_scale**2).to(ctx.x_dtype)
+            grad_ws: list[Tensor | None] = [None] * len(grads)
+            if needs_w:  # through ŵ = scale · w / max(‖w‖, eps): the part along ŵ drops where ‖w‖ > eps
+                grad_w_hat = upcast_half(grad_w_hat)
+                w_unit = w_hat.to(grad_w_hat.dtype)
+                along = torch.linalg.vecdot(w_unit, grad_w_hat).unsqueeze(-1)
+                along = along.masked_fill_(w_norm <= ctx.eps, 0.0)
+                grad_w = grad_w_hat.addcmul_(w_unit, along, value=-1.0 / w_scale**2).div_(w_div)
+                starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
+                blocks = [grad_w[:, a:b] for a, b in itertools.pairwise(starts)]
+                grad_ws = [
+                    None if g is None else block.to(dtype)
+                    for g, block, (_, dtype) in zip(grads, blocks, ctx.weights, strict=True)
+                ]
+        return (grad_x, None, None, *grad_ws)
 
 
 def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e-12) -> Tensor:
@@ -117,20 +243,22 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
         scale: the multiplier (CAC/SSA ``tau`` = 15).
 
     Returns:
-        ``[B, n, h, w]`` logits in ``[-scale, scale]`` (float32, or float64 for float64 input).
+        ``[B, n, h, w]`` logits in ``[-scale, scale]`` up to rounding (float32, or float64 for float64 input).
 
     Example:
         >>> feat = torch.tensor([[[[1.0]], [[0.0]]]])  # [B=1, C=2, 1, 1]: the pixel points along channel 0
-        >>> cosine_logits(feat, torch.tensor([[2.0, 0.0], [0.0, 1.0]]), scale=15.0).flatten()
+        >>> cosine_logits(feat, torch.tensor([[2.0, 0.0], [0.0, 1.0]]), scale=15.0).flatten().round(decimals=4)
         tensor([15.,  0.])
     """
-    _b, _, h, w = feat.shape
-    x = feat.flatten(2)  # [B, C, N], half features stay half (no float32 copy kept for backward)
-    with float32_math(x.device):
-        wt = upcast_half(weight).to(torch.promote_types(x.dtype, torch.float32))
-        # max(‖·‖, eps) rather than ‖·‖ + eps: identical in float32 for any non-zero vector, and exporters cannot
-        # fold it away (the ONNX exporter drops "+ 1e-12", turning all-zero pixels into NaN)
-        w_hat = wt / torch.linalg.vector_norm(wt, dim=-1, keepdim=True).clamp_min(eps)
-        inv_norm = scale / channel_norm(x).clamp_min(eps)  # [B, 1, N], float32
-        logits = classify_pixels(w_hat, x) * inv_norm  # [n, C] or [B, n, C] @ [B, C, N] -> [B, n, N]
-    return rearrange(logits, "b n (h w) -> b n h w", h=h, w=w)
+    return cosine_logits_of(feat, [weight], scale, eps=eps)[0]
+
+
+def cosine_logits_of(feat: Tensor, weights: Sequence[Tensor], scale: float, *, eps: float = 1e-12) -> list[Tensor]:
+    """:func:`cosine_logits` of ``feat`` under several classifiers (each ``[n_i, C]`` or ``[B, n_i, C]``) in one
+    product that shares the feature norm: a head's student and teacher. One ``[B, n_i, h, w]`` tensor each (the
+    first contiguous, the others views of one buffer)."""
+    b = feat.shape[0]
+    stacked = [w.expand(b, *w.shape) if w.dim() == 2 else w for w in weights]
+    out = _CosineLogits.apply(feat, float(scale), float(eps), *stacked)
+    out = list(out) if isinstance(out, tuple) else [out]
+    return [out[0].contiguous(), *out[1:]]

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from .._precision import float32_math
+from .labels import valid_labels
 from .pooling import class_pixel_counts
-from .upsampled import upsampled_sigmoid_stats
+from .upsampled import upsampled_sigmoid_sums
 
-__all__ = ["sigmoid_dice_loss"]
+__all__ = ["sigmoid_dice_loss", "sigmoid_dice_losses"]
+
+
+def sigmoid_dice_losses(
+    logits: Sequence[Tensor], target: Tensor, *, ignore_index: int | None = 255, align_corners: bool = True
+) -> Tensor:
+    """:func:`sigmoid_dice_loss` of several logits against the same labels, in one pass (SSA-Seg's student and
+    teacher): ``[T]``.
+
+    Example:
+        >>> student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        >>> target = torch.randint(0, 3, (2, 8, 8))
+        >>> both = sigmoid_dice_losses([student, teacher], target)
+        >>> torch.allclose(both[1], sigmoid_dice_loss(teacher, target))
+        True
+    """
+    n = logits[0].shape[1]
+    safe, valid = valid_labels(target, n, ignore_index)
+    total, intersection = upsampled_sigmoid_sums(logits, safe, valid, align_corners=align_corners)  # [T, B, n]
+    with float32_math(total.device):
+        area = class_pixel_counts(safe, n, valid).to(total.dtype)  # [B, n]
+        dice = 1 - (2 * intersection + 1) / (total + area + 1)
+        present = (area > 0).to(dice.dtype)
+        return (dice * present).sum(dim=(1, 2)) / present.sum().clamp_min(1)
 
 
 def sigmoid_dice_loss(
@@ -17,8 +42,8 @@ def sigmoid_dice_loss(
 ) -> Tensor:
     """Per-(image, present class) sigmoid dice, averaged over those masks (SSA-Seg's ``loss_dice``).
 
-    Logits are upsampled bilinearly to the label size, one row tile at a time (no full-resolution copy is
-    kept for backward). For each image b and class c present in it,
+    Logits are upsampled bilinearly to the label size without a full-resolution copy kept for backward
+    (:func:`~adaptive_heads.functional.upsampled_sigmoid_stats`). For each image b and class c present in it,
     ``d = 1 − (2Σ σ(z_c)·1[y=c] + 1) / (Σ σ(z_c) + Σ 1[y=c] + 1)``; ignored pixels count as negatives for every
     class (as the official code). Returns ``Σ d / max(#masks, 1)``.
 
@@ -33,14 +58,4 @@ def sigmoid_dice_loss(
         >>> round(sigmoid_dice_loss(logits, target).item(), 4)  # a perfect mask for the one class present
         0.0
     """
-    n = logits.shape[1]
-    valid = (target >= 0) & (target < n)
-    if ignore_index is not None:
-        valid &= target != ignore_index
-    safe = torch.where(valid, target, torch.zeros_like(target))
-    total, intersection = upsampled_sigmoid_stats(logits, safe, valid, align_corners=align_corners)
-    with float32_math(logits.device):
-        area = class_pixel_counts(safe, n, valid).to(total.dtype)
-        dice = 1 - (2 * intersection + 1) / (total + area + 1)
-        present = (area > 0).to(dice)
-        return (dice * present).sum() / present.sum().clamp_min(1)
+    return sigmoid_dice_losses([logits], target, ignore_index=ignore_index, align_corners=align_corners)[0]

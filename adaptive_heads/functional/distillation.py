@@ -9,8 +9,7 @@ from torch import Tensor
 
 from .._precision import float32_math, upcast_half
 from .._validation import check_choice
-from .labels import label_boundary
-from .reductions import classwise_weighted_mean
+from .labels import label_boundary, valid_labels
 
 __all__ = [
     "boundary_distillation",
@@ -73,6 +72,60 @@ def soft_distillation(
     return loss, entropy, valid
 
 
+def _with_grad(student: Tensor) -> bool:
+    return torch.is_grad_enabled() and student.requires_grad
+
+
+class _ClasswiseDistillation(torch.autograd.Function):
+    """The class-balanced, entropy-weighted response distillation of CAC and SSA-Seg in one pass, its gradient with
+    respect to the student logits computed in the same pass (the loss is a scalar).
+
+    Per pixel ``i``: ``ℓ_i`` of :func:`soft_distillation` and the teacher entropy ``H_i`` (0 where ignored). For each
+    pixel group ``g`` (SSA-Seg's boundary band and interior; CAC: one group of every pixel) with pixel weights
+    ``w_gi = H_i · group_gi``: ``L_g = 1/(|K| + eps) · Σ_{k∈K} Σ_i 1[t_i=k] w_gi ℓ_i / (Σ_i 1[t_i=k] w_gi + eps)``
+    over the classes ``K`` present (``class_average="present"``) or all ``n`` (``"all"``); the loss is the mean of
+    the ``L_g``. Per-class sums are one ``index_add`` over the labels (no loop, no host sync)."""
+
+    @staticmethod
+    def forward(
+        ctx, student, teacher, labels, groups, num_classes, ignore_index, mix, mode, class_average, eps, with_grad
+    ):
+        log_p = torch.log_softmax(upcast_half(student), dim=1)
+        log_q = torch.log_softmax(upcast_half(teacher), dim=1).to(log_p.dtype)
+        q = log_q.exp()
+        safe, valid = valid_labels(labels, num_classes, ignore_index)
+        counted = valid.to(q.dtype)
+        slot = torch.where(valid, safe, num_classes).flatten()  # ignored pixels: an extra bin of count 0
+        index = safe.unsqueeze(1)
+        entropy = torch.special.entr(q).sum(dim=1).mul_(counted)  # [B, h, w], 0 where ignored
+        if mode == "mixed":  # −ℓ: the soft CE's sign is carried by the class weights below
+            neg_loss = torch.lerp(log_p.gather(1, index).squeeze(1), (q * log_p).sum(dim=1), mix)
+        else:
+            neg_loss = (q * (log_p - log_q)).sum(dim=1)
+        weights = entropy.unsqueeze(0) if groups is None else groups * entropy  # [G, B, h, w]
+        g = weights.shape[0]
+        columns = torch.cat([weights * neg_loss, weights, counted.unsqueeze(0)]).flatten(1).t()  # [N, 2G + 1]
+        stats = neg_loss.new_zeros(num_classes + 1, 2 * g + 1).index_add_(0, slot, columns)  # [n + 1, 2G + 1]
+        present = stats[:, -1:] > 0  # the ignored bin: never
+        classes = present.sum() + eps if class_average == "present" else torch.full((), float(num_classes))
+        # −1 / (G · (|K| + eps) · (Σ_i 1[t_i=k] w_gi + eps)) for the present classes, 0 elsewhere: ∂total/∂(w_gi ℓ_i)
+        per_class = torch.where(present, (stats[:, g : 2 * g] + eps).mul_(classes * -g).reciprocal_(), 0.0)
+        total = torch.linalg.vecdot(stats[:, :g].flatten(), per_class.flatten())
+        if with_grad:  # ∂ℓ_i/∂s = softmax(s) − target (mixed: mix·q + (1−mix)·onehot), times −Σ_g w_gi per_class
+            coef = weights.flatten(1).t().mul_(per_class[slot]).sum(dim=1).view_as(neg_loss).unsqueeze(1)
+            grad = log_p.exp_().sub_(q, alpha=mix if mode == "mixed" else 1.0).mul_(coef.neg())
+            if mode == "mixed":
+                grad.scatter_add_(1, index, coef * (1.0 - mix))
+            ctx.save_for_backward(grad.to(student.dtype))
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total, None, None, None, None, None, None, None, None, None, None
+
+
 def context_aware_distillation(
     student: Tensor,
     teacher: Tensor,
@@ -91,8 +144,8 @@ def context_aware_distillation(
     against ``mix·softmax(teacher) + (1-mix)·onehot``; ``mode="kl"``: the paper's KL). Each pixel is
     weighted by the teacher entropy ``H(q)`` (zero on ignored pixels) and the result is averaged per class,
     then over the classes present in ``feature_target`` (``class_average="present"``, official) or over all n
-    (``"all"``, paper Eq. 11). See
-    :func:`~adaptive_heads.functional.classwise_weighted_mean`.
+    (``"all"``, paper Eq. 11): :func:`~adaptive_heads.functional.classwise_weighted_mean` of the two, in one pass
+    with its gradient written out.
 
     Args:
         student: ``[B, n, h, w]`` logits (receive gradient).
@@ -100,27 +153,24 @@ def context_aware_distillation(
         feature_target: ``[B, h, w]`` labels at the logits' resolution.
 
     Returns:
-        A scalar; 0 when no pixel is valid.
+        A scalar (float32, float64 for float64 logits); 0 when no pixel is valid.
 
     Example:
         >>> student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
         >>> target = torch.randint(0, 3, (2, 4, 4))
-        >>> context_aware_distillation(student, teacher, target, 3).shape
-        torch.Size([])
+        >>> from adaptive_heads.functional import classwise_weighted_mean
+        >>> per_pixel, entropy, _ = soft_distillation(student, teacher, target)
+        >>> torch.allclose(context_aware_distillation(student, teacher, target, 3),
+        ...                classwise_weighted_mean(per_pixel, entropy, target, 3))
+        True
     """
-    per_pixel, entropy, _ = soft_distillation(
-        student, teacher, feature_target, ignore_index=ignore_index, mix=mix, mode=mode
-    )
+    check_choice("mode", mode, ("mixed", "kl"))
+    check_choice("class_average", class_average, ("present", "all"))
     with float32_math(student.device):
-        return classwise_weighted_mean(
-            per_pixel,
-            entropy,
-            feature_target,
-            num_classes,
-            ignore_index=ignore_index,
-            average=class_average,
-            eps=eps,
-        )
+        return _ClasswiseDistillation.apply(
+            student, teacher.detach(), feature_target, None, num_classes, ignore_index, mix, mode, class_average, eps,
+            _with_grad(student),
+        )  # fmt: skip
 
 
 def boundary_distillation(
@@ -157,17 +207,15 @@ def boundary_distillation(
         >>> bool(boundary_distillation(student, teacher, target, 3) > 0)
         True
     """
-    loss, entropy, _ = soft_distillation(student, teacher, feature_target, ignore_index=ignore_index, mix=mix)
     beta = label_boundary(feature_target) if boundary is None else boundary
     with float32_math(student.device):
-        beta = beta.to(loss.dtype)
-        edge = classwise_weighted_mean(
-            loss, entropy * beta, feature_target, num_classes, ignore_index=ignore_index, eps=eps
-        )
-        inner = classwise_weighted_mean(
-            loss, entropy * (1 - beta), feature_target, num_classes, ignore_index=ignore_index, eps=eps
-        )
-        return 0.5 * (edge + inner)
+        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        beta = beta.to(dtype)
+        groups = torch.stack([beta, 1 - beta])  # the boundary band and the interior
+        return _ClasswiseDistillation.apply(
+            student, teacher.detach(), feature_target, groups, num_classes, ignore_index, mix, "mixed", "present", eps,
+            _with_grad(student),
+        )  # fmt: skip
 
 
 def relation_distillation(student: Tensor, teacher: Tensor, scale: float = 15.0) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["canny_edges", "label_boundary", "resize_labels_nearest"]
+__all__ = ["canny_edges", "label_boundary", "resize_labels_nearest", "valid_labels"]
 
 
 def _nearest_source_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
@@ -34,7 +34,7 @@ def resize_labels_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
         size: ``(h, w)``.
 
     Returns:
-        ``[B, h, w]`` labels, same dtype.
+        ``[B, h, w]`` labels, same dtype: a strided view of ``labels`` when ``H/h`` and ``W/w`` are integers.
 
     Example:
         >>> labels = torch.arange(16).view(1, 4, 4)
@@ -43,10 +43,13 @@ def resize_labels_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
                  [ 8, 10]]])
     """
     h, w = size
-    if labels.shape[-2:] == (h, w):
+    big_h, big_w = labels.shape[-2:]
+    if (big_h, big_w) == (h, w):
         return labels
-    rows = _nearest_source_index(h, labels.shape[-2], labels.device)
-    cols = _nearest_source_index(w, labels.shape[-1], labels.device)
+    if big_h % h == 0 and big_w % w == 0:  # an integer factor: every (H/h)-th row and column, a view
+        return labels[..., :: big_h // h, :: big_w // w]
+    rows = _nearest_source_index(h, big_h, labels.device)
+    cols = _nearest_source_index(w, big_w, labels.device)
     return labels.index_select(-2, rows).index_select(-1, cols)
 
 
@@ -165,3 +168,19 @@ def label_boundary(labels: Tensor, *, border: int = 6, dilation: int = 3) -> Ten
     if dilation > 1:
         band = F.max_pool2d(band, dilation, stride=1, padding=dilation // 2)
     return band[:, 0, :h, :w]
+
+
+def valid_labels(target: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, Tensor]:
+    """``(safe, valid)``: the labels clamped into ``[0, n)`` (any class, for indexing), and which pixels count: those
+    whose label was in range and is not ``ignore_index``.
+
+    Example:
+        >>> safe, valid = valid_labels(torch.tensor([[0, 2, 255, -1]]), 3, 255)
+        >>> safe.tolist(), valid.tolist()
+        ([[0, 2, 2, 0]], [[True, True, False, False]])
+    """
+    safe = target.clamp(0, num_classes - 1)
+    valid = safe == target
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        valid &= target != ignore_index
+    return safe, valid

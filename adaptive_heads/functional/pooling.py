@@ -1,6 +1,9 @@
 """Class-wise pooling of a feature map: soft (under a probability map) and hard (under labels).
 
-Pixel sums run in float32 whatever the input dtype (a sum over 400k pixels overflows float16).
+The pooling products run in the features' compute dtype (:func:`~adaptive_heads._precision.compute_dtype`: half
+under autocast), accumulated in float32 by the GEMM libraries; the soft areas and pixel counts are float32 sums.
+float16 is the exception: a sum over 400k pixels can exceed its range (65504), so float16 features are pooled in
+float32 (one transient float32 copy of the features, not kept for backward).
 """
 
 from __future__ import annotations
@@ -8,17 +11,54 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._precision import float32_math, upcast_half
-from ._half import class_sums
+from .._precision import compute_dtype, float32_math, upcast_half
 
 __all__ = [
     "class_means",
     "class_pixel_counts",
+    "class_sums",
     "hard_class_pool",
     "label_one_hot",
     "soft_class_pool",
     "soft_class_sums",
 ]
+
+
+class _Float32Sums(torch.autograd.Function):
+    """``weights [B, n, N] @ x [B, C, N]ᵀ`` in float32 for float16 ``x``: what autograd keeps is ``x`` itself; its
+    float32 copy is made again in backward."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, x)
+        return torch.bmm(weights, x.float().transpose(1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weights, x = ctx.saved_tensors
+        needs_w, needs_x = ctx.needs_input_grad
+        grad_w = torch.bmm(grad, x.float()) if needs_w else None
+        grad_x = torch.bmm(grad.transpose(1, 2), weights).to(x.dtype) if needs_x else None
+        return grad_w, grad_x
+
+
+def class_sums(weights: Tensor, x: Tensor) -> Tensor:
+    """``Σ_i weights[b, k, i] · x[b, :, i]``: ``weights [B, n, N]`` and ``x [B, C, N]`` → ``[B, n, C]`` in float32
+    (float64 for float64 input), the product in the compute dtype of ``x`` (float32 for float16).
+
+    Example:
+        >>> w, x = torch.rand(2, 3, 10), torch.randn(2, 4, 10)
+        >>> torch.allclose(class_sums(w, x), w @ x.transpose(1, 2))
+        True
+    """
+    dtype = compute_dtype(x)
+    with float32_math(x.device):
+        if dtype == torch.float16:
+            return _Float32Sums.apply(weights.float(), x)
+        # x first: the gradient of x comes out contiguous, [B, C, N] (the transposed product would need a copy)
+        sums = torch.bmm(x.to(dtype), weights.to(dtype).transpose(1, 2)).transpose(1, 2)
+        return upcast_half(sums)
 
 
 def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
@@ -41,9 +81,8 @@ def soft_class_sums(probs: Tensor, feat: Tensor) -> tuple[Tensor, Tensor]:
         (tensor([[2., 3.]]), tensor([[1., 1.]]))
     """
     probs, feat = probs.flatten(2), feat.flatten(2)
-    with float32_math(feat.device):
-        probs = upcast_half(probs).to(torch.promote_types(feat.dtype, torch.float32))
-        return class_sums(probs, feat), probs.sum(dim=-1)
+    area = probs.sum(dim=-1, dtype=torch.float64 if probs.dtype == torch.float64 else torch.float32)
+    return class_sums(probs, feat), area
 
 
 def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tensor:
@@ -66,8 +105,7 @@ def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tenso
         tensor([[2., 3.]])
     """
     sums, area = soft_class_sums(probs, feat)
-    with float32_math(sums.device):
-        return sums / (area.unsqueeze(-1) + eps)
+    return sums / (area.unsqueeze(-1) + eps)
 
 
 def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:
@@ -85,12 +123,11 @@ def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dt
                  [0., 0., 0.],
                  [0., 1., 0.]]])
     """
-    flat = labels.flatten(1)
-    classes = torch.arange(num_classes, device=labels.device)
-    mask = flat.unsqueeze(1) == classes.view(1, -1, 1)
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, *([1] * (labels.dim() - 1)))
+    mask = labels.unsqueeze(1) == classes  # [B, n, ...], contiguous whatever the strides of labels
     if ignore_index is not None and 0 <= ignore_index < num_classes:
-        mask = mask & (flat != ignore_index).unsqueeze(1)
-    return mask.to(dtype)
+        mask = mask & (labels != ignore_index).unsqueeze(1)
+    return mask.to(dtype).flatten(2)
 
 
 def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tensor:
@@ -122,6 +159,7 @@ def hard_class_pool(
     ignore_index: int | None = 255,
     per_image: bool = True,
     one_hot: Tensor | None = None,
+    counts: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-class sums and pixel counts of ``feat`` under hard labels (one one-hot matmul).
 
@@ -131,8 +169,8 @@ def hard_class_pool(
         num_classes: n.
         ignore_index: label value to skip (``None``: nothing is ignored).
         per_image: ``True`` → statistics per image; ``False`` → pooled over the whole batch.
-        one_hot: the ``[B, n, N]`` output of :func:`label_one_hot` for these labels, to share it between
-            several poolings of the same labels.
+        one_hot: the ``[B, n, N]`` output of :func:`label_one_hot` for these labels, and ``counts`` its per-image
+            pixel counts ``[B, n]``, to share them between several poolings of the same labels.
 
     Returns:
         ``(sums, counts)``: ``[B, n, C]`` and ``[B, n]`` if ``per_image`` else ``[n, C]`` and ``[n]``;
@@ -146,16 +184,13 @@ def hard_class_pool(
         (tensor([[0., 3.]]), tensor([[1., 2.]]))
     """
     x = feat.flatten(2)  # half features stay half
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    with float32_math(x.device):
-        if one_hot is None:
-            one_hot = label_one_hot(labels, num_classes, ignore_index, dtype)  # [B, n, N]
-        one_hot = one_hot.to(dtype)
-        sums = class_sums(one_hot, x)  # [B, n, C]
-        counts = one_hot.sum(dim=-1)  # [B, n]
-        if not per_image:
-            sums, counts = sums.sum(dim=0), counts.sum(dim=0)
-    return sums, counts
+    if one_hot is None:
+        one_hot = label_one_hot(labels, num_classes, ignore_index, compute_dtype(x))  # [B, n, N]: 0/1 in any dtype
+    sums = class_sums(one_hot, x)  # [B, n, C]
+    if per_image:
+        return sums, one_hot.sum(dim=-1, dtype=sums.dtype) if counts is None else counts
+    pooled = one_hot.sum(dim=(0, 2), dtype=sums.dtype) if counts is None else counts.sum(dim=0)
+    return sums.sum(dim=0), pooled
 
 
 def class_means(sums: Tensor, counts: Tensor, fallback: Tensor) -> Tensor:

@@ -1,31 +1,42 @@
-"""Cross-entropy of low-resolution logits against a full-resolution label map, without the full-size copy.
+"""Cross-entropy and sigmoid statistics of low-resolution logits against a full-resolution label map, without keeping
+the full-size copy.
 
-``F.cross_entropy(F.interpolate(logits, (H, W), mode="bilinear"), target)`` keeps the upsampled
-``[B, n, H, W]`` logits and their log-softmax alive for backward: 2 × 3.9 GB per 2560² image at n = 150.
-Here the output rows are processed in tiles, channels last: each tile gathers the two source rows of every
-output row, blends them (the exact bilinear weights of ``F.interpolate``), upsamples the width, and reduces
-to a per-pixel loss. The loss is a scalar (the sigmoid statistics are per-class sums), so its gradient is the
-incoming gradient times a fixed low-resolution tensor: the same pass computes that tensor (softmax minus
-one-hot, through the adjoint of the bilinear resize) and keeps it instead of anything full-size. Peak extra
-memory is one tile plus one logits-sized tensor; each pixel is upsampled and exponentiated once, so the
-forward + backward costs about one plain forward. Results equal the plain version up to float rounding.
+``F.cross_entropy(F.interpolate(logits, (H, W), mode="bilinear"), target)`` keeps the upsampled ``[B, n, H, W]``
+logits and their log-softmax alive for backward: 2 × 3.9 GB per 2560² image at n = 150. Here each term is a sum over
+pixels (the sigmoid statistics per class), so its gradient is the incoming gradient times a fixed low-resolution
+tensor: the forward pass computes that tensor too (softmax minus one-hot, through the adjoint of the bilinear
+resize) and keeps it instead of anything full-size. Several logits against the same labels (a head's coarse and
+teacher logits) share one pass: they are stacked along the batch and upsampled by one call.
+
+One pass upsamples the whole stack, at most two full-size temporaries, when they fit the device's memory budget
+(:func:`~adaptive_heads.memory_budget`): a fixed set of kernels whatever the image size. Otherwise (the CPU's
+cache-sized budget, very large images, and ``torch.use_deterministic_algorithms``, whose CUDA upsampling backward
+has no deterministic kernel) the output rows are processed in tiles, channels last: each tile blends the two
+source rows of every output row (the exact bilinear weights of ``F.interpolate``), upsamples the width and reduces.
+Results equal the plain version up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._budget import memory_budget
 from .._precision import float32_math, upcast_half
 from .._validation import check_choice
+from .labels import valid_labels
 
-__all__ = ["bilinear_source_rows", "upsampled_cross_entropy"]
-
-#: elements of one upsampled tile (``B·n·rows·W``); ~64 MB in float32
-TILE_ELEMENTS = 1 << 24
+__all__ = [
+    "bilinear_source_rows",
+    "upsampled_cross_entropy",
+    "upsampled_cross_entropy_sums",
+    "upsampled_sigmoid_stats",
+    "upsampled_sigmoid_sums",
+]
 
 #: one row tile: ``(start, stop)`` output rows and the ``[lo, hi)`` source rows they read
 RowTile = tuple[int, int, int, int]
@@ -142,62 +153,145 @@ def _channels_first(grad: Tensor) -> Tensor:
     return grad.permute(0, 3, 1, 2).contiguous()
 
 
-def _tiling(logits: Tensor, target: Tensor, align_corners: bool, tile_elements: int | None) -> tuple:
-    """The arguments the tiled Functions share: ``(i0, i1, w1, tiles, align_corners, with_grad)``, with ``tiles``
-    the ``(start, stop, lo, hi)`` output rows and source window of each row tile (host integers)."""
-    b, n, h, _ = logits.shape
-    big_h, big_w = target.shape[-2:]
-    i0, i1, w1 = bilinear_source_rows(big_h, h, align_corners, logits.device)
-    budget = TILE_ELEMENTS if tile_elements is None else tile_elements
-    step = max(1, budget // max(1, b * n * big_w))
-    tiles = tuple(
-        (start, min(start + step, big_h), *_source_window(start, min(start + step, big_h), big_h, h, align_corners))
-        for start in range(0, big_h, step)
-    )
-    with_grad = torch.is_grad_enabled() and logits.requires_grad
-    return i0, i1, w1, tiles, align_corners, with_grad
+class _Plan:
+    """How one pass over a stack of logits ``[T·B, n, h, w]`` runs: whole (``tiles is None``) or in row tiles (the
+    output rows and source window of each, host integers), and whether it computes the gradient as it goes."""
+
+    def __init__(self, stacked: Tensor, size: Sequence[int], align_corners: bool, buffers: int, tile_elements):
+        self.align_corners = align_corners
+        self.size = (int(size[0]), int(size[1]))
+        self.with_grad = torch.is_grad_enabled() and stacked.requires_grad
+        rows, n = stacked.shape[0], stacked.shape[1]
+        big_h, big_w = self.size
+        per_row = rows * n * big_w  # elements of one output row of the stack
+        if tile_elements is None:
+            budget = memory_budget(stacked.device) // (buffers * stacked.element_size())
+            whole = not torch.are_deterministic_algorithms_enabled()
+        else:
+            budget, whole = tile_elements, True
+        if whole and per_row * big_h <= budget:
+            self.tiles = None
+            return
+        self.i0, self.i1, self.w1 = bilinear_source_rows(big_h, stacked.shape[2], align_corners, stacked.device)
+        step = max(1, budget // max(1, per_row))
+        self.tiles = tuple(
+            (s, min(s + step, big_h), *_source_window(s, min(s + step, big_h), big_h, stacked.shape[2], align_corners))
+            for s in range(0, big_h, step)
+        )
+
+    def upsample(self, stacked: Tensor) -> Tensor:
+        """The whole stack at label resolution, ``[T·B, n, H, W]``."""
+        return F.interpolate(stacked, size=self.size, mode="bilinear", align_corners=self.align_corners)
+
+    def adjoint(self, grad: Tensor, shape: torch.Size) -> Tensor:
+        """The adjoint of :meth:`upsample`: ``[T·B, n, H, W]`` → ``shape``."""
+        return torch.ops.aten.upsample_bilinear2d_backward(grad, list(self.size), list(shape), self.align_corners)
+
+
+def _per_term(index: Tensor, terms: int) -> Tensor:
+    """``[B, 1, ...]`` labels or weights as ``[T, B, 1, ...]`` (a broadcast view, no copy)."""
+    return index.unsqueeze(0).expand(terms, *index.shape)
 
 
 # The outputs of the Functions below are accumulated out of place: torch 2.11's inductor gives zero gradients
 # through a custom Function whose output is a ``new_zeros`` tensor updated in place (``+=``), silently.
 
 
-class _TiledUpsampledCE(torch.autograd.Function):
-    """Σ_pixels weight · CE(upsample(logits), target), one row tile at a time.
-
-    With ``with_grad`` the same pass accumulates ``∂total/∂logits`` (``(softmax − onehot) · weight`` through the
-    adjoint of the upsampling); backward scales it by the incoming gradient.
-    """
+class _UpsampledCE(torch.autograd.Function):
+    """``Σ_pixels weight · CE(upsample(logits_t), target)`` for each of the ``T`` logits stacked as ``[T·B, n, h, w]``
+    → ``[T]``. With ``plan.with_grad`` the same pass computes ``∂sum_t/∂logits_t`` (``(softmax − onehot) · weight``
+    through the adjoint of the upsampling); backward scales each by its incoming gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, pixel_weight, i0, i1, w1, tiles, align_corners, with_grad):
-        src = _channels_last(logits)
-        grad = torch.zeros_like(src) if with_grad else None
-        total = logits.new_zeros(())
-        width = target.shape[-1]
-        for tile in tiles:
-            rows = _row_matrix(i0, i1, w1, tile, src.dtype)
-            up = _upsample_tile(src, rows, tile, width, align_corners)
-            index = target[:, tile[0] : tile[1], :, None]
-            weight = pixel_weight[:, tile[0] : tile[1], :, None]
-            peak = up.amax(dim=-1, keepdim=True)
-            shifted = up.sub_(peak)
-            picked = shifted.gather(-1, index)
-            prob = shifted.exp_()
-            mass = prob.sum(dim=-1, keepdim=True)
-            total = total + ((mass.log() - picked) * weight).sum()  # out of place (torch 2.11, see above)
-            if with_grad:
-                prob.div_(mass).scatter_add_(-1, index, torch.full_like(picked, -1.0)).mul_(weight)
-                _add_upsample_adjoint_(grad, prob, rows, tile, align_corners)
-        if with_grad:
-            ctx.save_for_backward(_channels_first(grad))
-        return total
+    def forward(ctx, stacked: Tensor, safe: Tensor, weight: Tensor, terms: int, plan: _Plan) -> Tensor:
+        run = _UpsampledCE._whole if plan.tiles is None else _UpsampledCE._tiled
+        sums, grad = run(stacked, safe, weight, terms, plan)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.terms = terms
+        return sums
+
+    @staticmethod
+    def _whole(stacked, safe, weight, terms, plan):
+        up = plan.upsample(stacked)
+        big = up.view(terms, -1, *up.shape[1:])  # [T, B, n, H, W]
+        index = _per_term(safe.unsqueeze(1), terms)  # [T, B, 1, H, W]
+        w = weight.unsqueeze(1)  # [B, 1, H, W]
+        big.sub_(big.amax(dim=2, keepdim=True))
+        picked = big.gather(2, index)
+        big.exp_()
+        mass = big.sum(dim=2, keepdim=True)
+        per_pixel = mass.log().sub_(picked)  # [T, B, 1, H, W]
+        sums = torch.mv(per_pixel.view(terms, -1), weight.reshape(-1))
+        if not plan.with_grad:
+            return sums, None
+        big.div_(mass).mul_(w).scatter_add_(2, index, _per_term(-w, terms))
+        return sums, plan.adjoint(up, stacked.shape)
+
+    @staticmethod
+    def _tiled(stacked, safe, weight, terms, plan):
+        src = _channels_last(stacked)
+        grad = torch.zeros_like(src) if plan.with_grad else None
+        sums = stacked.new_zeros(terms)
+        width = safe.shape[-1]
+        for tile in plan.tiles:
+            rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
+            up = _upsample_tile(src, rows, tile, width, plan.align_corners)  # [T·B, t, W, n]
+            big = up.view(terms, -1, *up.shape[1:])
+            index = _per_term(safe[:, tile[0] : tile[1], :, None], terms)
+            w = weight[:, tile[0] : tile[1], :, None]
+            big.sub_(big.amax(dim=-1, keepdim=True))
+            picked = big.gather(-1, index)
+            big.exp_()
+            mass = big.sum(dim=-1, keepdim=True)
+            per_pixel = mass.log().sub_(picked)  # [T, B, t, W, 1]
+            sums = sums + (per_pixel * w).flatten(1).sum(1)  # out of place (torch 2.11, see above)
+            if grad is not None:
+                big.div_(mass).mul_(w).scatter_add_(-1, index, _per_term(-w, terms))
+                _add_upsample_adjoint_(grad, up, rows, tile, plan.align_corners)
+        return sums, None if grad is None else _channels_first(grad)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total, None, None, None, None, None, None, None, None
+        scaled = grad.view(ctx.terms, -1, *grad.shape[1:]) * grad_sums.view(-1, 1, 1, 1, 1)
+        return scaled.view_as(grad), None, None, None, None
+
+
+def upsampled_cross_entropy_sums(
+    logits: Sequence[Tensor],
+    target: Tensor,
+    *,
+    ignore_index: int | None = 255,
+    align_corners: bool = False,
+    class_weight: Tensor | None = None,
+    tile_elements: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropies of several logits against the same labels, in one pass: ``[T]`` sums and the total
+    weight of the valid pixels (their count, or the sum of their class weights). See
+    :func:`upsampled_cross_entropy` for the arguments; each of ``logits`` is ``[B, n, h, w]``, the same shape.
+
+    Example:
+        >>> coarse, fine = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
+        >>> target = torch.randint(0, 5, (2, 32, 32))
+        >>> sums, count = upsampled_cross_entropy_sums([coarse, fine], target)
+        >>> torch.allclose(sums[1] / count, upsampled_cross_entropy(fine, target))
+        True
+    """
+    first = logits[0]
+    n = first.shape[1]
+    if class_weight is not None and (class_weight.shape != (n,) or class_weight.device != first.device):
+        raise ValueError(
+            f"class_weight must be a [{n}] tensor on the logits' device {first.device}, got shape "
+            f"{tuple(class_weight.shape)} on {class_weight.device} (a copy per call would synchronise the host)"
+        )
+    with float32_math(first.device):
+        stacked = upcast_half(logits[0] if len(logits) == 1 else torch.cat(list(logits)))
+        safe, valid = valid_labels(target, n, ignore_index)
+        weight = valid.to(stacked.dtype) if class_weight is None else class_weight.to(stacked.dtype)[safe] * valid
+        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
+        return _UpsampledCE.apply(stacked, safe, weight, len(logits), plan), weight.sum()
 
 
 def upsampled_cross_entropy(
@@ -215,8 +309,8 @@ def upsampled_cross_entropy(
 
     Equal to ``F.cross_entropy(F.interpolate(logits, target.shape[-2:], mode="bilinear",
     align_corners=align_corners), target, weight=class_weight, ignore_index=ignore_index)`` (up to float
-    rounding), computed in row tiles that also accumulate the gradient (see the module docstring). Usable as the
-    CE of any segmentation model, with or without an adaptive head.
+    rounding), without keeping the upsampled logits for backward (see the module docstring). Usable as the CE of any
+    segmentation model, with or without an adaptive head.
 
     Args:
         logits: ``[B, n, h, w]``.
@@ -226,7 +320,8 @@ def upsampled_cross_entropy(
             ``"all"`` by all ``B·H·W`` pixels (mmseg 0.x's main loss). Ignored with ``reduction="sum"``.
         reduction: ``"mean"`` or ``"sum"``.
         class_weight: optional ``[n]`` per-class weights (as ``F.cross_entropy``'s ``weight``).
-        tile_elements: elements of one upsampled tile (default :data:`TILE_ELEMENTS`).
+        tile_elements: elements of one upsampled tile; default: one pass where the device's memory budget allows
+            (:func:`~adaptive_heads.memory_budget`), tiles of that size otherwise.
 
     Returns:
         A float32 scalar (float64 for float64 logits); exactly 0 with a zero gradient when every pixel is
@@ -242,72 +337,101 @@ def upsampled_cross_entropy(
     """
     check_choice("reduction", reduction, ("mean", "sum"))
     check_choice("average", average, ("valid", "all"))
-    n = logits.shape[1]
-    if class_weight is not None and (class_weight.shape != (n,) or class_weight.device != logits.device):
-        raise ValueError(
-            f"class_weight must be a [{n}] tensor on the logits' device {logits.device}, got shape "
-            f"{tuple(class_weight.shape)} on {class_weight.device} (a copy per call would synchronise the host)"
-        )
-    with float32_math(logits.device):
-        logits = upcast_half(logits)
-        valid = (target >= 0) & (target < n)
-        if ignore_index is not None:
-            valid &= target != ignore_index
-        safe = torch.where(valid, target, torch.zeros_like(target))
-        if class_weight is None:
-            pixel_weight = valid.to(logits.dtype)
-        else:
-            pixel_weight = class_weight.to(logits.dtype)[safe] * valid
-        total = _TiledUpsampledCE.apply(
-            logits, safe, pixel_weight, *_tiling(logits, target, align_corners, tile_elements)
-        )
-        if reduction == "sum":
-            return total
-        if average == "all":
-            return total / target.numel()
-        return total / pixel_weight.sum().clamp_min(1e-12 if class_weight is not None else 1.0)
+    sums, weight = upsampled_cross_entropy_sums(
+        [logits], target, ignore_index=ignore_index, align_corners=align_corners, class_weight=class_weight,
+        tile_elements=tile_elements,
+    )  # fmt: skip
+    total = sums[0]
+    if reduction == "sum":
+        return total
+    if average == "all":
+        return total / target.numel()
+    return total / weight.clamp_min(1e-12 if class_weight is not None else 1.0)
 
 
-class _TiledSigmoidStats(torch.autograd.Function):
-    """Per (image, class) sums of ``σ(upsample(logits))``: over all pixels, and over the class's own pixels.
-
-    Returns ``(total [B, n], own [B, n])``, one row tile at a time. Both are per-class sums, so with
-    ``with_grad`` the pass also accumulates their two Jacobians as logits-sized tensors (``upsampleᵀ σ'`` and
-    ``upsampleᵀ (σ' · own-class mask)``); backward weights them by the incoming per-class gradients.
-    """
+class _UpsampledSigmoid(torch.autograd.Function):
+    """Per (image, class) sums of ``σ(upsample(logits_t))`` for the ``T`` logits stacked as ``[T·B, n, h, w]``: over
+    all pixels, and over the valid pixels of the class. Returns ``(total [T·B, n], own [T·B, n])``. Both are sums,
+    so with ``plan.with_grad`` the pass also computes their Jacobians as logits-sized tensors (``upsampleᵀ σ'`` and
+    ``upsampleᵀ (σ' · own-class mask)``); backward weights them by the incoming gradients."""
 
     @staticmethod
-    def forward(ctx, logits, target, valid, i0, i1, w1, tiles, align_corners, with_grad):
-        src = _channels_last(logits)
-        b, n = logits.shape[:2]
-        width = target.shape[-1]
-        total = logits.new_zeros(b, n)
-        own = logits.new_zeros(b, n)
-        grad_total = torch.zeros_like(src) if with_grad else None
-        grad_own = torch.zeros_like(src) if with_grad else None
-        for tile in tiles:
-            rows = _row_matrix(i0, i1, w1, tile, src.dtype)
-            prob = torch.sigmoid(_upsample_tile(src, rows, tile, width, align_corners))
-            index = target[:, tile[0] : tile[1], :, None]
-            mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
-            picked = prob.gather(-1, index)
-            total = total + prob.sum(dim=(1, 2))  # out of place (torch 2.11, see above)
-            own = own.scatter_add(1, index.reshape(b, -1), (picked * mask).reshape(b, -1))
-            if with_grad:
-                slope = prob.mul_(1 - prob)  # dσ/dz
-                own_slope = torch.zeros_like(slope).scatter_(-1, index, slope.gather(-1, index) * mask)
-                _add_upsample_adjoint_(grad_total, slope, rows, tile, align_corners)
-                _add_upsample_adjoint_(grad_own, own_slope, rows, tile, align_corners)
-        if with_grad:
-            ctx.save_for_backward(_channels_first(grad_total), _channels_first(grad_own))
+    def forward(ctx, stacked: Tensor, safe: Tensor, valid: Tensor, terms: int, plan: _Plan):
+        run = _UpsampledSigmoid._whole if plan.tiles is None else _UpsampledSigmoid._tiled
+        total, own, jac_total, jac_own = run(stacked, safe, valid, terms, plan)
+        if jac_total is not None:
+            ctx.save_for_backward(jac_total, jac_own)
         return total, own
+
+    @staticmethod
+    def _whole(stacked, safe, valid, terms, plan):
+        prob = plan.upsample(stacked).sigmoid_()  # [T·B, n, H, W]
+        big = prob.view(terms, -1, *prob.shape[1:])
+        index = _per_term(safe.unsqueeze(1), terms)  # [T, B, 1, H, W]
+        mask = valid.unsqueeze(1).to(prob.dtype)
+        total = prob.sum(dim=(2, 3))
+        labels = _per_term(safe.flatten(1), terms)  # [T, B, H·W]
+        picked = big.gather(2, index).mul_(mask)  # [T, B, 1, H, W]
+        own = big.new_zeros(terms, prob.shape[0] // terms, prob.shape[1]).scatter_add_(2, labels, picked.flatten(2))
+        if not plan.with_grad:
+            return total, own.flatten(0, 1), None, None
+        prob.addcmul_(prob, prob, value=-1.0)  # σ' = σ (1 − σ), in place
+        jac_total = plan.adjoint(prob, stacked.shape)
+        slope = big.gather(2, index).mul_(mask)
+        big.zero_().scatter_(2, index, slope)
+        return total, own.flatten(0, 1), jac_total, plan.adjoint(prob, stacked.shape)
+
+    @staticmethod
+    def _tiled(stacked, safe, valid, terms, plan):
+        src = _channels_last(stacked)
+        rows_b, n = stacked.shape[:2]
+        width = safe.shape[-1]
+        total = stacked.new_zeros(rows_b, n)
+        own = stacked.new_zeros(terms, rows_b // terms, n)
+        grad_total = torch.zeros_like(src) if plan.with_grad else None
+        grad_own = torch.zeros_like(src) if plan.with_grad else None
+        for tile in plan.tiles:
+            rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
+            prob = torch.sigmoid(_upsample_tile(src, rows, tile, width, plan.align_corners))  # [T·B, t, W, n]
+            big = prob.view(terms, -1, *prob.shape[1:])
+            index = _per_term(safe[:, tile[0] : tile[1], :, None], terms)
+            mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
+            total = total + prob.sum(dim=(1, 2))  # out of place (torch 2.11, see above)
+            picked = big.gather(-1, index) * mask
+            own = own.scatter_add(2, index.flatten(2), picked.flatten(2))
+            if grad_total is not None:
+                slope = prob.mul_(1 - prob)  # dσ/dz
+                own_slope = torch.zeros_like(big).scatter_(-1, index, big.gather(-1, index) * mask)
+                _add_upsample_adjoint_(grad_total, slope, rows, tile, plan.align_corners)
+                _add_upsample_adjoint_(grad_own, own_slope.flatten(0, 1), rows, tile, plan.align_corners)
+        if grad_total is None:
+            return total, own.flatten(0, 1), None, None
+        return total, own.flatten(0, 1), _channels_first(grad_total), _channels_first(grad_own)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total, grad_own):
         jac_total, jac_own = ctx.saved_tensors
-        grad = jac_total * grad_total[:, :, None, None] + jac_own * grad_own[:, :, None, None]
-        return grad, None, None, None, None, None, None, None, None
+        grad = jac_total * grad_total[:, :, None, None]
+        return grad.addcmul_(jac_own, grad_own[:, :, None, None]), None, None, None, None
+
+
+def upsampled_sigmoid_sums(
+    logits: Sequence[Tensor],
+    target: Tensor,
+    valid: Tensor,
+    *,
+    align_corners: bool = True,
+    tile_elements: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`upsampled_sigmoid_stats` of several logits against the same labels, in one pass: ``(total, own)``,
+    each ``[T, B, n]``."""
+    first = logits[0]
+    with float32_math(first.device):
+        stacked = upcast_half(first if len(logits) == 1 else torch.cat(list(logits)))
+        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
+        total, own = _UpsampledSigmoid.apply(stacked, target, valid, len(logits), plan)
+    return total.view(len(logits), -1, total.shape[-1]), own.view(len(logits), -1, own.shape[-1])
 
 
 def upsampled_sigmoid_stats(
@@ -324,6 +448,7 @@ def upsampled_sigmoid_stats(
         logits: ``[B, n, h, w]``.
         target: ``[B, H, W]`` labels in ``[0, n)`` (ignored pixels may hold any class; see ``valid``).
         valid: ``[B, H, W]`` bool, pixels that belong to their label's class.
+        tile_elements: as for :func:`upsampled_cross_entropy`.
 
     Returns:
         ``(total, own)``, each ``[B, n]``: ``Σ_p σ(z_bcp)`` over all pixels, and over the valid pixels labelled c.
@@ -335,6 +460,7 @@ def upsampled_sigmoid_stats(
         >>> total, own  # 16 pixels × 1/2 per class; class 0 owns every pixel
         (tensor([[8., 8.]]), tensor([[8., 0.]]))
     """
-    with float32_math(logits.device):
-        logits = upcast_half(logits)
-        return _TiledSigmoidStats.apply(logits, target, valid, *_tiling(logits, target, align_corners, tile_elements))
+    total, own = upsampled_sigmoid_sums(
+        [logits], target, valid, align_corners=align_corners, tile_elements=tile_elements
+    )
+    return total[0], own[0]

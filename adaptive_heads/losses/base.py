@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from typing import ClassVar, Generic, Literal, TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from .._types import Reduction
 from .._validation import check_choice, check_target
-from ..functional import (
-    resize_labels_nearest,
-    upsampled_cross_entropy,
-)
+from ..functional import resize_labels_nearest, upsampled_cross_entropy, upsampled_cross_entropy_sums
 from ..outputs import HeadOutput
 
-__all__ = ["HeadLoss", "feature_resolution_target"]
+__all__ = ["HeadLoss", "SharedTerms", "feature_resolution_target"]
 
 
 OutputT = TypeVar("OutputT", bound="HeadOutput")
@@ -27,6 +25,23 @@ def feature_resolution_target(feature_target: Tensor | None, target: Tensor, log
     if feature_target is not None and feature_target.shape[-2:] == logits.shape[-2:]:
         return feature_target
     return resize_labels_nearest(target, tuple(logits.shape[-2:]))
+
+
+class SharedTerms:
+    """Several loss terms computed together, once, when the first of them is asked for: ``shared[name]`` is the
+    term function of ``name`` for :meth:`HeadLoss.computed`."""
+
+    def __init__(self, compute: Callable[[], dict[str, Tensor]]) -> None:
+        self._compute = compute
+        self._values: dict[str, Tensor] | None = None
+
+    def __getitem__(self, name: str) -> Callable[[], Tensor]:
+        def term() -> Tensor:
+            if self._values is None:
+                self._values = self._compute()
+            return self._values[name]
+
+        return term
 
 
 class HeadLoss(nn.Module, Generic[OutputT]):
@@ -78,18 +93,22 @@ class HeadLoss(nn.Module, Generic[OutputT]):
         self.reduction = reduction
         self.main_average = main_average
 
-    def terms(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:  # pragma: no cover - abstract
+    def terms(self, out: OutputT, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         """The named loss terms of ``out`` against ``target`` (no total): every term with a non-zero weight, and
-        the main term (reported for logging even where a model's own loss covers it)."""
-        raise NotImplementedError
+        the main term (reported for logging even where a model's own loss covers it), except those in ``skip``."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
-    def computed(self, terms: Mapping[str, Callable[[], Tensor]]) -> dict[str, Tensor]:
-        """Evaluate the term functions :meth:`terms` wants: a term weighted 0 is not computed at all."""
+    def computed(self, terms: Mapping[str, Callable[[], Tensor]], skip: Container[str] = ()) -> dict[str, Tensor]:
+        """Evaluate the term functions :meth:`terms` wants: a term weighted 0, or in ``skip``, is not computed."""
         return {
             name: compute()
             for name, compute in terms.items()
-            if name == self.main_term or self.weights.get(name, 0.0) != 0
+            if name not in skip and (name == self.main_term or self.weights.get(name, 0.0) != 0)
         }
+
+    def wanted(self, names: Iterable[str], skip: Container[str] = ()) -> list[str]:
+        """The terms of ``names`` that :meth:`computed` evaluates (weighted, or the main term; not in ``skip``)."""
+        return [n for n in names if n not in skip and (n == self.main_term or self.weights.get(n, 0.0) != 0)]
 
     def cross_entropy(
         self, logits: Tensor, target: Tensor, *, align_corners: bool, average: Literal["valid", "all"] = "valid"
@@ -101,6 +120,29 @@ class HeadLoss(nn.Module, Generic[OutputT]):
             reduction=self.reduction,
         )  # fmt: skip
 
+    def cross_entropies(
+        self, logits: Mapping[str, Tensor], target: Tensor, *, align_corners: bool, main: str | None = None
+    ) -> SharedTerms:
+        """CE terms of several logits against ``target`` in one pass that upsamples them together
+        (:func:`~adaptive_heads.functional.upsampled_cross_entropy_sums`), computed when the first is asked for:
+        ``{name: term function}``. Each is averaged over the valid pixels, the one named ``main`` as
+        ``main_average`` says."""
+        names = list(logits)
+
+        def compute() -> dict[str, Tensor]:
+            sums, count = upsampled_cross_entropy_sums(
+                list(logits.values()), target, ignore_index=self.ignore_index, align_corners=align_corners
+            )
+            if self.reduction == "sum":
+                return dict(zip(names, sums.unbind(), strict=True))
+            means = (sums / count.clamp_min(1.0)).unbind()
+            values = dict(zip(names, means, strict=True))
+            if main in values and self.main_average == "all":
+                values[main] = sums[names.index(main)] / target.numel()
+            return values
+
+        return SharedTerms(compute)
+
     def checked_target(self, out: HeadOutput, target: Tensor) -> Tensor:
         """``out`` must be this loss's output type; ``target`` a valid ``[B, H, W]`` label map for its logits."""
         if not isinstance(out, self.output_type):
@@ -109,6 +151,9 @@ class HeadLoss(nn.Module, Generic[OutputT]):
                 f"got {type(out).__name__}"
             )
         logits = out.logits
+        given, ignore_index, checked = vars(out).get("_checked_target", (None, None, None))  # head.CHECKED_TARGET
+        if given is target and ignore_index == self.ignore_index:
+            return checked  # the head read these labels already
         return check_target(
             target,
             batch_size=logits.shape[0],
@@ -117,18 +162,20 @@ class HeadLoss(nn.Module, Generic[OutputT]):
             device=logits.device,
         )
 
-    def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = ()) -> Tensor:
-        """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude``."""
+    def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = (), anchor: Tensor | None = None) -> Tensor:
+        """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude`` (0, on ``anchor``'s device or the
+        terms', when there is none)."""
         skip = set(exclude)
         total: Tensor | None = None
         for name, value in terms.items():
             weight = self.weights.get(name, 0.0)
             if name in skip or weight == 0:
                 continue
-            total = weight * value if total is None else total + weight * value
+            part = value if weight == 1 else weight * value  # (× 1 would cost a kernel each way)
+            total = part if total is None else total + part
         if total is None:
-            anchor = next(iter(terms.values()))
-            total = anchor.new_zeros(())
+            anchor = next(iter(terms.values())) if anchor is None else anchor
+            total = anchor.new_zeros((), dtype=torch.float32)
         return total
 
     def forward(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Literal
 
 from torch import Tensor
 
 from .._types import Reduction
 from .._validation import check_choice, check_unit_interval
-from ..functional import (
-    context_aware_distillation,
-)
+from ..functional import context_aware_distillation
 from ..outputs import CACOutput
 from .base import HeadLoss, feature_resolution_target
 
@@ -79,15 +77,19 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
         self.distill_mix = distill_mix
         self.class_average = class_average
 
-    def terms(self, out: CACOutput, target: Tensor) -> dict[str, Tensor]:
+    def terms(self, out: CACOutput, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
+        pair = {"ce_coarse": out.coarse, "ce_teacher": out.teacher}  # both align_corners=True: one pass
+        shared = self.cross_entropies(
+            {name: pair[name] for name in self.wanted(pair, skip)}, target, align_corners=True
+        )
         return self.computed(
             {
                 "ce": lambda: self.cross_entropy(out.logits, target, align_corners=False, average=self.main_average),
-                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
-                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
+                "ce_coarse": shared["ce_coarse"],
+                "ce_teacher": shared["ce_teacher"],
                 "distill": lambda: context_aware_distillation(
                     out.logits,
                     out.teacher,
@@ -98,5 +100,6 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
                     mode=self.distill_mode,
                     class_average=self.class_average,
                 ),
-            }
+            },
+            skip,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Literal
 
 import torch
@@ -79,7 +79,7 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
         self.class_weight: Tensor | None
         self.register_buffer("class_weight", None if class_weight is None else torch.as_tensor(class_weight))
 
-    def terms(self, out: PrototypeOutput, target: Tensor) -> dict[str, Tensor]:
+    def terms(self, out: PrototypeOutput, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         if self.class_weight is not None and self.class_weight.shape != (n,):
@@ -113,5 +113,6 @@ class PrototypeLoss(HeadLoss[PrototypeOutput]):
                 ),
                 "ppc": lambda: contrast_mean(0),
                 "ppd": lambda: contrast_mean(1),
-            }
+            },
+            skip,
         )

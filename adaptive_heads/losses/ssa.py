@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Literal
 
 from torch import Tensor
@@ -13,10 +13,10 @@ from ..functional import (
     boundary_distillation,
     position_distillation,
     relation_distillation,
-    sigmoid_dice_loss,
+    sigmoid_dice_losses,
 )
 from ..outputs import SSAOutput
-from .base import HeadLoss, feature_resolution_target
+from .base import HeadLoss, SharedTerms, feature_resolution_target
 
 __all__ = ["SSALoss"]
 
@@ -86,21 +86,36 @@ class SSALoss(HeadLoss[SSAOutput]):
         self.distill_mix = distill_mix
         self.relation_tau = relation_tau
 
-    def terms(self, out: SSAOutput, target: Tensor) -> dict[str, Tensor]:
+    def terms(self, out: SSAOutput, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
         target = self.checked_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
+        ce = {"ce": out.logits, "ce_coarse": out.coarse, "ce_teacher": out.teacher}  # all align_corners=True
+        ces = self.cross_entropies({k: ce[k] for k in self.wanted(ce, skip)}, target, align_corners=True, main="ce")
+        dice = {"dice": out.logits, "dice_teacher": out.teacher}
+        dices = self._dices({k: dice[k] for k in self.wanted(dice, skip)}, target)
         return self.computed(
             {
-                "ce": lambda: self.cross_entropy(out.logits, target, align_corners=True, average=self.main_average),
-                "ce_coarse": lambda: self.cross_entropy(out.coarse, target, align_corners=True),
-                "ce_teacher": lambda: self.cross_entropy(out.teacher, target, align_corners=True),
+                "ce": ces["ce"],
+                "ce_coarse": ces["ce_coarse"],
+                "ce_teacher": ces["ce_teacher"],
                 "distill": lambda: boundary_distillation(
                     out.logits, out.teacher, feature_target, n, ignore_index=self.ignore_index, mix=self.distill_mix
                 ),
-                "dice": lambda: sigmoid_dice_loss(out.logits, target, ignore_index=self.ignore_index),
-                "dice_teacher": lambda: sigmoid_dice_loss(out.teacher, target, ignore_index=self.ignore_index),
+                "dice": dices["dice"],
+                "dice_teacher": dices["dice_teacher"],
                 "relation": lambda: relation_distillation(out.semantic, out.semantic_teacher, self.relation_tau),
                 "position": lambda: position_distillation(out.position, out.position_teacher),
-            }
+            },
+            skip,
         )
+
+    def _dices(self, logits: Mapping[str, Tensor], target: Tensor) -> SharedTerms:
+        """The dice terms of several logits, in one pass (:func:`~adaptive_heads.functional.sigmoid_dice_losses`)."""
+        names = list(logits)
+
+        def compute() -> dict[str, Tensor]:
+            values = sigmoid_dice_losses(list(logits.values()), target, ignore_index=self.ignore_index)
+            return dict(zip(names, values.unbind(), strict=True))
+
+        return SharedTerms(compute)
