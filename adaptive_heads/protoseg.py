@@ -30,6 +30,7 @@ from .functional import (
     prototype_similarity_stats,
     resize_labels_nearest,
     unit_layer_norm,
+    valid_labels,
 )
 from .head import AdaptiveHead
 from .losses import PrototypeLoss
@@ -39,6 +40,12 @@ __all__ = ["PrototypeClassifier"]
 
 #: buffers that stay float32 (or wider) when the module is cast to a half type
 _FLOAT32_BUFFERS = ("prototypes", "usage_counts")
+
+
+def _same_device(generator: torch.device, device: torch.device) -> bool:
+    """Whether a generator of ``generator``'s device draws on ``device``: a generator made with
+    ``torch.Generator(device="cuda")`` reports ``cuda`` without an index (the current device at its creation)."""
+    return generator.type == device.type and (generator.index is None or generator.index == device.index)
 
 
 class PrototypeClassifier(AdaptiveHead):
@@ -241,32 +248,24 @@ class PrototypeClassifier(AdaptiveHead):
         protos = self.unit_prototypes().reshape(n * k, -1)
         feature_target = resize_labels_nearest(target, (h, w))
         labels = feature_target.reshape(-1)
-        valid = (labels >= 0) & (labels < n)
-        if self.ignore_index is not None:
-            valid &= labels != self.ignore_index
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        safe, valid = valid_labels(labels, n, self.ignore_index)
         best, own, lse = prototype_similarity_stats(flat, protos, safe, n)  # no [N, n·K] kept
         logits = self._class_logits(best.view(b, h, w, n), self.output_dtype(feat))
         with torch.no_grad():
             plan = classwise_sinkhorn(
-                own.detach(), torch.where(valid, labels, torch.full_like(labels, -1)), n,
-                iters=self.sinkhorn_iters, eps=self.sinkhorn_eps, sync=self.sync,
-            )  # fmt: skip
+                own.detach(), safe, n, iters=self.sinkhorn_iters, eps=self.sinkhorn_eps, sync=self.sync, valid=valid
+            )
             assignment = plan.argmax(dim=1)
-            proto_target = torch.where(valid, safe * k + assignment, torch.full_like(labels, -1))
+            slot = safe * k + assignment
+            proto_target = torch.where(valid, slot, -1)
             if self.training:
-                self.usage_counts += (
-                    torch.zeros(n * k + 1, device=labels.device)
-                    .index_add_(
-                        0, torch.where(valid, proto_target, n * k), torch.ones_like(labels, dtype=torch.float32)
-                    )[:-1]
-                    .view(n, k)
-                    .to(self.usage_counts)
-                )
+                counted = valid.to(self.usage_counts.dtype)
+                self.usage_counts.view(-1).index_add_(0, slot, counted)
                 if self.update_prototypes:
-                    correct = valid & (logits.detach().argmax(dim=1).reshape(-1) == labels)
-                    chosen = assignment if self.update_assignment == "argmax" else self._gumbel_assign(plan)
-                    self._momentum_update(flat.detach(), safe * k + chosen, correct)
+                    correct = valid & (logits.detach().argmax(dim=1).flatten() == labels)
+                    if self.update_assignment == "gumbel":
+                        slot = safe * k + self._gumbel_assign(plan)
+                    self._momentum_update(flat.detach(), protos, slot, correct)
         return PrototypeOutput(
             logits=logits, embeddings=flat, prototypes=protos, proto_target=proto_target,
             feature_target=feature_target, own_similarity=own, contrast_lse=lse,
@@ -275,31 +274,31 @@ class PrototypeClassifier(AdaptiveHead):
     def _gumbel_assign(self, plan: Tensor) -> Tensor:
         """Argmax of ``plan + Gumbel noise``: the forward value of ``gumbel_softmax(plan, hard=True)``."""
         generator = self.generator
-        if generator is not None and generator.device != plan.device:
+        if generator is not None and not _same_device(generator.device, plan.device):
             raise ValueError(
                 f"head.generator is a {generator.device} generator but the head runs on {plan.device}; create it "
                 f"there: head.generator = torch.Generator(device={str(plan.device)!r}).manual_seed(seed)"
             )
-        noise = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
-        noise = -noise.exponential_(generator=generator).log()
-        return (plan + noise).argmax(dim=1)
+        uniform_exponential = torch.empty(plan.shape, dtype=plan.dtype, device=plan.device)
+        gumbel_neg = uniform_exponential.exponential_(generator=generator).log_()  # −G with G ~ Gumbel(0, 1)
+        return (plan - gumbel_neg).argmax(dim=1)
 
     @torch.no_grad()
-    def _momentum_update(self, emb: Tensor, slot: Tensor, use: Tensor) -> None:
-        """``p ← L2(γ p + (1-γ) L2(Σ_{i→p} e_i))`` for prototypes with ≥ 1 pixel; the others stay bit-identical."""
+    def _momentum_update(self, emb: Tensor, protos: Tensor, slot: Tensor, use: Tensor) -> None:
+        """``p ← L2(γ p + (1-γ) L2(Σ_{i→p} e_i))`` for prototypes with ≥ 1 pixel; the others stay bit-identical.
+
+        ``protos`` are the unit prototypes of this step ``[n·K, D]``; ``slot`` the prototype of each pixel of
+        ``emb [N, D]``, counted where ``use``."""
         nk = self.num_classes * self.num_prototypes
-        index = torch.where(use, slot, torch.full_like(slot, nk))
         emb = upcast_half(emb)
-        sums = emb.new_zeros(nk + 1, self.embed_dim).index_add_(0, index, emb)[:-1]
-        counts = emb.new_zeros(nk + 1).index_add_(0, index, torch.ones_like(emb[:, 0]))[:-1]
+        sums = emb.new_zeros(nk + 1, self.embed_dim).index_add_(0, torch.where(use, slot, nk), emb)[:-1]
+        counts = emb.new_zeros(nk).index_add_(0, slot, use.to(emb.dtype))
         if self.sync and is_distributed():
             all_reduce_(sums, "sum")
             all_reduce_(counts, "sum")
-        current = self.prototypes.reshape(nk, -1)
-        old = F.normalize(current.to(emb.dtype), dim=-1)
-        moved = F.normalize(self.gamma * old + (1.0 - self.gamma) * F.normalize(sums, dim=-1), dim=-1)
-        new = torch.where(counts.unsqueeze(1) > 0, moved.to(current.dtype), current)
-        self.prototypes.copy_(new.view_as(self.prototypes))
+        current = self.prototypes.view(nk, -1)
+        moved = F.normalize(torch.lerp(F.normalize(sums, dim=-1), protos.to(emb.dtype), self.gamma), dim=-1)
+        current.copy_(torch.where(counts.unsqueeze(1) > 0, moved.to(current.dtype), current))
 
     # ------------------------------------------------------------------ prototypes from data
     @torch.no_grad()

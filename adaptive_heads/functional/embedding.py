@@ -27,7 +27,7 @@ NORM_EPS = 1e-12
 
 def _channels_last_float(y: Tensor) -> Tensor:
     """``[B, D, h, w]`` → a new contiguous ``[B, h, w, D]`` in float32 (or wider), one copy."""
-    dtype = torch.promote_types(y.dtype, torch.float32)
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     return y.permute(0, 2, 3, 1).to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
 

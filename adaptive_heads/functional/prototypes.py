@@ -1,13 +1,13 @@
-"""Pixel–prototype similarities in pixel chunks, so no ``[N, n·K]`` tensor is kept for backward.
+"""Pixel–prototype similarities without keeping the ``[N, n·K]`` cosines for backward.
 
 At 2560 px (stride 4) ProtoSeg's ``[N, n·K]`` cosines are 2.3 GiB per copy, and autograd keeps several
-(the similarities, the max over K, the PPC log-softmax and its gradient). Here one chunked pass over the
-similarities yields everything the head and its losses need: the class-wise max (segmentation logits), the
-cosines to the pixel's own class's prototypes (Sinkhorn input, PPC/PPD targets) and the log-sum-exp over all
-prototypes (the PPC normaliser). Backward recomputes each chunk's similarities only when the log-sum-exp
-received a gradient, and applies every gradient in one matmul per chunk. Peak extra memory: one
-``[chunk, n·K]`` block. Matmuls per training step: one forward and at most two backward (the official code
-does two forward and four backward).
+(the similarities, the max over K, the PPC log-softmax and its gradient). Here one pass over the similarities
+yields everything the head and its losses need: the class-wise max (segmentation logits), the cosines to the
+pixel's own class's prototypes (Sinkhorn input, PPC/PPD targets) and the log-sum-exp over all prototypes (the PPC
+normaliser). Backward recomputes the similarities only when the log-sum-exp received a gradient, and applies every
+gradient in one matmul. The pass runs on all pixels at once where the ``[N, n·K]`` block fits the device's memory
+budget (:func:`~adaptive_heads.memory_budget`), in pixel chunks of that size otherwise. Matmuls per training step:
+one forward and at most two backward (the official code does two forward and four backward).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._budget import memory_budget
 from .._precision import upcast_half
 
 __all__ = [
@@ -26,12 +27,12 @@ __all__ = [
     "prototype_similarity_stats",
 ]
 
-#: elements of one ``[chunk, n·K]`` similarity block (~64 MB in float32)
-CHUNK_ELEMENTS = 1 << 24
 
-
-def _chunks(n_pixels: int, width: int, budget: int | None):
-    step = max(1, (CHUNK_ELEMENTS if budget is None else budget) // max(1, width))
+def _chunks(emb: Tensor, width: int, budget: int | None) -> list[slice]:
+    """Pixel slices of ``[chunk, width]`` blocks: ``budget`` elements each, default the device's memory budget."""
+    n_pixels = emb.shape[0]
+    elements = memory_budget(emb.device) // 4 if budget is None else budget  # float32 blocks
+    step = max(1, elements // max(1, width))
     return [slice(s, min(s + step, n_pixels)) for s in range(0, n_pixels, step)]
 
 
@@ -40,23 +41,30 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
     def forward(ctx, emb, protos, labels, num_classes, budget):
         ctx.set_materialize_grads(False)
         n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
-        best = emb.new_empty(n_pixels, num_classes)
-        # argmax over K per class, kept for backward: uint8 written chunk by chunk (no int64 [N, n] temporary)
-        arg = torch.empty(n_pixels, num_classes, dtype=torch.uint8 if k <= 256 else torch.long, device=emb.device)
-        own = emb.new_empty(n_pixels, k)
-        lse = emb.new_empty(n_pixels, dtype=torch.promote_types(emb.dtype, torch.float32))
-        own_index = labels.view(-1, 1, 1).expand(-1, 1, k)
-        sim_dtype = emb.dtype
-        for sl in _chunks(n_pixels, protos.shape[0], budget):
-            sims = emb[sl] @ protos.t()  # the autocast dtype under autocast
-            sim_dtype = sims.dtype
-            grouped = sims.view(-1, num_classes, k)
-            best[sl], chunk_arg = grouped.max(dim=-1)
-            arg[sl] = chunk_arg
-            own[sl] = grouped.gather(1, own_index[sl]).squeeze(1)
-            lse[sl] = torch.logsumexp(sims.to(lse.dtype), dim=1)
+        chunks = _chunks(emb, protos.shape[0], budget)
+        index = labels.view(-1, 1, 1).expand(-1, 1, k)
+        arg_dtype = torch.uint8 if k <= 256 else torch.long  # the argmax over K, kept for backward
+        wide = torch.float64 if emb.dtype == torch.float64 else torch.float32
+        if len(chunks) == 1:
+            sims = emb @ protos.t()  # the autocast dtype under autocast
+            best, arg = sims.view(n_pixels, num_classes, k).max(dim=-1)
+            own = sims.view(n_pixels, num_classes, k).gather(1, index).squeeze(1)
+            lse = torch.logsumexp(sims.to(wide), dim=1)
+            arg = arg.to(arg_dtype)
+        else:
+            best = emb.new_empty(n_pixels, num_classes)
+            arg = torch.empty(n_pixels, num_classes, dtype=arg_dtype, device=emb.device)
+            own = emb.new_empty(n_pixels, k)
+            lse = emb.new_empty(n_pixels, dtype=wide)
+            for sl in chunks:
+                sims = emb[sl] @ protos.t()
+                grouped = sims.view(-1, num_classes, k)
+                best[sl], chunk_arg = grouped.max(dim=-1)
+                arg[sl] = chunk_arg
+                own[sl] = grouped.gather(1, index[sl]).squeeze(1)
+                lse[sl] = torch.logsumexp(sims.to(wide), dim=1)
         ctx.save_for_backward(emb, protos, labels, arg, lse)
-        ctx.num_classes, ctx.k, ctx.budget, ctx.sim_dtype = num_classes, k, budget, sim_dtype
+        ctx.num_classes, ctx.k, ctx.budget, ctx.sim_dtype = num_classes, k, budget, sims.dtype
         return best, own, lse
 
     @staticmethod
@@ -66,8 +74,9 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
             return None, None, None, None, None
         emb, protos, labels, arg, lse = ctx.saved_tensors
         n, k = ctx.num_classes, ctx.k
-        grad = torch.empty_like(emb)
-        for sl in _chunks(emb.shape[0], protos.shape[0], ctx.budget):
+        chunks = _chunks(emb, protos.shape[0], ctx.budget)
+        grad = torch.empty_like(emb) if len(chunks) > 1 else None
+        for sl in chunks:
             rows = sl.stop - sl.start
             if grad_lse is not None:  # softmax over all prototypes, recomputed as the forward computed it
                 sims = emb[sl].to(ctx.sim_dtype) @ protos.to(ctx.sim_dtype).t()
@@ -79,7 +88,10 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
                 g.scatter_add_(2, arg[sl].long().unsqueeze(-1), grad_best[sl].unsqueeze(-1).to(g.dtype))
             if grad_own is not None:
                 g.scatter_add_(1, labels[sl].view(-1, 1, 1).expand(-1, 1, k), grad_own[sl].unsqueeze(1).to(g.dtype))
-            grad[sl] = g.view(rows, -1) @ protos.to(g.dtype)
+            block = g.view(rows, -1) @ protos.to(g.dtype)
+            if grad is None:
+                return block.to(emb.dtype), None, None, None, None
+            grad[sl] = block
         return grad, None, None, None, None
 
 
@@ -92,7 +104,7 @@ def prototype_similarity_stats(
         emb: ``[N, D]`` unit pixel embeddings (with gradient).
         protos: ``[n·K, D]`` unit prototypes, row ``c·K + k`` (no gradient).
         labels: ``[N]`` class whose prototypes ``own`` reports (any valid class for ignored pixels).
-        budget: elements of one ``[chunk, n·K]`` block (default :data:`CHUNK_ELEMENTS`).
+        budget: elements of one ``[chunk, n·K]`` block (default: the device's memory budget).
 
     Returns:
         ``best [N, n]`` = ``max_k s_{i,ck}``, ``own [N, K]`` = ``s_{i,(labels_i)k}`` and ``lse [N]`` =
@@ -116,7 +128,7 @@ def prototype_best_similarity(emb: Tensor, protos: Tensor, num_classes: int, bud
     Args:
         emb: ``[N, D]`` unit pixel embeddings.
         protos: ``[n·K, D]`` unit prototypes, row ``c·K + k``.
-        budget: elements of one ``[chunk, n·K]`` block (default :data:`CHUNK_ELEMENTS`).
+        budget: elements of one ``[chunk, n·K]`` block (default: the device's memory budget).
 
     Example:
         >>> emb = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
@@ -126,10 +138,13 @@ def prototype_best_similarity(emb: Tensor, protos: Tensor, num_classes: int, bud
         True
     """
     n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
+    chunks = _chunks(emb, protos.shape[0], budget)
     with torch.no_grad():
         protos_t = protos.to(emb.dtype).t()
-        best = emb.new_empty(n_pixels, num_classes, dtype=torch.promote_types(emb.dtype, protos_t.dtype))
-        for sl in _chunks(n_pixels, protos.shape[0], budget):
+        if len(chunks) == 1:
+            return (emb @ protos_t).view(n_pixels, num_classes, k).amax(dim=-1)
+        best = emb.new_empty(n_pixels, num_classes)
+        for sl in chunks:
             best[sl] = (emb[sl] @ protos_t).view(-1, num_classes, k).amax(dim=-1)
     return best
 
@@ -141,7 +156,7 @@ class _PrototypeContrast(torch.autograd.Function):
         safe = torch.where(valid, target, torch.zeros_like(target))
         ppc = emb.new_zeros(())
         ppd = emb.new_zeros(())
-        for sl in _chunks(emb.shape[0], protos.shape[0], budget):
+        for sl in _chunks(emb, protos.shape[0], budget):
             sims = emb[sl] @ protos.t()
             picked = sims.gather(1, safe[sl].unsqueeze(1)).squeeze(1)
             keep = valid[sl].to(sims.dtype)
@@ -158,7 +173,7 @@ class _PrototypeContrast(torch.autograd.Function):
         emb, protos, safe, valid = ctx.saved_tensors
         t = ctx.temperature
         grad = torch.empty_like(emb)
-        for sl in _chunks(emb.shape[0], protos.shape[0], ctx.budget):
+        for sl in _chunks(emb, protos.shape[0], ctx.budget):
             sims = emb[sl] @ protos.t()
             index = safe[sl].unsqueeze(1)
             picked = sims.gather(1, index)
@@ -195,6 +210,29 @@ def prototype_contrast_sums(
     return _PrototypeContrast.apply(emb, protos.detach().to(emb.dtype), target, temperature, budget)
 
 
+class _ContrastFromStats(torch.autograd.Function):
+    """PPC and PPD sums from the per-pixel statistics, their (sparse) gradients written out."""
+
+    @staticmethod
+    def forward(ctx, own: Tensor, lse: Tensor, proto_target: Tensor) -> tuple[Tensor, Tensor]:
+        keep = (proto_target >= 0).to(lse.dtype)
+        within = proto_target.clamp_min(0).remainder_(own.shape[1]).unsqueeze(1)
+        picked = upcast_half(own).gather(1, within).squeeze(1)
+        distance = 1 - picked
+        ctx.save_for_backward(keep, within, distance)
+        ctx.own_shape, ctx.own_dtype = own.shape, own.dtype
+        return torch.dot(lse - picked, keep), torch.dot(distance.square(), keep)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_ppc: Tensor, grad_ppd: Tensor):
+        keep, within, distance = ctx.saved_tensors
+        # ∂/∂lse_i = keep_i · g_ppc; ∂/∂s_{i,t_i} = −keep_i · (g_ppc + 2 g_ppd (1 − s_{i,t_i}))
+        picked_grad = distance.mul(2 * grad_ppd).add_(grad_ppc).mul_(-keep)
+        grad_own = keep.new_zeros(ctx.own_shape).scatter_(1, within, picked_grad.unsqueeze(1))
+        return grad_own.to(ctx.own_dtype), keep * grad_ppc, None
+
+
 def prototype_contrast_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor) -> tuple[Tensor, Tensor]:
     """PPC and PPD sums at temperature 1 from the statistics of :func:`prototype_similarity_stats` (no new pass).
 
@@ -213,12 +251,7 @@ def prototype_contrast_from_stats(own: Tensor, lse: Tensor, proto_target: Tensor
         >>> round(ppc.item(), 3), round(ppd.item(), 3)
         (0.6, 0.01)
     """
-    keep = proto_target >= 0
-    within = proto_target.clamp_min(0) % own.shape[1]
-    picked = upcast_half(own).gather(1, within.unsqueeze(1)).squeeze(1)
-    ppc = torch.where(keep, lse - picked, torch.zeros_like(picked)).sum()
-    ppd = torch.where(keep, (1 - picked).pow(2), torch.zeros_like(picked)).sum()
-    return ppc, ppd
+    return _ContrastFromStats.apply(own, lse, proto_target)
 
 
 @torch.no_grad()

@@ -8,14 +8,15 @@ starting from ``L = exp(S / eps)`` (``S`` the ``[N_k, K]`` cosines), it alternat
 
 and finally scales by ``N_k`` so each pixel's assignment sums to 1 (equipartition: every prototype gets
 ``≈ N_k / K`` pixels' worth of mass). Here all classes run together: the per-class sums over pixels are
-segment reductions indexed by the label, the whole iteration is done in the log domain in float32 (with a
-per-segment max), so tiny ``eps`` cannot overflow or underflow, and there is no loop over classes and no
-host synchronisation.
+segment sums indexed by the label (one ``index_add`` per iteration), with no loop over classes and no host
+synchronisation. Each normalisation is invariant to a constant factor per class, so the kernel is taken relative to
+each class's peak score (``exp((S − max) / eps)``, in float32, at most 1) and the constants ``1/K``, ``1/N_k`` drop
+out. The exponent is floored at −80 (``e^−80 ≈ 2e−35``, far below float32's resolution next to the peak's 1): exact
+whenever the class's scores span less than ``80·eps`` (cosines span at most 2: every ``eps ≥ 0.025``, the official
+0.05 included), finite for any ``eps``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -25,19 +26,8 @@ from .._precision import upcast_half
 
 __all__ = ["classwise_sinkhorn"]
 
-
-def _segment_logsumexp(values: Tensor, segments: Tensor, num_segments: int, sync: bool) -> Tensor:
-    """``out[s, j] = log Σ_{i: segments[i]=s} exp(values[i, j])`` → ``[num_segments, K]`` (-inf if empty)."""
-    index = segments.unsqueeze(1).expand_as(values)
-    seg_max = values.new_full((num_segments, values.shape[1]), float("-inf"))
-    seg_max = seg_max.scatter_reduce(0, index, values, reduce="amax", include_self=True)
-    if sync:
-        all_reduce_(seg_max, "max")
-    shift = seg_max.nan_to_num(neginf=0.0)  # empty segments: any finite shift works
-    sums = values.new_zeros((num_segments, values.shape[1])).index_add_(0, segments, (values - shift[segments]).exp())
-    if sync:
-        all_reduce_(sums, "sum")
-    return shift + sums.log()
+#: the floor of the kernel's exponent (see the module docstring)
+MIN_EXPONENT = -80.0
 
 
 @torch.no_grad()
@@ -49,6 +39,7 @@ def classwise_sinkhorn(
     iters: int = 3,
     eps: float = 0.05,
     sync: bool = False,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Sinkhorn–Knopp transport plan of every pixel over its own class's K prototypes.
 
@@ -60,6 +51,8 @@ def classwise_sinkhorn(
         eps: entropic regularisation; the kernel is ``exp(scores / eps)`` (official 0.05).
         sync: all-reduce the per-class statistics over ``torch.distributed`` ranks, so the plan equals the
             one computed on the concatenation of every rank's pixels (the official code does not sync).
+        valid: ``[N]`` bool, which pixels count, where the caller knows it already (``labels`` then any class for
+            the others).
 
     Returns:
         ``[N, K]`` plan (float32; float64 for float64 scores); each valid pixel's row sums to 1, ignored
@@ -72,16 +65,20 @@ def classwise_sinkhorn(
         ([0, 0, 1, 1], True)
     """
     k = scores.shape[1]
-    valid = (labels >= 0) & (labels < num_classes)
-    segments = torch.where(valid, labels, torch.full_like(labels, num_classes))  # extra bin for ignored
+    if valid is None:
+        valid = (labels >= 0) & (labels < num_classes)
+    segments = torch.where(valid, labels, num_classes)  # an extra segment for the ignored pixels
     logits = upcast_half(scores) / eps
-    counts = logits.new_zeros(num_classes + 1).index_add_(0, segments, torch.ones_like(logits[:, 0]))
+    peak = logits.new_full((num_classes + 1,), float("-inf")).scatter_reduce_(
+        0, segments, logits.amax(dim=1), reduce="amax"
+    )
     if sync:
-        all_reduce_(counts, "sum")
-    log_count = counts.clamp_min(1).log()[segments].unsqueeze(1)  # log N_k of each pixel's class
-    log_k = math.log(k)
+        all_reduce_(peak, "max")
+    plan = (logits - peak[segments].unsqueeze(1)).clamp_min_(MIN_EXPONENT).exp_()
     for _ in range(iters):
-        logits = logits - _segment_logsumexp(logits, segments, num_classes + 1, sync)[segments] - log_k
-        logits = logits - torch.logsumexp(logits, dim=1, keepdim=True) - log_count
-    plan = (logits + log_count).exp()
+        prototype_mass = plan.new_zeros(num_classes + 1, k).index_add_(0, segments, plan)  # per class, per prototype
+        if sync:
+            all_reduce_(prototype_mass, "sum")
+        plan.div_(prototype_mass[segments])
+        plan.div_(plan.sum(dim=1, keepdim=True))  # each pixel's assignment sums to 1
     return plan * valid.unsqueeze(1)
