@@ -108,8 +108,10 @@ def measure(args) -> list[dict]:
                 r["train_cpu_ratio"] = r["train_cpu_s"] / base["train_cpu_s"]
                 if r["train_peak_bytes"] is not None and base["train_peak_bytes"] is not None:
                     r["train_extra_mib"] = (r["train_peak_bytes"] - base["train_peak_bytes"]) / MIB
-                    r["train_extra_pct"] = (
+                    r["train_extra_pct"] = (  # None where the conv step needed nothing above the start
                         100.0 * (r["train_peak_bytes"] - base["train_peak_bytes"]) / base["train_peak_bytes"]
+                        if base["train_peak_bytes"] > 0
+                        else None
                     )
         print(f"{size} px done, load average {load_before} -> {load_after}", file=sys.stderr, flush=True)
     return rows

@@ -165,7 +165,9 @@ def train_step_table(rows: list[dict]) -> str:
     ]
     for r in rows:
         peak = "—" if r["train_peak_bytes"] is None else f"{r['train_peak_bytes'] / MIB:.0f}"
-        extra = "—" if "train_extra_mib" not in r else f"{r['train_extra_mib']:+.0f} ({r['train_extra_pct']:+.0f} %)"
+        extra = "—" if "train_extra_mib" not in r else f"{r['train_extra_mib']:+.0f}"
+        if r.get("train_extra_pct") is not None:
+            extra += f" ({r['train_extra_pct']:+.0f} %)"
         label = "conv + `F.cross_entropy`" if r["head"] == "conv" else r["head"]
         lines.append(
             f"| {r['size']} | {label} | {r['train_cpu_s']:.1f} | {r['train_cpu_ratio']:.2f} | {r['train_s']:.1f} "

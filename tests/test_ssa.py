@@ -187,6 +187,27 @@ def test_gradcheck_float64_non_distilled_terms_and_distillations():
     assert torch.autograd.gradcheck(lambda z: sigmoid_dice_loss(z, target), (logits,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_distillations_match_the_loops_value_and_gradient(dtype):
+    """relation/position_distillation compute their gradient in the forward pass: the loop references' autograd
+    (the stop-gradient on the right factor of R(S) included) must agree, also for an all-zero prototype."""
+    torch.manual_seed(0)
+    student = torch.randn(2, 4, 6, dtype=dtype)
+    student[1, 2] = 0  # an absent class: F.normalize's clamp, no gradient through the norm
+    teacher = torch.randn(2, 4, 6, dtype=dtype)
+    for fused, loop in ((relation_distillation, ref.relation), (position_distillation, ref.position)):
+        a, b = student.clone().requires_grad_(), student.clone().requires_grad_()
+        got, want = fused(a, teacher), loop(b, teacher)
+        (3 * got).backward()
+        (3 * want).backward()
+        tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(a.grad, b.grad, **tol)
+    shared = teacher[:1].expand_as(student)  # one [n, C] teacher for the batch
+    torch.testing.assert_close(relation_distillation(student, teacher[0]), ref.relation(student, shared))
+    assert not relation_distillation(student, teacher).requires_grad  # no graph without a student gradient
+
+
 def test_relation_hinge_is_one_sided():
     teacher = torch.randn(1, 4, 6)
     assert relation_distillation(teacher.clone(), teacher) == 0  # equal relations: no penalty

@@ -4,7 +4,6 @@ optionally split at the label boundary) and SSA-Seg's semantic-relation and spat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .._precision import float32_math, upcast_half
@@ -218,35 +217,80 @@ def boundary_distillation(
         )  # fmt: skip
 
 
+class _RelationDistillation(torch.autograd.Function):
+    """:func:`relation_distillation`'s value and its gradient with respect to the student, in one pass."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, scale: float, with_grad: bool) -> Tensor:
+        def relation(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            divisor = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
+            unit = z / divisor  # F.normalize
+            logits = torch.baddbmm(z.new_empty(()), unit, unit.transpose(1, 2), beta=0, alpha=scale)
+            return torch.softmax(logits, dim=-1), unit, divisor
+
+        r_s, s_hat, s_div = relation(upcast_half(student))
+        r_t, _, _ = relation(upcast_half(teacher).expand_as(r_s[..., :1].expand(*r_s.shape[:2], teacher.shape[-1])))
+        excess = r_s - r_t
+        excess.diagonal(dim1=1, dim2=2).zero_()  # j ≠ k
+        mean = 1.0 / (excess.shape[0] * excess.shape[1])
+        loss = excess.clamp_min_(0).sum() * mean
+        if with_grad:  # through the softmax, then the left factor scale·ŝ (the right one is detached), then L2
+            logits_grad = torch._softmax_backward_data((excess > 0).to(r_s.dtype), r_s, -1, r_s.dtype)
+            s_hat_grad = torch.baddbmm(s_hat.new_empty(()), logits_grad, s_hat, beta=0, alpha=scale * mean)
+            along = torch.linalg.vecdot(s_hat, s_hat_grad).unsqueeze(-1).masked_fill_(s_div <= 1e-12, 0.0)
+            grad = s_hat_grad.addcmul_(s_hat, along, value=-1.0).div_(s_div)
+            ctx.save_for_backward(grad.to(student.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
 def relation_distillation(student: Tensor, teacher: Tensor, scale: float = 15.0) -> Tensor:
     """SSA-Seg's semantic-domain distillation (``disLoss``, weight 10 in :class:`SSALoss`).
 
     ``R(Z) = softmax_rows(scale · Ẑ · stopgrad(Ẑ)ᵀ)`` with ``Ẑ`` the L2-normalised ``[B, n, C]`` prototypes;
-    the loss is ``mean_{b,k} Σ_{j≠k} relu(R(S)[k, j] − R(T)[k, j])`` with the teacher ``T`` detached: the
-    student is only penalised where its inter-class similarity exceeds the teacher's.
+    the loss is ``mean_{b,k} Σ_{j≠k} relu(R(S)[k, j] − R(T)[k, j])`` with the teacher ``T`` detached (``[B, n, C]``
+    or one ``[n, C]`` for the batch): the student is only penalised where its inter-class similarity exceeds the
+    teacher's. Computed with its gradient in one pass (float32, float64 for float64 input).
 
     Example:
         >>> teacher = torch.randn(2, 4, 8)
         >>> relation_distillation(teacher.clone(), teacher)  # equal relations cost nothing
         tensor(0.)
     """
-
-    def relation(z: Tensor) -> Tensor:
-        z = F.normalize(upcast_half(z), dim=-1)
-        return torch.softmax(scale * z @ z.detach().transpose(-1, -2), dim=-1)
-
     with float32_math(student.device):
-        r_s = relation(student)
-        r_t = relation(teacher.detach()).expand_as(r_s)
-        off_diagonal = 1 - torch.eye(r_s.shape[-1], device=r_s.device, dtype=r_s.dtype)
-        return torch.relu((r_s - r_t) * off_diagonal).sum(-1).mean()
+        return _RelationDistillation.apply(student, teacher.detach(), float(scale), _with_grad(student))
+
+
+class _PositionDistillation(torch.autograd.Function):
+    """:func:`position_distillation`'s value and its gradient with respect to the student, in one pass."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, with_grad: bool) -> Tensor:
+        log_s = torch.log_softmax(upcast_half(student), dim=-1)
+        q = torch.softmax(upcast_half(teacher), dim=-1).expand_as(log_s).contiguous()
+        mean = 1.0 / (log_s.numel() // log_s.shape[-1])
+        loss = torch.dot(q.flatten(), log_s.flatten()) * -mean
+        if with_grad:  # (softmax(S) − q) / (B·n)
+            ctx.save_for_backward(log_s.exp_().sub_(q).mul_(mean).to(student.dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None
 
 
 def position_distillation(student: Tensor, teacher: Tensor) -> Tensor:
     """SSA-Seg's spatial-domain distillation (``pos_disLoss``, weight 0.4 in :class:`SSALoss`).
 
     ``mean_{b,k} [−Σ_c softmax_c(T)[k, c] · log_softmax_c(S)[k, c]]``: a soft CE over the **channel** axis of
-    each ``[B, n, C]`` prototype, teacher detached, all n classes included.
+    each ``[B, n, C]`` prototype, teacher detached, all n classes included. Computed with its gradient in one pass.
 
     Example:
         >>> student, teacher = torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)
@@ -254,6 +298,4 @@ def position_distillation(student: Tensor, teacher: Tensor) -> Tensor:
         1.3863
     """
     with float32_math(student.device):
-        log_s = torch.log_softmax(upcast_half(student), dim=-1)
-        q = torch.softmax(upcast_half(teacher.detach()), dim=-1).expand_as(log_s)
-        return -(q * log_s).sum(-1).mean()
+        return _PositionDistillation.apply(student, teacher.detach(), _with_grad(student))

@@ -57,18 +57,35 @@ def resize_labels_nearest(labels: Tensor, size: Sequence[int]) -> Tensor:
 _TG22 = 13573
 _SHIFT = 15
 
+#: the neighbours non-maximum suppression compares a pixel with, per sector (row, column offsets) and whether the
+#: comparison is strict: horizontal (left strictly, right), vertical (above strictly, below), the diagonal of
+#: same-sign gradients, the other diagonal
+_NEIGHBOURS = (((0, -1), True), ((0, 1), False), ((-1, 0), True), ((1, 0), False),
+               ((-1, -1), True), ((1, 1), True), ((-1, 1), True), ((1, -1), True))  # fmt: skip
 
-def _sobel(image: Tensor) -> tuple[Tensor, Tensor]:
-    """OpenCV's 3×3 Sobel ``dx``, ``dy`` of ``[B, h, w]`` with a replicated border, as ``int32``."""
-    x = F.pad(image.to(torch.float32).unsqueeze(1), (1, 1, 1, 1), mode="replicate")
-    diff = torch.arange(-1.0, 2.0, device=image.device)  # [-1, 0, 1], built on the device (no host copy)
-    smooth = 2.0 - diff.abs()  # [1, 2, 1]
-    kx = (smooth.view(3, 1) * diff.view(1, 3)).view(1, 1, 3, 3)
-    ky = kx.transpose(2, 3)
-    # integer-valued sums below 2^11: exact in float32 (integer convolutions do not exist on every device)
-    dx = F.conv2d(x, kx).squeeze(1).to(torch.int32)
-    dy = F.conv2d(x, ky).squeeze(1).to(torch.int32)
-    return dx, dy
+#: the constant kernels of :func:`canny_edges`, per (device, dtype): made once (a host-to-device copy on CUDA)
+_KERNELS: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _canny_kernels(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(sobel [2, 1, 3, 3], mix [3, 2, 1, 1], nms [8, 1, 3, 3], nms_bias [8])``: OpenCV's Sobel ``dx, dy``; from
+    ``(|dx|, |dy|)`` the magnitude and the two sector tests ``2^15·|dy| − 13573·|dx|`` (horizontal below 0) and
+    ``2^15·|dy| − (13573 + 2^16)·|dx|`` (vertical above 0); the magnitude minus each neighbour's of
+    :data:`_NEIGHBOURS`, plus 1 where the comparison is not strict (integers: ``a ≥ b ⟺ a − b + 1 > 0``)."""
+    key = (device, dtype)
+    if key not in _KERNELS:
+        dx = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
+        sobel = [[dx], [[list(row) for row in zip(*dx, strict=True)]]]
+        mix = [[[[1]], [[1]]], [[[-_TG22]], [[1 << _SHIFT]]], [[[-(_TG22 + (1 << (_SHIFT + 1)))]], [[1 << _SHIFT]]]]
+        nms = []
+        for (di, dj), _ in _NEIGHBOURS:
+            kernel = [[0.0] * 3 for _ in range(3)]
+            kernel[1][1] += 1.0
+            kernel[1 + di][1 + dj] -= 1.0
+            nms.append([kernel])
+        bias = [0.0 if strict else 1.0 for _, strict in _NEIGHBOURS]
+        _KERNELS[key] = tuple(torch.tensor(t, dtype=dtype, device=device) for t in (sobel, mix, nms, bias))  # type: ignore[assignment]
+    return _KERNELS[key]
 
 
 def canny_edges(image: Tensor, low_threshold: float, high_threshold: float) -> Tensor:
@@ -101,30 +118,22 @@ def canny_edges(image: Tensor, low_threshold: float, high_threshold: float) -> T
         [0, 0, 0, 1, 0, 0, 0, 0]
     """
     low, high = sorted((math.floor(low_threshold), math.floor(high_threshold)))
-    dx, dy = _sobel(image)
-    ax, ay = dx.abs(), dy.abs()
-    magnitude = ax + ay
-    h, w = magnitude.shape[-2:]
-    padded = F.pad(magnitude, (1, 1, 1, 1))  # outside the image: magnitude 0
-
-    def neighbour(di: int, dj: int) -> Tensor:
-        return padded[:, 1 + di : 1 + di + h, 1 + dj : 1 + dj + w]
-
-    y = ay * (1 << _SHIFT)
-    horizontal = y < ax * _TG22
-    vertical = ~horizontal & (y > ax * (_TG22 + (1 << (_SHIFT + 1))))
-    same_sign = (dx < 0) == (dy < 0)  # OpenCV: (dx ^ dy) >= 0
-    m = magnitude
-    keep_h = (m > neighbour(0, -1)) & (m >= neighbour(0, 1))
-    keep_v = (m > neighbour(-1, 0)) & (m >= neighbour(1, 0))
-    keep_d = torch.where(
-        same_sign, (m > neighbour(-1, -1)) & (m > neighbour(1, 1)), (m > neighbour(-1, 1)) & (m > neighbour(1, -1))
-    )
-    survives = (m > low) & torch.where(horizontal, keep_h, torch.where(vertical, keep_v, keep_d))
-    edges = survives & (m > high)
+    # float64 holds every value below exactly (Sobel sums below 2^11, the sector tests below 2^29)
+    sobel, mix, nms, nms_bias = _canny_kernels(image.device, torch.float64)
+    padded = F.pad(image.to(torch.float64).unsqueeze(1), (1, 1, 1, 1), mode="replicate")
+    grad = F.conv2d(padded, sobel)  # [B, 2, h, w]: dx, dy
+    tests = F.conv2d(grad.abs(), mix)  # [B, 3, h, w]: |dx| + |dy|, the horizontal and the vertical sector test
+    magnitude = tests[:, :1]
+    keep = F.conv2d(F.pad(magnitude, (1, 1, 1, 1)), nms, nms_bias) > 0  # outside the image: magnitude 0
+    keep = keep.unflatten(1, (4, 2)).all(dim=2)  # [B, 4, h, w]: a maximum in each sector's direction
+    # OpenCV's sign test (dx ^ dy) >= 0; the product differs only where dx or dy is 0 but not both, never diagonal
+    diagonal = torch.where(grad.prod(dim=1, keepdim=True) >= 0, keep[:, 2:3], keep[:, 3:4])
+    vertical = torch.where(tests[:, 2:] > 0, keep[:, 1:2], diagonal)
+    survives = (magnitude > low) & torch.where(tests[:, 1:2] < 0, keep[:, :1], vertical)
+    edges = (survives if low == high else survives & (magnitude > high)).squeeze(1)
     if low == high:
         return edges
-    weak = survives & ~edges
+    weak = survives.squeeze(1) & ~edges
     while True:
         before = edges
         for _ in range(8):
@@ -157,14 +166,11 @@ def label_boundary(labels: Tensor, *, border: int = 6, dilation: int = 3) -> Ten
         tensor(0.)
     """
     h, w = labels.shape[-2:]
-    edge = canny_edges(labels.remainder(256), 0.1, 0.2)
-    if border > 0:
-        rows = torch.arange(h, device=labels.device)
-        cols = torch.arange(w, device=labels.device)
-        inner_r = (rows >= border) & (rows < h - border)
-        inner_c = (cols >= border) & (cols < w - border)
-        edge &= inner_r.view(1, h, 1) & inner_c.view(1, 1, w)
-    band = edge.unsqueeze(1).float()
+    if min(h, w) <= 2 * border:  # every edge is within `border` pixels of the image border
+        return torch.zeros(labels.shape, device=labels.device)
+    band = canny_edges(labels.remainder(256), 0.1, 0.2).unsqueeze(1).float()
+    if border > 0:  # the edges within `border` pixels of the image border dropped
+        band = F.pad(band[:, :, border : h - border, border : w - border], (border,) * 4)
     if dilation > 1:
         band = F.max_pool2d(band, dilation, stride=1, padding=dilation // 2)
     return band[:, 0, :h, :w]
