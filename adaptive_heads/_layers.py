@@ -48,13 +48,13 @@ def stacked_mlps(mlps: Sequence[nn.Sequential], pairs: Sequence[tuple[Tensor, Te
     if len(mlps) == 1:  # inference: the one projector as it is
         return mlps[0](torch.cat([pairs[0][0].to(dtype), pairs[0][1].to(dtype)], dim=-1)).unsqueeze(0)
     shape = pairs[0][0].shape
-    firsts, seconds = [a for a, _ in pairs], [b for _, b in pairs]
-    inputs = torch.cat([torch.stack(firsts), torch.stack(seconds)], dim=-1).to(dtype)  # [K, ..., 2C]
     k = len(mlps)
+    # [..., 2K, C] in one copy, read as [M, K, 2C]: each projector's input, the two halves side by side
+    inputs = torch.stack([t for pair in pairs for t in pair], dim=-2).to(dtype).view(-1, k, 2 * shape[-1])
     w1 = torch.stack([first.weight for first, _ in layers])  # [K, C/2, 2C]
     w2 = torch.stack([second.weight for _, second in layers])  # [K, C, C/2]
     b2 = torch.stack([cast(Tensor, second.bias) for _, second in layers])  # [K, C]
-    hidden = torch.bmm(w1, inputs.reshape(k, -1, inputs.shape[-1]).transpose(1, 2)).relu_()  # [K, C/2, M]
+    hidden = torch.bmm(w1, inputs.permute(1, 2, 0)).relu_()  # [K, C/2, M]
     out = torch.baddbmm(b2.unsqueeze(-1), w2, hidden)  # [K, C, M]
     return out.view(k, out.shape[1], *shape[:-1]).movedim(1, -1)
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_and_split_target",
     "check_choice",
     "check_features",
     "check_target",
@@ -31,6 +32,7 @@ __all__ = [
     "is_tracing",
     "plain_option",
     "set_debug",
+    "split_labels",
 ]
 
 _DEBUG = os.environ.get("ADAPTIVE_HEADS_DEBUG", "0") not in ("", "0", "false", "False")
@@ -124,6 +126,16 @@ def check_features(feat: Tensor, in_channels: int, name: str = "feat") -> None:
         raise ValueError(f"{name} contains NaN or Inf values (debug check)")
 
 
+def split_labels(target: Tensor, num_classes: int, ignore_index: int | None) -> tuple[Tensor, Tensor]:
+    """``(safe, valid)``: the labels clamped into ``[0, n)``, and the pixels whose label was in range and is not
+    ``ignore_index`` (:func:`adaptive_heads.functional.valid_labels`)."""
+    safe = target.clamp(0, num_classes - 1)
+    valid = safe == target
+    if ignore_index is not None and 0 <= ignore_index < num_classes:
+        valid &= target != ignore_index
+    return safe, valid
+
+
 def check_target(
     target: Tensor,
     *,
@@ -137,6 +149,22 @@ def check_target(
 
     Labels must be integers in ``[0, num_classes)`` or equal to ``ignore_index``.
     """
+    return check_and_split_target(
+        target, batch_size=batch_size, num_classes=num_classes, ignore_index=ignore_index, device=device, name=name
+    )[0]
+
+
+def check_and_split_target(
+    target: Tensor,
+    *,
+    batch_size: int,
+    num_classes: int,
+    ignore_index: int | None,
+    device: torch.device | None = None,
+    name: str = "target",
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """:func:`check_target`, and the :func:`split_labels` of the target that reading its values computed on the way
+    (``None`` where they were not read: while tracing, or on a device without asserts)."""
     if not isinstance(target, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, W], got {type(target).__name__}")
     if target.dim() == 4 and target.shape[1] == 1:
@@ -151,18 +179,18 @@ def check_target(
         raise ValueError(f"{name} is on {target.device} but the features are on {device}")
     if target.dtype != torch.long:
         target = target.long()
-    if target.numel() > 0 and (_value_checks(target) or _device_checks(target)):
-        message = (
-            f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}; if your "
-            "ignore value is another one (-1, -100), pass it as ignore_index= to the head and its loss"
-        )
-        ok = target.clamp(0, num_classes - 1) == target  # inside [0, n)
-        if ignore_index is not None:
-            ok |= target == ignore_index
-        if _value_checks(target):
-            if not bool(ok.all()):
-                bad = target[~ok]
-                raise ValueError(f"{message} (min {int(bad.min())}, max {int(bad.max())})")
-        else:
-            torch._assert_async(ok.all(), message)  # no sync: fails at a later kernel launch
-    return target
+    if target.numel() == 0 or not (_value_checks(target) or _device_checks(target)):
+        return target, None
+    message = (
+        f"{name} has labels outside [0, {num_classes}) that are not ignore_index={ignore_index}; if your "
+        "ignore value is another one (-1, -100), pass it as ignore_index= to the head and its loss"
+    )
+    split = split_labels(target, num_classes, ignore_index)
+    ok = split[1] if ignore_index is None else split[1] | (target == ignore_index)
+    if _value_checks(target):
+        if not bool(ok.all()):
+            bad = target[~ok]
+            raise ValueError(f"{message} (min {int(bad.min())}, max {int(bad.max())})")
+    else:
+        torch._assert_async(ok.all(), message)  # no sync: fails at a later kernel launch
+    return target, split

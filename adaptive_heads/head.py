@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._saved_options import compare_saved_options, decode_saved_options, encode_saved_options
-from ._validation import check_features, check_target, is_tracing, plain_option
+from ._validation import check_and_split_target, check_features, is_tracing, plain_option
 from .losses.base import HeadLoss
 from .outputs import HeadOutput
 
@@ -21,7 +21,8 @@ __all__ = ["AdaptiveHead"]
 
 
 HeadT = TypeVar("HeadT", bound="AdaptiveHead")
-#: where a head's training output keeps the label map it checked, ``(given, ignore_index, checked)``: not a field
+#: where a head's training output keeps the label map it checked, ``(given, ignore_index, checked, split)`` with
+#: ``split`` the ``(safe, valid)`` pair computed on the way (or ``None``): not a field
 #: (``dataclasses.fields`` and ``replace`` see the outputs' data only)
 CHECKED_TARGET = "_checked_target"
 _INTERNAL = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +159,7 @@ class AdaptiveHead(nn.Module):
                 f"({', '.join(self.training_only) or 'none'}) by strip_training_layers(); training needs them: "
                 "build a new head and load the state dict saved before stripping"
             )
-        checked = check_target(
+        checked, split = check_and_split_target(
             target,
             batch_size=feat.shape[0],
             num_classes=self.num_classes,
@@ -166,7 +167,7 @@ class AdaptiveHead(nn.Module):
             device=feat.device,
         )
         out = self.forward_train(feat, checked)
-        vars(out)[CHECKED_TARGET] = (target, self.ignore_index, checked)  # the loss need not read the labels again
+        vars(out)[CHECKED_TARGET] = (target, self.ignore_index, checked, split)  # the loss need not read them again
         return out
 
     def output_dtype(self, feat: Tensor) -> torch.dtype:

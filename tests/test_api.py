@@ -161,6 +161,32 @@ def test_a_term_weighted_zero_is_not_computed(monkeypatch):
     assert "2.dice" not in terms and "2.ce" in terms and "2.relation" in terms  # the main term is always reported
 
 
+@pytest.mark.parametrize(
+    "weights",
+    [{"a": 1.0}, {"a": 0.5}, {"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}, {"a": 10.0, "b": 0.4}],
+)
+def test_the_weighted_total_and_its_gradient(weights):
+    """HeadLoss.combine: Σ weight·term over the weighted terms not excluded (a sum of adds for a few unit weights,
+    one multiply for all otherwise), the gradient of each term its weight; 0 when nothing is weighted."""
+    from adaptive_heads.losses import HeadLoss
+
+    class Terms(HeadLoss):
+        default_weights = dict.fromkeys(["a", "b", "c", "d", "off", "excluded"], 1.0)
+
+    loss_fn = Terms(weights={**dict.fromkeys(Terms.default_weights, 0.0), **weights, "excluded": 1.0})
+    values = {name: torch.tensor(float(i + 2), dtype=torch.float64, requires_grad=True) for i, name in
+              enumerate([*weights, "off", "excluded"])}  # fmt: skip
+    total = loss_fn.combine(values, exclude=["excluded"])
+    assert total.item() == sum(w * values[name].item() for name, w in weights.items())
+    total.backward()
+    assert {name: v.grad for name, v in values.items() if v.grad is not None} == {
+        name: torch.tensor(w, dtype=torch.float64) for name, w in weights.items()
+    }
+    assert torch.autograd.gradcheck(lambda *v: loss_fn.combine(dict(zip(weights, v, strict=True))),
+                                    tuple(values[name] for name in weights))  # fmt: skip
+    assert loss_fn.combine({"off": values["off"]}).item() == 0.0
+
+
 # ----------------------------------------------------------------------------- one vocabulary
 #: bilinear upsampling of each head's main CE, as its official code does it
 MAIN_ALIGN_CORNERS = {"cac": False, "ssa": True, "proto": True}

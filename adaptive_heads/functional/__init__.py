@@ -52,8 +52,8 @@ from .upsampled import (
     bilinear_source_rows,
     upsampled_cross_entropy,
     upsampled_cross_entropy_sums,
+    upsampled_sigmoid_loss,
     upsampled_sigmoid_stats,
-    upsampled_sigmoid_sums,
 )
 
 __all__ = [
@@ -88,7 +88,7 @@ __all__ = [
     "unit_layer_norm",
     "upsampled_cross_entropy",
     "upsampled_cross_entropy_sums",
+    "upsampled_sigmoid_loss",
     "upsampled_sigmoid_stats",
-    "upsampled_sigmoid_sums",
     "valid_labels",
 ]

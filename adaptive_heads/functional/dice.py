@@ -4,21 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
-from .._precision import float32_math
 from .labels import valid_labels
 from .pooling import class_pixel_counts
-from .upsampled import upsampled_sigmoid_sums
+from .upsampled import upsampled_sigmoid_loss
 
 __all__ = ["sigmoid_dice_loss", "sigmoid_dice_losses"]
 
 
 def sigmoid_dice_losses(
-    logits: Sequence[Tensor], target: Tensor, *, ignore_index: int | None = 255, align_corners: bool = True
+    logits: Sequence[Tensor],
+    target: Tensor,
+    *,
+    ignore_index: int | None = 255,
+    align_corners: bool = True,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """:func:`sigmoid_dice_loss` of several logits against the same labels, in one pass (SSA-Seg's student and
-    teacher): ``[T]``.
+    teacher): ``[T]``. ``valid`` as for :func:`~adaptive_heads.functional.upsampled_cross_entropy_sums` (the labels
+    already split by :func:`~adaptive_heads.functional.valid_labels`).
 
     Example:
         >>> student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
@@ -28,13 +34,26 @@ def sigmoid_dice_losses(
         True
     """
     n = logits[0].shape[1]
-    safe, valid = valid_labels(target, n, ignore_index)
-    total, intersection = upsampled_sigmoid_sums(logits, safe, valid, align_corners=align_corners)  # [T, B, n]
-    with float32_math(total.device):
-        area = class_pixel_counts(safe, n, valid).to(total.dtype)  # [B, n]
-        dice = 1 - (2 * intersection + 1) / (total + area + 1)
-        present = (area > 0).to(dice.dtype)
-        return (dice * present).sum(dim=(1, 2)) / present.sum().clamp_min(1)
+    safe, valid = valid_labels(target, n, ignore_index) if valid is None else (target, valid)
+    area = class_pixel_counts(safe, n, valid)  # [B, n]
+    return upsampled_sigmoid_loss(logits, safe, valid, _mean_dice, area, align_corners=align_corners)
+
+
+def _mean_dice(total: Tensor, intersection: Tensor, area: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean dice over the present masks from the sums ``[T, B, n]`` and the class areas ``[B, n]``, with its
+    partial derivatives (an :data:`~adaptive_heads.functional.upsampled.SigmoidReduction`).
+
+    ``d = 1 − r`` with ``r = (2I + 1) / D``, ``D = Σσ + A + 1``: ``∂r/∂I = 2/D``, ``∂r/∂Σσ = −r/D``; the mean over
+    the ``m`` present (image, class) masks carries the factor ``1[A > 0] / m``."""
+    area = area.to(total.dtype)
+    denom = (total + area).add_(1.0)
+    ratio = intersection.mul(2.0).add_(1.0).div_(denom)
+    present = (area > 0).to(total.dtype)
+    count = present.sum()
+    masks = count.clamp_min(1.0)
+    value = (count - torch.mv(ratio.flatten(1), present.flatten())) / masks  # Σ (1 − r)·1[A > 0] / m
+    share = (present / denom).div_(masks)  # [T, B, n]: 1[A > 0] / (m · D)
+    return value, share * ratio, share.mul_(-2.0)
 
 
 def sigmoid_dice_loss(

@@ -94,7 +94,7 @@ class _ClasswiseDistillation(torch.autograd.Function):
         q = log_q.exp()
         safe, valid = valid_labels(labels, num_classes, ignore_index)
         counted = valid.to(q.dtype)
-        slot = torch.where(valid, safe, num_classes).flatten()  # ignored pixels: an extra bin of count 0
+        slot = safe.flatten()  # an ignored pixel adds 0 to its bin (its weights and count are 0)
         index = safe.unsqueeze(1)
         entropy = torch.special.entr(q).sum(dim=1).mul_(counted)  # [B, h, w], 0 where ignored
         if mode == "mixed":  # −ℓ: the soft CE's sign is carried by the class weights below
@@ -103,15 +103,15 @@ class _ClasswiseDistillation(torch.autograd.Function):
             neg_loss = (q * (log_p - log_q)).sum(dim=1)
         weights = entropy.unsqueeze(0) if groups is None else groups * entropy  # [G, B, h, w]
         g = weights.shape[0]
-        columns = torch.cat([weights * neg_loss, weights, counted.unsqueeze(0)]).flatten(1).t()  # [N, 2G + 1]
-        stats = neg_loss.new_zeros(num_classes + 1, 2 * g + 1).index_add_(0, slot, columns)  # [n + 1, 2G + 1]
-        present = stats[:, -1:] > 0  # the ignored bin: never
+        columns = torch.cat([weights * neg_loss, weights, counted.unsqueeze(0)]).flatten(1)  # [2G + 1, N]
+        stats = neg_loss.new_zeros(2 * g + 1, num_classes).index_add_(1, slot, columns)  # [2G + 1, n]
+        present = stats[-1] > 0
         classes = present.sum() + eps if class_average == "present" else torch.full((), float(num_classes))
         # −1 / (G · (|K| + eps) · (Σ_i 1[t_i=k] w_gi + eps)) for the present classes, 0 elsewhere: ∂total/∂(w_gi ℓ_i)
-        per_class = torch.where(present, (stats[:, g : 2 * g] + eps).mul_(classes * -g).reciprocal_(), 0.0)
-        total = torch.linalg.vecdot(stats[:, :g].flatten(), per_class.flatten())
+        per_class = present / (stats[g : 2 * g] + eps).mul_(classes * -g)  # [G, n]
+        total = torch.linalg.vecdot(stats[:g].flatten(), per_class.flatten())
         if with_grad:  # ∂ℓ_i/∂s = softmax(s) − target (mixed: mix·q + (1−mix)·onehot), times −Σ_g w_gi per_class
-            coef = weights.flatten(1).t().mul_(per_class[slot]).sum(dim=1).view_as(neg_loss).unsqueeze(1)
+            coef = weights.flatten(1).mul_(per_class[:, slot]).sum(dim=0).view_as(neg_loss).unsqueeze(1)
             grad = log_p.exp_().sub_(q, alpha=mix if mode == "mixed" else 1.0).mul_(coef.neg())
             if mode == "mixed":
                 grad.scatter_add_(1, index, coef * (1.0 - mix))
@@ -235,7 +235,7 @@ class _RelationDistillation(torch.autograd.Function):
         mean = 1.0 / (excess.shape[0] * excess.shape[1])
         loss = excess.clamp_min_(0).sum() * mean
         if with_grad:  # through the softmax, then the left factor scale·ŝ (the right one is detached), then L2
-            logits_grad = torch._softmax_backward_data((excess > 0).to(r_s.dtype), r_s, -1, r_s.dtype)
+            logits_grad = torch._softmax_backward_data(excess.sign_(), r_s, -1, r_s.dtype)  # 1 where the hinge is on
             s_hat_grad = torch.baddbmm(s_hat.new_empty(()), logits_grad, s_hat, beta=0, alpha=scale * mean)
             along = torch.linalg.vecdot(s_hat, s_hat_grad).unsqueeze(-1).masked_fill_(s_div <= 1e-12, 0.0)
             grad = s_hat_grad.addcmul_(s_hat, along, value=-1.0).div_(s_div)

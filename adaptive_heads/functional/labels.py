@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validation import split_labels
+
 __all__ = ["canny_edges", "label_boundary", "resize_labels_nearest", "valid_labels"]
 
 
@@ -185,8 +187,4 @@ def valid_labels(target: Tensor, num_classes: int, ignore_index: int | None) -> 
         >>> safe.tolist(), valid.tolist()
         ([[0, 2, 2, 0]], [[True, True, False, False]])
     """
-    safe = target.clamp(0, num_classes - 1)
-    valid = safe == target
-    if ignore_index is not None and 0 <= ignore_index < num_classes:
-        valid &= target != ignore_index
-    return safe, valid
+    return split_labels(target, num_classes, ignore_index)

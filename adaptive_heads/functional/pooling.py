@@ -43,6 +43,42 @@ class _Float32Sums(torch.autograd.Function):
         return grad_w, grad_x
 
 
+class _SoftClassPool(torch.autograd.Function):
+    """:func:`soft_class_pool` with its backward written out: ``out = (P Xᵀ) / (P 1 + eps)`` gives
+    ``∂/∂X = Gᵀ P`` and ``∂/∂P = G X − (G ⊙ out) 1`` with ``G = grad / (P 1 + eps)`` (two products and a
+    ``[B, n, 1]`` correction, where autograd's chain through the division and the area takes a dozen ops)."""
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, x: Tensor, eps: float) -> Tensor:
+        dtype = compute_dtype(x)
+        wide = torch.float64 if probs.dtype == torch.float64 else torch.float32
+        if dtype == torch.float16:  # a float16 sum over many pixels can overflow: the product in float32
+            dtype = torch.float32
+        p, x_c = probs.to(dtype), x.to(dtype)
+        denom = probs.sum(dim=-1, keepdim=True, dtype=wide).add_(eps)  # [B, n, 1]
+        out = torch.bmm(p, x_c.transpose(1, 2)).to(wide).div_(denom)  # [B, n, C]
+        ctx.save_for_backward(probs, x, denom, out)  # the inputs, not their casts (alive in the graph anyway)
+        ctx.dtypes = (probs.dtype, x.dtype, dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        p, x, denom, out = ctx.saved_tensors
+        probs_dtype, x_dtype, dtype = ctx.dtypes
+        needs_p, needs_x = ctx.needs_input_grad[:2]
+        with float32_math(grad.device):
+            g = grad / denom  # [B, n, C]
+            g_c = g.to(dtype)
+            grad_p = grad_x = None
+            if needs_p:  # G X − (G ⊙ out) 1, the correction broadcast over the pixels
+                correction = torch.linalg.vecdot(g, out).unsqueeze(-1).to(dtype)
+                grad_p = torch.baddbmm(correction, g_c, x.to(dtype), beta=-1).to(probs_dtype)
+            if needs_x:
+                grad_x = torch.bmm(g_c.transpose(1, 2), p.to(dtype)).to(x_dtype)
+        return grad_p, grad_x, None
+
+
 def class_sums(weights: Tensor, x: Tensor) -> Tensor:
     """``Σ_i weights[b, k, i] · x[b, :, i]``: ``weights [B, n, N]`` and ``x [B, C, N]`` → ``[B, n, C]`` in float32
     (float64 for float64 input), the product in the compute dtype of ``x`` (float32 for float16).
@@ -104,8 +140,9 @@ def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tenso
         >>> soft_class_pool(probs, feat).squeeze(-1)
         tensor([[2., 3.]])
     """
-    sums, area = soft_class_sums(probs, feat)
-    return sums / (area.unsqueeze(-1) + eps)
+    probs, feat = probs.flatten(2), feat.flatten(2)
+    with float32_math(feat.device):
+        return _SoftClassPool.apply(probs, feat, float(eps))
 
 
 def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:
@@ -143,12 +180,9 @@ def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tenso
         tensor([[1., 0., 2.]])
     """
     b = labels.shape[0]
-    flat = labels.reshape(b, -1)
-    slot = torch.where(valid.reshape(b, -1), flat, torch.full_like(flat, num_classes))
-    slot = slot + (num_classes + 1) * torch.arange(b, device=labels.device).unsqueeze(1)
-    counts = torch.zeros(b * (num_classes + 1), device=labels.device)
-    counts.index_add_(0, slot.reshape(-1), torch.ones(slot.numel(), device=labels.device))
-    return counts.view(b, num_classes + 1)[:, :num_classes]
+    slot = labels.reshape(b, -1).clamp(0, num_classes - 1)  # an invalid pixel adds 0 to any class
+    counts = torch.zeros(b, num_classes, device=labels.device)
+    return counts.scatter_add_(1, slot, valid.reshape(b, -1).to(counts.dtype))  # exact below 2^24 pixels
 
 
 def hard_class_pool(

@@ -19,7 +19,7 @@ Results equal the plain version up to float rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,8 @@ __all__ = [
     "bilinear_source_rows",
     "upsampled_cross_entropy",
     "upsampled_cross_entropy_sums",
+    "upsampled_sigmoid_loss",
     "upsampled_sigmoid_stats",
-    "upsampled_sigmoid_sums",
 ]
 
 #: one row tile: ``(start, stop)`` output rows and the ``[lo, hi)`` source rows they read
@@ -188,6 +188,11 @@ class _Plan:
         return torch.ops.aten.upsample_bilinear2d_backward(grad, list(self.size), list(shape), self.align_corners)
 
 
+def _stack(logits: Sequence[Tensor]) -> Tensor:
+    """The ``T`` logits ``[B, n, h, w]`` as one float32 (float64) ``[T·B, n, h, w]`` stack."""
+    return upcast_half(logits[0] if len(logits) == 1 else torch.cat(list(logits)))
+
+
 def _per_term(index: Tensor, terms: int) -> Tensor:
     """``[B, 1, ...]`` labels or weights as ``[T, B, 1, ...]`` (a broadcast view, no copy)."""
     return index.unsqueeze(0).expand(terms, *index.shape)
@@ -267,10 +272,13 @@ def upsampled_cross_entropy_sums(
     align_corners: bool = False,
     class_weight: Tensor | None = None,
     tile_elements: int | None = None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Summed cross-entropies of several logits against the same labels, in one pass: ``[T]`` sums and the total
     weight of the valid pixels (their count, or the sum of their class weights). See
     :func:`upsampled_cross_entropy` for the arguments; each of ``logits`` is ``[B, n, h, w]``, the same shape.
+    ``valid`` (``[B, H, W]`` bool), when given, is the mask of the pixels that count with ``target`` a class in
+    ``[0, n)`` at every pixel, the pair :func:`valid_labels` returns (``ignore_index`` is then not read).
 
     Example:
         >>> coarse, fine = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
@@ -287,8 +295,8 @@ def upsampled_cross_entropy_sums(
             f"{tuple(class_weight.shape)} on {class_weight.device} (a copy per call would synchronise the host)"
         )
     with float32_math(first.device):
-        stacked = upcast_half(logits[0] if len(logits) == 1 else torch.cat(list(logits)))
-        safe, valid = valid_labels(target, n, ignore_index)
+        stacked = _stack(logits)
+        safe, valid = valid_labels(target, n, ignore_index) if valid is None else (target, valid)
         weight = valid.to(stacked.dtype) if class_weight is None else class_weight.to(stacked.dtype)[safe] * valid
         plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
         return _UpsampledCE.apply(stacked, safe, weight, len(logits), plan), weight.sum()
@@ -349,22 +357,33 @@ def upsampled_cross_entropy(
     return total / weight.clamp_min(1e-12 if class_weight is not None else 1.0)
 
 
+#: a loss of the per-(image, class) sigmoid sums: ``(total [T, B, n], own [T, B, n], *extra) → (value [T],
+#: ∂value/∂total, ∂value/∂own)``, evaluated without autograd
+SigmoidReduction = Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
 class _UpsampledSigmoid(torch.autograd.Function):
     """Per (image, class) sums of ``σ(upsample(logits_t))`` for the ``T`` logits stacked as ``[T·B, n, h, w]``: over
-    all pixels, and over the valid pixels of the class. Returns ``(total [T·B, n], own [T·B, n])``. Both are sums,
-    so with ``plan.with_grad`` the pass also computes their Jacobians as logits-sized tensors (``upsampleᵀ σ'`` and
-    ``upsampleᵀ (σ' · own-class mask)``); backward weights them by the incoming gradients."""
+    all pixels, and over the valid pixels of the class, ``(total [T·B, n], own [T·B, n])``.
+
+    Both are sums, so with ``plan.with_grad`` the pass also computes their Jacobians as logits-sized tensors
+    (``upsampleᵀ σ'`` and ``upsampleᵀ (σ' · own-class mask)``); backward weights them by the incoming gradients.
+    With a ``reduce`` (:data:`SigmoidReduction`) the Function returns ``reduce``'s ``[T]`` value instead, and the
+    pass weights the slopes by ``reduce``'s partial derivatives before the adjoint of the upsampling: one
+    logits-sized gradient, kept for backward, and one adjoint (whole pass)."""
 
     @staticmethod
-    def forward(ctx, stacked: Tensor, safe: Tensor, valid: Tensor, terms: int, plan: _Plan):
-        run = _UpsampledSigmoid._whole if plan.tiles is None else _UpsampledSigmoid._tiled
-        total, own, jac_total, jac_own = run(stacked, safe, valid, terms, plan)
-        if jac_total is not None:
-            ctx.save_for_backward(jac_total, jac_own)
-        return total, own
+    def forward(ctx, stacked: Tensor, safe: Tensor, valid: Tensor, terms: int, plan: _Plan, reduce, *extra: Tensor):
+        ctx.terms, ctx.reduced, ctx.extra = terms, reduce is not None, len(extra)
+        if plan.tiles is None:
+            total, own, grads = _UpsampledSigmoid._whole(stacked, safe, valid, terms, plan, reduce, extra)
+        else:
+            total, own, grads = _UpsampledSigmoid._tiled(stacked, safe, valid, terms, plan, reduce, extra)
+        ctx.save_for_backward(*grads)
+        return (total, own) if reduce is None else total  # reduced: total holds the value
 
     @staticmethod
-    def _whole(stacked, safe, valid, terms, plan):
+    def _whole(stacked, safe, valid, terms, plan, reduce, extra):
         prob = plan.upsample(stacked).sigmoid_()  # [T·B, n, H, W]
         big = prob.view(terms, -1, *prob.shape[1:])
         index = _per_term(safe.unsqueeze(1), terms)  # [T, B, 1, H, W]
@@ -373,16 +392,23 @@ class _UpsampledSigmoid(torch.autograd.Function):
         labels = _per_term(safe.flatten(1), terms)  # [T, B, H·W]
         picked = big.gather(2, index).mul_(mask)  # [T, B, 1, H, W]
         own = big.new_zeros(terms, prob.shape[0] // terms, prob.shape[1]).scatter_add_(2, labels, picked.flatten(2))
+        if reduce is not None:
+            value, d_total, d_own = reduce(total.view_as(own), own, *extra)
+            if not plan.with_grad:
+                return value, None, ()
+            prob.addcmul_(prob, prob, value=-1.0)  # σ' = σ (1 − σ), in place
+            own_slope = picked.addcmul_(picked, picked, value=-1.0).mul_(_per_pixel(d_own, index))  # 0 if invalid
+            big.mul_(d_total[..., None, None]).scatter_add_(2, index, own_slope)
+            return value, None, (plan.adjoint(prob, stacked.shape),)
         if not plan.with_grad:
-            return total, own.flatten(0, 1), None, None
-        prob.addcmul_(prob, prob, value=-1.0)  # σ' = σ (1 − σ), in place
+            return total, own.flatten(0, 1), ()
+        prob.addcmul_(prob, prob, value=-1.0)
         jac_total = plan.adjoint(prob, stacked.shape)
-        slope = big.gather(2, index).mul_(mask)
-        big.zero_().scatter_(2, index, slope)
-        return total, own.flatten(0, 1), jac_total, plan.adjoint(prob, stacked.shape)
+        big.zero_().scatter_(2, index, picked.addcmul_(picked, picked, value=-1.0))  # σ' on the valid own pixels
+        return total, own.flatten(0, 1), (jac_total, plan.adjoint(prob, stacked.shape))
 
     @staticmethod
-    def _tiled(stacked, safe, valid, terms, plan):
+    def _tiled(stacked, safe, valid, terms, plan, reduce, extra):
         src = _channels_last(stacked)
         rows_b, n = stacked.shape[:2]
         width = safe.shape[-1]
@@ -404,34 +430,68 @@ class _UpsampledSigmoid(torch.autograd.Function):
                 own_slope = torch.zeros_like(big).scatter_(-1, index, big.gather(-1, index) * mask)
                 _add_upsample_adjoint_(grad_total, slope, rows, tile, plan.align_corners)
                 _add_upsample_adjoint_(grad_own, own_slope.flatten(0, 1), rows, tile, plan.align_corners)
+        if reduce is not None:  # the sums are complete only now: weight the two Jacobians at the logits' size
+            value, d_total, d_own = reduce(total.view_as(own), own, *extra)
+            if grad_total is None:
+                return value, None, ()
+            grad = grad_total.mul_(d_total.flatten(0, 1)[:, None, None]).addcmul_(
+                grad_own, d_own.flatten(0, 1)[:, None, None]
+            )
+            return value, None, (_channels_first(grad),)
         if grad_total is None:
-            return total, own.flatten(0, 1), None, None
-        return total, own.flatten(0, 1), _channels_first(grad_total), _channels_first(grad_own)
+            return total, own.flatten(0, 1), ()
+        return total, own.flatten(0, 1), (_channels_first(grad_total), _channels_first(grad_own))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total, grad_own):
+    def backward(ctx, *grads):
+        if ctx.reduced:  # one gradient per term, scaled by that term's incoming gradient
+            (grad,) = ctx.saved_tensors
+            scaled = grad.view(ctx.terms, -1, *grad.shape[1:]) * grads[0].view(-1, 1, 1, 1, 1)
+            return scaled.view_as(grad), *(None,) * (5 + ctx.extra)
         jac_total, jac_own = ctx.saved_tensors
-        grad = jac_total * grad_total[:, :, None, None]
-        return grad.addcmul_(jac_own, grad_own[:, :, None, None]), None, None, None, None
+        grad = jac_total * grads[0][:, :, None, None]
+        return grad.addcmul_(jac_own, grads[1][:, :, None, None]), *(None,) * (5 + ctx.extra)
 
 
-def upsampled_sigmoid_sums(
+def _per_pixel(per_class: Tensor, index: Tensor) -> Tensor:
+    """``per_class [T, B, n]`` at each pixel's label ``index [T, B, 1, H, W]``: ``[T, B, 1, H, W]``."""
+    return per_class[..., None, None].expand(*per_class.shape, *index.shape[-2:]).gather(2, index)
+
+
+def upsampled_sigmoid_loss(
     logits: Sequence[Tensor],
     target: Tensor,
     valid: Tensor,
-    *,
+    reduce: SigmoidReduction,
+    *extra: Tensor,
     align_corners: bool = True,
     tile_elements: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """:func:`upsampled_sigmoid_stats` of several logits against the same labels, in one pass: ``(total, own)``,
-    each ``[T, B, n]``."""
-    first = logits[0]
-    with float32_math(first.device):
-        stacked = upcast_half(first if len(logits) == 1 else torch.cat(list(logits)))
+) -> Tensor:
+    """A loss of the per-(image, class) sigmoid sums of several logits against the same labels
+    (:func:`upsampled_sigmoid_stats`'s ``total`` and ``own``), its gradient computed in the same pass: ``[T]``.
+
+    Args:
+        logits: ``T`` logits ``[B, n, h, w]`` of one shape.
+        target, valid: as for :func:`upsampled_sigmoid_stats`.
+        reduce: ``reduce(total, own, *extra) → (value, ∂value/∂total, ∂value/∂own)`` with ``total``, ``own``
+            ``[T, B, n]`` and ``value`` ``[T]`` (``value[t]`` a function of the ``t``-th sums alone), evaluated
+            without autograd: the derivatives are written out (sigmoid dice:
+            :func:`~adaptive_heads.functional.sigmoid_dice_losses`).
+        extra: tensors ``reduce`` reads (no gradient), e.g. the class areas.
+
+    Example:
+        >>> def mean_own(total, own):  # the mean of σ over each logits' own-class pixels, per term
+        ...     return own.sum(dim=(1, 2)) / 16, torch.zeros_like(total), torch.full_like(own, 1 / 16)
+        >>> logits = torch.zeros(1, 2, 2, 2, requires_grad=True)
+        >>> target = torch.zeros(1, 4, 4, dtype=torch.long)
+        >>> upsampled_sigmoid_loss([logits], target, torch.ones(1, 4, 4, dtype=torch.bool), mean_own)
+        tensor([0.5000], grad_fn=<_UpsampledSigmoidBackward>)
+    """
+    with float32_math(logits[0].device):
+        stacked = _stack(logits)
         plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
-        total, own = _UpsampledSigmoid.apply(stacked, target, valid, len(logits), plan)
-    return total.view(len(logits), -1, total.shape[-1]), own.view(len(logits), -1, own.shape[-1])
+        return _UpsampledSigmoid.apply(stacked, target, valid, len(logits), plan, reduce, *extra)
 
 
 def upsampled_sigmoid_stats(
@@ -460,7 +520,7 @@ def upsampled_sigmoid_stats(
         >>> total, own  # 16 pixels × 1/2 per class; class 0 owns every pixel
         (tensor([[8., 8.]]), tensor([[8., 0.]]))
     """
-    total, own = upsampled_sigmoid_sums(
-        [logits], target, valid, align_corners=align_corners, tile_elements=tile_elements
-    )
-    return total[0], own[0]
+    with float32_math(logits.device):
+        stacked = _stack([logits])
+        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
+        return _UpsampledSigmoid.apply(stacked, target, valid, 1, plan, None)

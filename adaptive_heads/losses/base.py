@@ -9,8 +9,13 @@ import torch
 from torch import Tensor, nn
 
 from .._types import Reduction
-from .._validation import check_choice, check_target
-from ..functional import resize_labels_nearest, upsampled_cross_entropy, upsampled_cross_entropy_sums
+from .._validation import check_and_split_target, check_choice
+from ..functional import (
+    resize_labels_nearest,
+    upsampled_cross_entropy,
+    upsampled_cross_entropy_sums,
+    valid_labels,
+)
 from ..outputs import HeadOutput
 
 __all__ = ["HeadLoss", "SharedTerms", "feature_resolution_target"]
@@ -25,6 +30,26 @@ def feature_resolution_target(feature_target: Tensor | None, target: Tensor, log
     if feature_target is not None and feature_target.shape[-2:] == logits.shape[-2:]:
         return feature_target
     return resize_labels_nearest(target, tuple(logits.shape[-2:]))
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``Σ w_k·v_k`` of scalar terms ``v_k`` with Python weights ``w_k``: one multiply for all the terms each way
+    (autograd's own products would launch one kernel per term and direction)."""
+
+    @staticmethod
+    def forward(ctx, weights: tuple[float, ...], *values: Tensor) -> Tensor:
+        ctx.weights = weights
+        if any(weight != 1 for weight in weights):
+            values = tuple(torch._foreach_mul(list(values), list(weights)))
+        return torch.stack(values).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        weights = list(ctx.weights)
+        if all(weight == 1 for weight in weights):
+            return None, *(grad,) * len(weights)
+        return None, *torch._foreach_mul([grad] * len(weights), weights)
 
 
 class SharedTerms:
@@ -121,62 +146,78 @@ class HeadLoss(nn.Module, Generic[OutputT]):
         )  # fmt: skip
 
     def cross_entropies(
-        self, logits: Mapping[str, Tensor], target: Tensor, *, align_corners: bool, main: str | None = None
+        self,
+        logits: Mapping[str, Tensor],
+        target: Tensor | tuple[Tensor, Tensor],
+        *,
+        align_corners: bool,
+        main: str | None = None,
     ) -> SharedTerms:
-        """CE terms of several logits against ``target`` in one pass that upsamples them together
-        (:func:`~adaptive_heads.functional.upsampled_cross_entropy_sums`), computed when the first is asked for:
-        ``{name: term function}``. Each is averaged over the valid pixels, the one named ``main`` as
-        ``main_average`` says."""
+        """CE terms of several logits against ``target`` (a label map, or its :meth:`split_target` split) in one
+        pass that upsamples them together (:func:`~adaptive_heads.functional.upsampled_cross_entropy_sums`),
+        computed when the first is asked for: ``{name: term function}``. Each is averaged over the valid pixels, the
+        one named ``main`` as ``main_average`` says."""
         names = list(logits)
+        labels, valid = target if isinstance(target, tuple) else (target, None)
 
         def compute() -> dict[str, Tensor]:
             sums, count = upsampled_cross_entropy_sums(
-                list(logits.values()), target, ignore_index=self.ignore_index, align_corners=align_corners
-            )
+                list(logits.values()), labels, ignore_index=self.ignore_index, align_corners=align_corners,
+                valid=valid,
+            )  # fmt: skip
             if self.reduction == "sum":
                 return dict(zip(names, sums.unbind(), strict=True))
             means = (sums / count.clamp_min(1.0)).unbind()
             values = dict(zip(names, means, strict=True))
             if main in values and self.main_average == "all":
-                values[main] = sums[names.index(main)] / target.numel()
+                values[main] = sums[names.index(main)] / labels.numel()
             return values
 
         return SharedTerms(compute)
 
     def checked_target(self, out: HeadOutput, target: Tensor) -> Tensor:
         """``out`` must be this loss's output type; ``target`` a valid ``[B, H, W]`` label map for its logits."""
+        return self.split_target(out, target)[0]
+
+    def split_target(self, out: HeadOutput, target: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """:meth:`checked_target` and its ``(safe, valid)`` split (:func:`~adaptive_heads.functional.valid_labels`),
+        reused from the head's own check of the same labels where it made one."""
         if not isinstance(out, self.output_type):
             raise TypeError(
                 f"out must be a {self.output_type.__name__} (from head(feat, target) in training), "
                 f"got {type(out).__name__}"
             )
         logits = out.logits
-        given, ignore_index, checked = vars(out).get("_checked_target", (None, None, None))  # head.CHECKED_TARGET
-        if given is target and ignore_index == self.ignore_index:
-            return checked  # the head read these labels already
-        return check_target(
-            target,
-            batch_size=logits.shape[0],
-            num_classes=logits.shape[1],
-            ignore_index=self.ignore_index,
-            device=logits.device,
-        )
+        given, ignore_index, checked, split = vars(out).get("_checked_target", (None,) * 4)  # head.CHECKED_TARGET
+        if given is not target or ignore_index != self.ignore_index:  # not what the head read
+            checked, split = check_and_split_target(
+                target,
+                batch_size=logits.shape[0],
+                num_classes=logits.shape[1],
+                ignore_index=self.ignore_index,
+                device=logits.device,
+            )
+        return checked, split if split is not None else valid_labels(checked, logits.shape[1], self.ignore_index)
 
     def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = (), anchor: Tensor | None = None) -> Tensor:
         """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude`` (0, on ``anchor``'s device or the
         terms', when there is none)."""
         skip = set(exclude)
-        total: Tensor | None = None
-        for name, value in terms.items():
-            weight = self.weights.get(name, 0.0)
-            if name in skip or weight == 0:
-                continue
-            part = value if weight == 1 else weight * value  # (× 1 would cost a kernel each way)
-            total = part if total is None else total + part
-        if total is None:
+        chosen = [(value, self.weights.get(name, 0.0)) for name, value in terms.items() if name not in skip]
+        chosen = [(value, weight) for value, weight in chosen if weight != 0]
+        if not chosen:
             anchor = next(iter(terms.values())) if anchor is None else anchor
-            total = anchor.new_zeros((), dtype=torch.float32)
-        return total
+            return anchor.new_zeros((), dtype=torch.float32)
+        if len(chosen) == 1:
+            value, weight = chosen[0]
+            return value if weight == 1 else weight * value
+        values, weights = zip(*chosen, strict=True)
+        if len(values) <= 3 and all(weight == 1 for weight in weights):  # no more adds than a stack and a sum
+            total = values[0]
+            for value in values[1:]:
+                total = total + value
+            return total
+        return _WeightedSum.apply(weights, *values)
 
     def forward(self, out: OutputT, target: Tensor) -> dict[str, Tensor]:
         if not isinstance(out, HeadOutput):

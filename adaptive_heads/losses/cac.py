@@ -78,13 +78,11 @@ class ContextAwareLoss(HeadLoss[CACOutput]):
         self.class_average = class_average
 
     def terms(self, out: CACOutput, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
-        target = self.checked_target(out, target)
+        target, split = self.split_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
         pair = {"ce_coarse": out.coarse, "ce_teacher": out.teacher}  # both align_corners=True: one pass
-        shared = self.cross_entropies(
-            {name: pair[name] for name in self.wanted(pair, skip)}, target, align_corners=True
-        )
+        shared = self.cross_entropies({name: pair[name] for name in self.wanted(pair, skip)}, split, align_corners=True)
         return self.computed(
             {
                 "ce": lambda: self.cross_entropy(out.logits, target, align_corners=False, average=self.main_average),

@@ -87,13 +87,13 @@ class SSALoss(HeadLoss[SSAOutput]):
         self.relation_tau = relation_tau
 
     def terms(self, out: SSAOutput, target: Tensor, skip: Container[str] = ()) -> dict[str, Tensor]:
-        target = self.checked_target(out, target)
+        target, split = self.split_target(out, target)
         n = out.logits.shape[1]
         feature_target = feature_resolution_target(out.feature_target, target, out.logits)
         ce = {"ce": out.logits, "ce_coarse": out.coarse, "ce_teacher": out.teacher}  # all align_corners=True
-        ces = self.cross_entropies({k: ce[k] for k in self.wanted(ce, skip)}, target, align_corners=True, main="ce")
+        ces = self.cross_entropies({k: ce[k] for k in self.wanted(ce, skip)}, split, align_corners=True, main="ce")
         dice = {"dice": out.logits, "dice_teacher": out.teacher}
-        dices = self._dices({k: dice[k] for k in self.wanted(dice, skip)}, target)
+        dices = self._dices({k: dice[k] for k in self.wanted(dice, skip)}, split)
         return self.computed(
             {
                 "ce": ces["ce"],
@@ -110,12 +110,13 @@ class SSALoss(HeadLoss[SSAOutput]):
             skip,
         )
 
-    def _dices(self, logits: Mapping[str, Tensor], target: Tensor) -> SharedTerms:
-        """The dice terms of several logits, in one pass (:func:`~adaptive_heads.functional.sigmoid_dice_losses`)."""
+    def _dices(self, logits: Mapping[str, Tensor], split: tuple[Tensor, Tensor]) -> SharedTerms:
+        """The dice terms of several logits against the :meth:`split_target` labels, in one pass
+        (:func:`~adaptive_heads.functional.sigmoid_dice_losses`)."""
         names = list(logits)
 
         def compute() -> dict[str, Tensor]:
-            values = sigmoid_dice_losses(list(logits.values()), target, ignore_index=self.ignore_index)
+            values = sigmoid_dice_losses(list(logits.values()), split[0], valid=split[1])
             return dict(zip(names, values.unbind(), strict=True))
 
         return SharedTerms(compute)

@@ -18,6 +18,29 @@ def test_soft_class_pool_is_weighted_mean():
             torch.testing.assert_close(out[b, k], expected)
 
 
+def test_soft_class_pool_gradient_is_autograds_through_the_division():
+    """The written-out backward of the soft means (∂/∂P = G X − (G ⊙ out) 1) against autograd's chain, and a
+    float64 gradcheck; under bf16 autocast the products run in bfloat16 and the gradients follow within its
+    rounding."""
+    torch.manual_seed(0)
+    probs = torch.rand(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    feat = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, x: AF.soft_class_pool(p, x, eps=1e-3), (probs, feat))
+    grad = torch.randn(2, 3, 6, dtype=torch.float64)
+    want = (probs.flatten(2) @ feat.flatten(2).transpose(1, 2)) / (probs.flatten(2).sum(-1, keepdim=True) + 1e-12)
+    expected = torch.autograd.grad(want, (probs, feat), grad)
+    got = torch.autograd.grad(AF.soft_class_pool(probs, feat), (probs, feat), grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    p32, x32 = (t.detach().float().requires_grad_() for t in (probs, feat))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = AF.soft_class_pool(p32, x32)
+    half = torch.autograd.grad(out, (p32, x32), grad.float())
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in half)
+    for a, b in zip(half, expected, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=0.05, atol=0.05)
+
+
 def test_hard_class_pool_per_image_and_batch():
     feat = torch.randn(2, 4, 3, 3)
     labels = torch.tensor([[[0, 0, 1], [1, 255, 2], [2, 2, 2]], [[1, 1, 1], [1, 1, 1], [255, 255, 0]]])

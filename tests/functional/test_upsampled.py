@@ -141,3 +141,71 @@ def test_deterministic_width_adjoint_equals_the_kernel(align, monkeypatch):
         finally:
             torch.use_deterministic_algorithms(False)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(params=["whole", "tiled"])
+def one_pass_or_tiles(request):
+    """The label-resolution terms as one pass (a large budget) or in row tiles (a budget of a few rows)."""
+    from adaptive_heads import set_memory_budget
+
+    set_memory_budget(2**30 if request.param == "whole" else 4096, "cpu")
+    yield request.param
+    set_memory_budget(None, "cpu")
+
+
+def test_stacked_cross_entropy_sums_equal_each_alone(one_pass_or_tiles):
+    """T logits share one upsampling: each sum and its gradient equal those of the logits alone."""
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 4, 5, 6, requires_grad=True) for _ in range(3)]
+    target = torch.randint(0, 4, (2, 19, 23))
+    target[0, :4] = 255
+    sums, count = AF.upsampled_cross_entropy_sums(logits, target, align_corners=True)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    together = torch.autograd.grad((sums * weights).sum(), logits)
+    for t, z in enumerate(logits):
+        alone, alone_count = AF.upsampled_cross_entropy_sums([z], target, align_corners=True)
+        plain = F.cross_entropy(
+            F.interpolate(z, size=(19, 23), mode="bilinear", align_corners=True),
+            target,
+            reduction="sum",
+            ignore_index=255,
+        )
+        torch.testing.assert_close(sums[t], alone[0])
+        torch.testing.assert_close(sums[t], plain, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(together[t], weights[t] * torch.autograd.grad(plain, z)[0], rtol=1e-5, atol=1e-6)
+        assert count == alone_count == (target != 255).sum()
+
+
+def test_stacked_sigmoid_dice_equals_the_loop_value_and_gradient(one_pass_or_tiles):
+    """The dice reduced inside the pass (its gradient weighted before the adjoint, or per tile) against the loop
+    reference of the official per-(image, class) dice, for a student and a teacher together."""
+    from ..reference_ssa import dice
+
+    torch.manual_seed(0)
+    student, teacher = (torch.randn(2, 4, 5, 6, requires_grad=True) for _ in range(2))
+    target = torch.randint(0, 3, (2, 19, 23))  # class 3 absent: not averaged
+    target[1, :5] = 255
+    both = AF.sigmoid_dice_losses([student, teacher], target)
+    got = torch.autograd.grad(both[0] - 3 * both[1], (student, teacher))
+    want_s, want_t = dice(student, target), dice(teacher, target)
+    torch.testing.assert_close(both, torch.stack([want_s, want_t]))
+    expected = torch.autograd.grad(want_s - 3 * want_t, (student, teacher))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sigmoid_dice_gradcheck_both_passes():
+    logits = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 7, 5))
+    target[0, 0] = 255
+    from adaptive_heads.functional.dice import _mean_dice
+
+    safe, valid = AF.valid_labels(target, 3, 255)
+    area = AF.class_pixel_counts(safe, 3, valid)
+    for tile in (None, 20):  # tile_elements=None: the whole pass on a map this small
+        assert torch.autograd.gradcheck(
+            lambda z, tile=tile: AF.upsampled_sigmoid_loss(
+                [z, 2 * z], safe, valid, _mean_dice, area, tile_elements=tile
+            ).sum(),
+            (logits,),
+        )
