@@ -127,15 +127,15 @@ class ContextAwareClassifier(CosineHead):
         """The statistics of the union of two disjoint pixel sets."""
         return {key: first[key] + second[key] for key in first}
 
-    def _classifiers(self, prototypes: Tensor, oracle: Tensor | None = None) -> list[Tensor]:
+    def _classifiers(self, prototypes: Tensor, oracle: Tensor | None = None) -> Tensor:
         """The estimated per-image classifier ``A_p = proj([prototypes, W])`` ``[B, n, C]``
         (``post_refine_proto_v2``) and, given the oracle prototypes, the oracle classifier ``A_y =
-        apd_proj([oracle, W])``: the two projectors in one batched pass."""
+        apd_proj([oracle, W])``: ``[K, B, n, C]``, the two projectors in one batched pass."""
         weight = self.classifier_weight.expand_as(prototypes)
         if oracle is None:
-            return [stacked_mlps([self.proj], [(prototypes, weight)])[0]]
+            return stacked_mlps([self.proj], [(prototypes, weight)])
         pairs = [(prototypes, weight), (oracle.expand_as(prototypes), weight)]
-        return list(stacked_mlps([self.proj, self.apd_proj], pairs).unbind(0))
+        return stacked_mlps([self.proj, self.apd_proj], pairs)
 
     def logits_from_context(self, feat: Tensor, context: dict[str, Tensor]) -> Tensor:
         """Classify ``feat [B, C, h, w]`` with the classifier built from ``context`` (of the whole image, say)."""

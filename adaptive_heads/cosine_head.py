@@ -222,8 +222,8 @@ class CosineHead(AdaptiveHead):
             sums, counts = all_reduce_class_statistics(sums, counts)
         return sums, counts
 
-    def _logits(self, feat: Tensor, classifiers: Sequence[Tensor]) -> list[Tensor]:
-        """Cosine logits of ``feat`` under each ``[B, n, C]`` (or batch-shared ``[n, C]``) classifier, in one product
-        that shares the feature norm; in the head's output dtype."""
+    def _logits(self, feat: Tensor, classifiers: Sequence[Tensor] | Tensor) -> list[Tensor]:
+        """Cosine logits of ``feat`` under each ``[B, n, C]`` (or batch-shared ``[n, C]``) classifier, or each of a
+        ``[K, B, n, C]`` stack, in one product that shares the feature norm; in the head's output dtype."""
         dtype = self.output_dtype(feat)
         return [t.to(dtype) for t in cosine_logits_of(feat, classifiers, self.tau, eps=self.eps)]

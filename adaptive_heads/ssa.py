@@ -154,7 +154,7 @@ class SSAClassifier(CosineHead):
     def _classify(self, feat: Tensor, pos: Tensor, centres: tuple[Tensor, Tensor]) -> Tensor:
         # without autograd the position map can absorb the features in place (one C×N map less)
         x = pos.add_(feat) if not torch.is_grad_enabled() else feat + pos
-        return self._logits(x, self._classifiers(self._prototypes(centres)).unbind(0))[0]
+        return self._logits(x, self._classifiers(self._prototypes(centres)))[0]
 
     def forward_logits(self, feat: Tensor) -> Tensor:
         coarse = self.coarse_logits(feat)
@@ -250,7 +250,7 @@ class SSAClassifier(CosineHead):
         feature_target = resize_labels_nearest(target, feat.shape[-2:])
         centres = self._centres(feat, coarse, pos)
         prototypes = self._prototypes(centres, self.teacher_centres(feat, pos, feature_target))
-        logits, teacher = self._logits(feat + pos, self._classifiers(prototypes).unbind(0))
+        logits, teacher = self._logits(feat + pos, self._classifiers(prototypes))
         semantic, position, semantic_t, position_t = prototypes.unbind(0)
         return SSAOutput(
             logits=logits,

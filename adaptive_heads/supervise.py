@@ -85,8 +85,8 @@ class Supervision:
         weights = {**recorded, **(head_weights or {})}
         self.head_weights: dict[str, float] = {name: float(weights.get(name, 1.0)) for name in self.heads}
         self.outputs: dict[str, list[HeadOutput]] = {name: [] for name in self.heads}
-        self._terms: dict[str, list[dict[str, Tensor]]] | None = None  # each recorded output's terms, computed once
-        self._main: dict[str, list[str]] = {}  # whether each output's main term is in its terms: with a gradient?
+        self._terms: dict[str, list[dict[str, Tensor]]] = {name: [] for name in self.heads}  # per recorded output
+        self._main: dict[str, list[str]] = {name: [] for name in self.heads}  # is its main term in: with a gradient?
         self._names = {id(h): name for name, h in self.heads.items()}
 
     def __enter__(self) -> Supervision:
@@ -104,23 +104,23 @@ class Supervision:
             head._supervisor = None
 
     def record(self, head: AdaptiveHead, out: HeadOutput) -> None:
-        self.outputs[self._names[id(head)]].append(out)
-        self._terms = None
+        """Keep a head's training output and compute its extra loss terms now, as the head returns: before the
+        model upsamples its logits and takes its own cross-entropy, so the full-resolution temporaries of the
+        terms (one upsampled ``[T·B, n, H, W]`` stack at a time) come and go below the step's peak."""
+        name = self._names[id(head)]
+        loss_fn = self.loss_fns[name]
+        self.outputs[name].append(out)
+        self._terms[name].append(loss_fn.terms(out, self.target, skip={loss_fn.main_term}))
+        self._main[name].append("none")
 
     def _computed_terms(self, main: str) -> dict[str, list[dict[str, Tensor]]]:
-        """Every recorded output's terms, each computed once after the forward and reused after: the extra terms;
-        with ``main="value"`` also each head's main term for reporting (no gradient), with ``"grad"`` with one."""
-        if self._terms is None:
-            self._terms = {name: [] for name in self.outputs}
-            self._main = {name: [] for name in self.outputs}
+        """Every recorded output's terms (the extra ones computed as it was recorded); with ``main="value"`` also
+        each head's main term for reporting (no gradient), with ``"grad"`` with one, each computed once."""
         for name, outs in self.outputs.items():
             loss_fn = self.loss_fns[name]
             main_term = loss_fn.main_term
             cached, mains = self._terms[name], self._main[name]
             for i, out in enumerate(outs):
-                if i == len(cached):  # the extra terms, computed once
-                    cached.append(loss_fn.terms(out, self.target, skip={main_term}))
-                    mains.append("none")
                 if main == "none" or mains[i] in (main, "grad"):
                     continue  # not asked for, or already computed (with a gradient if that was asked)
                 others = set(loss_fn.weights) - {main_term}

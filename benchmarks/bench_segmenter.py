@@ -179,6 +179,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=10, help="timed inference calls per head (median; default 10)")
     p.add_argument("--ops-only", action="store_true", help="count the aten ops on the meta device, measure nothing")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument(
+        "--memory-budget-mib", type=int,
+        help="adaptive_heads.set_memory_budget for the device (default: the device's own; e.g. 8192 on a CPU to "
+        "run the one-pass code a GPU runs)",
+    )  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--out", type=Path, help="JSON output (default benchmarks/results/<device>-segmenter.json)")
     p.add_argument("--update-readme", action="store_true", help="replace the bench:<stem> block of the docs")
@@ -186,6 +191,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.memory_budget_mib:
+        ah.set_memory_budget(args.memory_budget_mib << 20, device.type)
     rows = measure(args)
     data = {
         "machine": {
@@ -197,6 +204,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__,
         },
         "memory": CPU_MEMORY_METHOD if device.type == "cpu" else "torch.cuda.max_memory_allocated",
+        "memory_budget_mib": ah.memory_budget(device) >> 20,
         "ops_only": args.ops_only,
         "args": [a for a in (sys.argv[1:] if argv is None else argv) if a != "--update-readme"],
         "rows": rows,

@@ -144,6 +144,25 @@ def test_supervise_computes_each_term_once_per_forward(monkeypatch):
     assert torch.equal(terms["adaptive_loss"], total)  # the weighted sum is re-added (cheap), the terms are shared
 
 
+def test_supervise_computes_the_extra_terms_as_the_head_returns(monkeypatch):
+    """The extra terms are computed when the head records its output, before the modules after it run (where a
+    segmenter upsamples its logits and the user takes the main CE): their full-resolution temporaries then come
+    and go below the step's peak (benchmarks/bench_segmenter.py: the peak of a deeplabv3 step +1 % with CAC)."""
+    from adaptive_heads import ContextAwareLoss
+
+    model = nn.Sequential(*_model(), nn.Upsample(scale_factor=2.0, mode="bilinear"))
+    model = replace_classifier(model, "cac", path="2").train()
+    events = []
+    original = ContextAwareLoss.terms
+    monkeypatch.setattr(ContextAwareLoss, "terms", lambda *a, **k: events.append("terms") or original(*a, **k))
+    model[3].register_forward_hook(lambda *_: events.append("upsample"))
+    with supervise(model, torch.randint(0, 4, (2, 16, 16))) as sup:
+        model(torch.randn(2, 3, 8, 8))
+        assert events == ["terms", "upsample"]
+        sup.loss()
+    assert events == ["terms", "upsample"]  # computed once, reused by loss()
+
+
 def test_a_term_weighted_zero_is_not_computed(monkeypatch):
     import adaptive_heads.losses.ssa as ssa_module
     from adaptive_heads import SSALoss

@@ -112,6 +112,17 @@ def test_gumbel_update_reproducible_with_generator():
     assert torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
 
 
+def test_a_generator_made_for_cuda_draws_on_cuda_0():
+    """torch.Generator(device="cuda") reports the device without an index (issue 41, item 6): it is accepted on
+    cuda:0 (and any cuda:k, the current device at its creation), refused on another device type."""
+    from adaptive_heads.protoseg import _same_device
+
+    cuda, cuda0, cuda1, cpu = (torch.device(d) for d in ("cuda", "cuda:0", "cuda:1", "cpu"))
+    assert _same_device(cuda, cuda0) and _same_device(cuda, cuda1) and _same_device(cuda0, cuda0)
+    assert not _same_device(cuda0, cuda1) and not _same_device(cpu, cuda0) and not _same_device(cuda, cpu)
+    assert _same_device(cpu, cpu)
+
+
 def test_usage_counts_and_diversity():
     head, feat, target = make()
     out = head(feat, target)

@@ -176,8 +176,15 @@ class _CosineLogits(torch.autograd.Function):
         dtype = compute_dtype(x)
         # the scale goes with ŵ, except in float16, where ŵ·x must stay below |x| (the range of x itself)
         w_scale, x_scale = (1.0, scale) if dtype == torch.float16 else (scale, 1.0)
+        b = x.shape[0]
         with float32_math(x.device):
-            w = upcast_half(weights[0] if len(weights) == 1 else torch.cat(weights, dim=1))
+            if weights[0].dim() == 4:  # one stack [K, B, n, C] of K classifiers
+                k, _, n, c = weights[0].shape
+                w = upcast_half(weights[0].movedim(0, 1).reshape(b, k * n, c))  # a view for K = 1
+                ctx.weights = [(n, weights[0].dtype)] * k
+            else:
+                w = upcast_half(weights[0] if len(weights) == 1 else torch.cat(weights, dim=1))
+                ctx.weights = [(t.shape[1], t.dtype) for t in weights]
             w_norm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)  # [B, M, 1]
             w_div = w_norm.clamp_min(eps)
             w_div = w_div.div_(w_scale) if w_scale != 1 else w_div  # ŵ = w / w_div
@@ -188,9 +195,8 @@ class _CosineLogits(torch.autograd.Function):
             x_div = x_div.div_(x_scale) if x_scale != 1 else x_div
             out = classify_pixels(x_c, w_hat) / x_div  # float32 (float64 for float64 input)
         ctx.save_for_backward(x_c, w_hat, w_norm, w_div, x_norm, x_div, out)
-        ctx.eps, ctx.scales, ctx.x_dtype = eps, (w_scale, x_scale), x.dtype
-        ctx.weights = [(t.shape[1], t.dtype) for t in weights]
-        if len(weights) == 1:
+        ctx.eps, ctx.scales, ctx.x_dtype, ctx.stacked = eps, (w_scale, x_scale), x.dtype, weights[0].dim() == 4
+        if len(ctx.weights) == 1:
             return out
         starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
         return tuple(out[:, a:b] for a, b in itertools.pairwise(starts))
@@ -221,6 +227,9 @@ class _CosineLogits(torch.autograd.Function):
                 along = torch.linalg.vecdot(w_unit, grad_w_hat).unsqueeze(-1)
                 along = along.masked_fill_(w_norm <= ctx.eps, 0.0)
                 grad_w = grad_w_hat.addcmul_(w_unit, along, value=-1.0 / w_scale**2).div_(w_div)
+                if ctx.stacked:
+                    size, dtype = ctx.weights[0]
+                    return grad_x, None, None, grad_w.unflatten(1, (-1, size)).movedim(1, 0).to(dtype)
                 starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
                 blocks = [grad_w[:, a:b] for a, b in itertools.pairwise(starts)]
                 grad_ws = [
@@ -253,12 +262,17 @@ def cosine_logits(feat: Tensor, weight: Tensor, scale: float, *, eps: float = 1e
     return cosine_logits_of(feat, [weight], scale, eps=eps)[0]
 
 
-def cosine_logits_of(feat: Tensor, weights: Sequence[Tensor], scale: float, *, eps: float = 1e-12) -> list[Tensor]:
-    """:func:`cosine_logits` of ``feat`` under several classifiers (each ``[n_i, C]`` or ``[B, n_i, C]``) in one
-    product that shares the feature norm: a head's student and teacher. One ``[B, n_i, h, w]`` tensor each (the
-    first contiguous, the others views of one buffer)."""
+def cosine_logits_of(
+    feat: Tensor, weights: Sequence[Tensor] | Tensor, scale: float, *, eps: float = 1e-12
+) -> list[Tensor]:
+    """:func:`cosine_logits` of ``feat`` under several classifiers (each ``[n_i, C]`` or ``[B, n_i, C]``, or one
+    ``[K, B, n, C]`` stack of K) in one product that shares the feature norm: a head's student and teacher. One
+    ``[B, n_i, h, w]`` tensor each (the first contiguous, the others views of one buffer)."""
     b = feat.shape[0]
-    stacked = [w.expand(b, *w.shape) if w.dim() == 2 else w for w in weights]
+    if isinstance(weights, Tensor):
+        stacked = [weights]
+    else:
+        stacked = [w.expand(b, *w.shape) if w.dim() == 2 else w for w in weights]
     out = _CosineLogits.apply(feat, float(scale), float(eps), *stacked)
     out = list(out) if isinstance(out, tuple) else [out]
     return [out[0].contiguous(), *out[1:]]

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from .labels import valid_labels
-from .pooling import class_pixel_counts
 from .upsampled import upsampled_sigmoid_loss
 
 __all__ = ["sigmoid_dice_loss", "sigmoid_dice_losses"]
@@ -35,25 +34,26 @@ def sigmoid_dice_losses(
     """
     n = logits[0].shape[1]
     safe, valid = valid_labels(target, n, ignore_index) if valid is None else (target, valid)
-    area = class_pixel_counts(safe, n, valid)  # [B, n]
-    return upsampled_sigmoid_loss(logits, safe, valid, _mean_dice, area, align_corners=align_corners)
+    b = safe.shape[0]
+    # A + 1 per (image, class): the pixel counts on a start of 1 (the labels are in range; exact below 2^24)
+    area_1 = torch.ones(b, n, device=safe.device).scatter_add_(1, safe.reshape(b, -1), valid.reshape(b, -1).float())
+    return upsampled_sigmoid_loss(logits, safe, valid, _mean_dice, area_1, align_corners=align_corners)
 
 
-def _mean_dice(total: Tensor, intersection: Tensor, area: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The mean dice over the present masks from the sums ``[T, B, n]`` and the class areas ``[B, n]``, with its
-    partial derivatives (an :data:`~adaptive_heads.functional.upsampled.SigmoidReduction`).
+def _mean_dice(total: Tensor, intersection: Tensor, area_1: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The mean dice over the present masks from the sums ``[T, B, n]`` and the class areas plus one ``[B, n]``,
+    with its partial derivatives (an :data:`~adaptive_heads.functional.upsampled.SigmoidReduction`).
 
-    ``d = 1 − r`` with ``r = (2I + 1) / D``, ``D = Σσ + A + 1``: ``∂r/∂I = 2/D``, ``∂r/∂Σσ = −r/D``; the mean over
-    the ``m`` present (image, class) masks carries the factor ``1[A > 0] / m``."""
-    area = area.to(total.dtype)
-    denom = (total + area).add_(1.0)
-    ratio = intersection.mul(2.0).add_(1.0).div_(denom)
-    present = (area > 0).to(total.dtype)
+    ``d = 1 − r`` with ``r = (2I + 1) / D = 2h``, ``h = (I + 1/2) / D``, ``D = Σσ + A + 1``: ``∂r/∂I = 2/D``,
+    ``∂r/∂Σσ = −2h/D``; the mean over the ``m`` present (image, class) masks carries the factor ``1[A > 0] / m``."""
+    denom = total + area_1.to(total.dtype)
+    half = intersection.add(0.5).div_(denom)  # r / 2
+    present = (area_1 > 1).to(total.dtype)
     count = present.sum()
     masks = count.clamp_min(1.0)
-    value = (count - torch.mv(ratio.flatten(1), present.flatten())) / masks  # Σ (1 − r)·1[A > 0] / m
-    share = (present / denom).div_(masks)  # [T, B, n]: 1[A > 0] / (m · D)
-    return value, share * ratio, share.mul_(-2.0)
+    value = torch.sub(count, torch.mv(half.flatten(1), present.flatten()), alpha=2.0) / masks  # Σ (1 − r)·1[A>0] / m
+    share = (present / denom).div_(masks * -0.5)  # [T, B, n]: −2·1[A > 0] / (m · D) = ∂value/∂I
+    return value, share * -half, share
 
 
 def sigmoid_dice_loss(

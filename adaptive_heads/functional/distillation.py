@@ -222,14 +222,13 @@ class _RelationDistillation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, scale: float, with_grad: bool) -> Tensor:
-        def relation(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            divisor = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min_(1e-12)
-            unit = z / divisor  # F.normalize
-            logits = torch.baddbmm(z.new_empty(()), unit, unit.transpose(1, 2), beta=0, alpha=scale)
-            return torch.softmax(logits, dim=-1), unit, divisor
-
-        r_s, s_hat, s_div = relation(upcast_half(student))
-        r_t, _, _ = relation(upcast_half(teacher).expand_as(r_s[..., :1].expand(*r_s.shape[:2], teacher.shape[-1])))
+        b = student.shape[0]
+        both = torch.cat([upcast_half(student), upcast_half(teacher).expand(student.shape)])  # [2B, n, C]
+        divisor = torch.linalg.vector_norm(both, dim=-1, keepdim=True).clamp_min_(1e-12)
+        unit = both / divisor  # F.normalize
+        logits = torch.baddbmm(unit.new_empty(()), unit, unit.transpose(1, 2), beta=0, alpha=scale)
+        relations = torch.softmax(logits, dim=-1)
+        r_s, r_t, s_hat, s_div = relations[:b], relations[b:], unit[:b], divisor[:b]
         excess = r_s - r_t
         excess.diagonal(dim1=1, dim2=2).zero_()  # j ≠ k
         mean = 1.0 / (excess.shape[0] * excess.shape[1])

@@ -126,12 +126,14 @@ def canny_edges(image: Tensor, low_threshold: float, high_threshold: float) -> T
     grad = F.conv2d(padded, sobel)  # [B, 2, h, w]: dx, dy
     tests = F.conv2d(grad.abs(), mix)  # [B, 3, h, w]: |dx| + |dy|, the horizontal and the vertical sector test
     magnitude = tests[:, :1]
-    keep = F.conv2d(F.pad(magnitude, (1, 1, 1, 1)), nms, nms_bias) > 0  # outside the image: magnitude 0
+    keep = F.conv2d(magnitude, nms, nms_bias, padding=1) > 0  # outside the image: magnitude 0
     keep = keep.unflatten(1, (4, 2)).all(dim=2)  # [B, 4, h, w]: a maximum in each sector's direction
     # OpenCV's sign test (dx ^ dy) >= 0; the product differs only where dx or dy is 0 but not both, never diagonal
     diagonal = torch.where(grad.prod(dim=1, keepdim=True) >= 0, keep[:, 2:3], keep[:, 3:4])
     vertical = torch.where(tests[:, 2:] > 0, keep[:, 1:2], diagonal)
-    survives = (magnitude > low) & torch.where(tests[:, 1:2] < 0, keep[:, :1], vertical)
+    survives = torch.where(tests[:, 1:2] < 0, keep[:, :1], vertical)
+    if low > 0:  # below, every pixel of magnitude ≤ low is not a strict maximum in its direction anyway (≥ 0)
+        survives &= magnitude > low
     edges = (survives if low == high else survives & (magnitude > high)).squeeze(1)
     if low == high:
         return edges

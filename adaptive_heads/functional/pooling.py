@@ -172,7 +172,7 @@ def class_pixel_counts(labels: Tensor, num_classes: int, valid: Tensor) -> Tenso
 
     Args:
         labels: ``[B, ...]`` integer labels.
-        valid: ``[B, ...]`` bool; invalid pixels are not counted.
+        valid: ``[B, ...]`` bool (or a 0/1 float mask); invalid pixels are not counted.
 
     Example:
         >>> labels = torch.tensor([[0, 2, 2, 255]])

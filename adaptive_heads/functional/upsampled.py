@@ -230,7 +230,7 @@ class _UpsampledCE(torch.autograd.Function):
         sums = torch.mv(per_pixel.view(terms, -1), weight.reshape(-1))
         if not plan.with_grad:
             return sums, None
-        big.div_(mass).mul_(w).scatter_add_(2, index, _per_term(-w, terms))
+        big.div_(mass).scatter_(2, index, -1.0, reduce="add").mul_(w)  # (softmax − onehot)·weight, one label each
         return sums, plan.adjoint(up, stacked.shape)
 
     @staticmethod
@@ -277,8 +277,9 @@ def upsampled_cross_entropy_sums(
     """Summed cross-entropies of several logits against the same labels, in one pass: ``[T]`` sums and the total
     weight of the valid pixels (their count, or the sum of their class weights). See
     :func:`upsampled_cross_entropy` for the arguments; each of ``logits`` is ``[B, n, h, w]``, the same shape.
-    ``valid`` (``[B, H, W]`` bool), when given, is the mask of the pixels that count with ``target`` a class in
-    ``[0, n)`` at every pixel, the pair :func:`valid_labels` returns (``ignore_index`` is then not read).
+    ``valid`` (``[B, H, W]`` bool, or a 0/1 float mask), when given, is the mask of the pixels that count with
+    ``target`` a class in ``[0, n)`` at every pixel, the pair :func:`valid_labels` returns (``ignore_index`` is then
+    not read).
 
     Example:
         >>> coarse, fine = torch.randn(2, 5, 8, 8), torch.randn(2, 5, 8, 8)
@@ -507,7 +508,7 @@ def upsampled_sigmoid_stats(
     Args:
         logits: ``[B, n, h, w]``.
         target: ``[B, H, W]`` labels in ``[0, n)`` (ignored pixels may hold any class; see ``valid``).
-        valid: ``[B, H, W]`` bool, pixels that belong to their label's class.
+        valid: ``[B, H, W]`` bool (or a 0/1 float mask), pixels that belong to their label's class.
         tile_elements: as for :func:`upsampled_cross_entropy`.
 
     Returns:

@@ -181,7 +181,8 @@ class HeadLoss(nn.Module, Generic[OutputT]):
 
     def split_target(self, out: HeadOutput, target: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """:meth:`checked_target` and its ``(safe, valid)`` split (:func:`~adaptive_heads.functional.valid_labels`),
-        reused from the head's own check of the same labels where it made one."""
+        reused from the head's own check of the same labels where it made one; ``valid`` as a 0/1 float32 mask
+        (what the label-resolution terms weight the pixels with)."""
         if not isinstance(out, self.output_type):
             raise TypeError(
                 f"out must be a {self.output_type.__name__} (from head(feat, target) in training), "
@@ -197,7 +198,8 @@ class HeadLoss(nn.Module, Generic[OutputT]):
                 ignore_index=self.ignore_index,
                 device=logits.device,
             )
-        return checked, split if split is not None else valid_labels(checked, logits.shape[1], self.ignore_index)
+        safe, valid = split if split is not None else valid_labels(checked, logits.shape[1], self.ignore_index)
+        return checked, (safe, valid.to(torch.float32))
 
     def combine(self, terms: Mapping[str, Tensor], exclude: Iterable[str] = (), anchor: Tensor | None = None) -> Tensor:
         """``Σ weight[k]·terms[k]`` over the weighted terms not in ``exclude`` (0, on ``anchor``'s device or the

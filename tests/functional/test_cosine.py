@@ -85,3 +85,70 @@ def test_pointwise_conv_takes_one_matmul_path_for_every_layout():
             out = AF.pointwise_conv(variant, conv.weight, conv.bias)
         assert "convolution" not in ops.names and {"bmm", "baddbmm"} & set(ops.names)
         torch.testing.assert_close(out, conv(variant), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def convolution_path(monkeypatch):
+    """The per-pixel products as convolutions (the path every device but the CPU takes), here on the CPU."""
+    import adaptive_heads.functional.cosine as cosine
+
+    monkeypatch.setattr(cosine, "_as_convolution", lambda x: not cosine.is_channels_last(x))
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_image", "stacked"])
+def test_convolution_path_equals_the_matmul_path_value_and_gradients(layout, monkeypatch):
+    """The grouped-convolution products (CUDA) against the batched matmuls (CPU): the same cosine logits and the
+    same written-out gradients, for one shared classifier, one per image and a [K, B, n, C] stack of two."""
+    import adaptive_heads.functional.cosine as cosine
+
+    torch.manual_seed(0)
+    feat = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    shapes = {"shared": [(6, 5)], "per_image": [(2, 6, 5), (2, 3, 5)], "stacked": [(2, 2, 6, 5)]}[layout]
+    weights = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    arg = weights[0] if layout == "stacked" else weights
+
+    def run():
+        outs = cosine.cosine_logits_of(feat, arg, 15.0)
+        grads = [torch.randn_like(o, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        return outs, torch.autograd.grad(outs, [feat, *weights], grads)
+
+    matmul = run()
+    monkeypatch.setattr(cosine, "_as_convolution", lambda x: True)
+    conv = run()
+    for a, b in zip([*matmul[0], *matmul[1]], [*conv[0], *conv[1]], strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda x, *w: cosine.cosine_logits_of(x, w[0] if layout == "stacked" else w,
+                                                                          15.0), (feat, *weights))  # fmt: skip
+
+
+def test_convolution_path_pointwise_conv_with_channel_dropout(convolution_path):
+    conv = torch.nn.Conv2d(6, 4, 1)
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
+    torch.manual_seed(1)
+    ours = AF.pointwise_conv(x, conv.weight, conv.bias, 0.3)
+    torch.manual_seed(1)
+    ref = conv(F.dropout2d(x, 0.3))
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ours)
+    params = [x, conv.weight, conv.bias]
+    for a, b in zip(torch.autograd.grad(ours, params, g), torch.autograd.grad(ref, params, g), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_float16_cosine_logits_stay_finite_and_match_float32():
+    """float16 features whose products would leave float16's range (|ŵ·x| up to scale·|x|): the scale goes with
+    the feature side, the logits and gradients stay finite and agree with float32."""
+    torch.manual_seed(0)
+    feat = (torch.randn(2, 64, 4, 4) * 3000).half().requires_grad_()
+    weight = torch.randn(2, 5, 64).half().requires_grad_()
+    out = AF.cosine_logits(feat, weight, 15.0)
+    ref_feat, ref_weight = feat.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = AF.cosine_logits(ref_feat, ref_weight, 15.0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.01)
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (feat, weight), g)
+    want = torch.autograd.grad(ref, (ref_feat, ref_weight), g)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.float16 and torch.isfinite(a).all()
+        torch.testing.assert_close(a.float(), b, atol=1e-3 + 0.02 * b.abs().max().item(), rtol=0.02)

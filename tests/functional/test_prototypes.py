@@ -130,3 +130,20 @@ def test_classwise_kmeans_finds_separated_clusters_and_handles_small_classes():
 def test_classwise_kmeans_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"emb must be \[N, D\] and labels \[N\]"):
         AF.classwise_kmeans(torch.randn(4, 3), torch.zeros(5, dtype=torch.long), 2, 2)
+
+
+def test_contrast_from_stats_gradient():
+    """PPC and PPD from the similarity statistics: the written-out sparse gradient against gradcheck, and the values
+    against the formulas (ignored pixels, -1, contribute nothing)."""
+    torch.manual_seed(0)
+    own = torch.rand(6, 3, dtype=torch.float64, requires_grad=True)
+    lse = (torch.rand(6, dtype=torch.float64) + 2).requires_grad_()
+    proto_target = torch.tensor([0, 4, -1, 8, 2, -1])  # c·K + k with K = 3
+    ppc, ppd = AF.prototype_contrast_from_stats(own, lse, proto_target)
+    keep = proto_target >= 0
+    picked = own[torch.arange(6), proto_target.clamp_min(0) % 3]
+    torch.testing.assert_close(ppc, (lse - picked)[keep].sum())
+    torch.testing.assert_close(ppd, ((1 - picked) ** 2)[keep].sum())
+    assert torch.autograd.gradcheck(
+        lambda o, s: torch.stack(AF.prototype_contrast_from_stats(o, s, proto_target)), (own, lse)
+    )
