@@ -251,14 +251,16 @@ class SSAClassifier(CosineHead):
         centres = self._centres(feat, coarse, pos)
         prototypes = self._prototypes(centres, self.teacher_centres(feat, pos, feature_target))
         logits, teacher = self._logits(feat + pos, self._classifiers(prototypes))
-        semantic, position, semantic_t, position_t = prototypes.unbind(0)
+        # split, not unbind: in backward the teacher's pair (no gradient: detached in the losses) is one zero block
+        semantic, position, teacher_pair = prototypes.split([1, 1, 2])
+        semantic_t, position_t = teacher_pair.unbind(0)
         return SSAOutput(
             logits=logits,
             coarse=coarse,
             teacher=teacher,
-            semantic=semantic,
+            semantic=semantic.squeeze(0),
             semantic_teacher=semantic_t,
-            position=position,
+            position=position.squeeze(0),
             position_teacher=position_t,
             feature_target=feature_target,
         )

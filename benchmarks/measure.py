@@ -230,10 +230,11 @@ def count_ops(fn: Callable[[], object]) -> dict[str, int]:
 
 
 #: the dispatched aten ops that only make views or allocate (no kernel on CUDA), left out by :func:`count_aten_ops`
-#: (the set of the op counts that first measured the heads on an H200, so the figures compare)
+#: (the set of the op counts that first measured the heads on an H200, so the figures compare; and split_with_sizes)
 _VIEWS = frozenset(
     "view _unsafe_view reshape expand permute transpose t unsqueeze squeeze slice select as_strided alias detach "
-    "split chunk unbind narrow diagonal unflatten flatten empty empty_like new_empty lift_fresh _to_copy_noop".split()
+    "split split_with_sizes chunk unbind narrow diagonal unflatten flatten empty empty_like new_empty lift_fresh "
+    "_to_copy_noop".split()
 )
 
 

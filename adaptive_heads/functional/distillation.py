@@ -90,17 +90,21 @@ class _ClasswiseDistillation(torch.autograd.Function):
         ctx, student, teacher, labels, groups, num_classes, ignore_index, mix, mode, class_average, eps, with_grad
     ):
         log_p = torch.log_softmax(upcast_half(student), dim=1)
-        log_q = torch.log_softmax(upcast_half(teacher), dim=1).to(log_p.dtype)
-        q = log_q.exp()
+        if mode == "mixed":
+            q = torch.softmax(upcast_half(teacher), dim=1).to(log_p.dtype)
+        else:
+            log_q = torch.log_softmax(upcast_half(teacher), dim=1).to(log_p.dtype)
+            q = log_q.exp()
         safe, valid = valid_labels(labels, num_classes, ignore_index)
         counted = valid.to(q.dtype)
         slot = safe.flatten()  # an ignored pixel adds 0 to its bin (its weights and count are 0)
-        index = safe.unsqueeze(1)
         entropy = torch.special.entr(q).sum(dim=1).mul_(counted)  # [B, h, w], 0 where ignored
-        if mode == "mixed":  # −ℓ: the soft CE's sign is carried by the class weights below
-            neg_loss = torch.lerp(log_p.gather(1, index).squeeze(1), (q * log_p).sum(dim=1), mix)
+        if mode == "mixed":  # the soft target mix·q + (1−mix)·onehot, in place of q (ignored pixels: weight 0)
+            soft = q.mul_(mix).scatter_add_(1, safe.unsqueeze(1), counted.unsqueeze(1) * (1.0 - mix))
         else:
-            neg_loss = (q * (log_p - log_q)).sum(dim=1)
+            soft = q
+        # −ℓ: the soft CE's (or the KL's) sign is carried by the class weights below
+        neg_loss = (soft * log_p).sum(dim=1) if mode == "mixed" else (q * (log_p - log_q)).sum(dim=1)
         weights = entropy.unsqueeze(0) if groups is None else groups * entropy  # [G, B, h, w]
         g = weights.shape[0]
         columns = torch.cat([weights * neg_loss, weights, counted.unsqueeze(0)]).flatten(1)  # [2G + 1, N]
@@ -110,11 +114,9 @@ class _ClasswiseDistillation(torch.autograd.Function):
         # −1 / (G · (|K| + eps) · (Σ_i 1[t_i=k] w_gi + eps)) for the present classes, 0 elsewhere: ∂total/∂(w_gi ℓ_i)
         per_class = present / (stats[g : 2 * g] + eps).mul_(classes * -g)  # [G, n]
         total = torch.linalg.vecdot(stats[:g].flatten(), per_class.flatten())
-        if with_grad:  # ∂ℓ_i/∂s = softmax(s) − target (mixed: mix·q + (1−mix)·onehot), times −Σ_g w_gi per_class
+        if with_grad:  # ∂ℓ_i/∂s = softmax(s) − target (mixed: the soft target; KL: q), times −Σ_g w_gi per_class
             coef = weights.flatten(1).mul_(per_class[:, slot]).sum(dim=0).view_as(neg_loss).unsqueeze(1)
-            grad = log_p.exp_().sub_(q, alpha=mix if mode == "mixed" else 1.0).mul_(coef.neg())
-            if mode == "mixed":
-                grad.scatter_add_(1, index, coef * (1.0 - mix))
+            grad = log_p.exp_().sub_(soft).mul_(coef.neg())
             ctx.save_for_backward(grad.to(student.dtype))
         return total
 
