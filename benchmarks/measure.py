@@ -268,3 +268,31 @@ def count_cuda_kernels(fn: Callable[[], object]) -> int:
         fn()
         torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+class _GemmFlops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry = flop_registry
+        self.flops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.registry.get(func.overloadpacket)
+        if formula is not None:
+            dtype = next(str(a.dtype).removeprefix("torch.") for a in args if isinstance(a, torch.Tensor))
+            self.flops[dtype] = self.flops.get(dtype, 0) + int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def gemm_flops_by_dtype(fn: Callable[[], object]) -> dict[str, int]:
+    """The matrix-product work (matmuls, convolutions and their backward: ``torch.utils.flop_counter``'s formulas)
+    one call of ``fn`` dispatches, by the dtype of the products' inputs: ``{"bfloat16": flops, "float32": ...}``.
+    Under autocast it tells which products still run in float32."""
+    counter = _GemmFlops()
+    with counter:
+        fn()
+    return counter.flops

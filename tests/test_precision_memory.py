@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import adaptive_heads as ah
 from adaptive_heads.functional import class_sums, cosine_logits
 
 from .conftest import make_head
@@ -107,3 +108,29 @@ def test_protoseg_chunked_inference_equals_the_per_prototype_loop():
         chunked = head(feat)
     looped = head(feat.requires_grad_())  # with autograd: one K-slice at a time (and the autograd embedding)
     torch.testing.assert_close(chunked, looped.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cac", "ssa", "proto"])
+def test_products_run_in_bfloat16_under_autocast(name):
+    """Under bf16 autocast the heads' matrix products (forward, loss terms, backward) run with bf16 inputs, as the
+    conv they replace; float32 is kept for the norms, softmax statistics and sums, not for the products: at most
+    10 % of the product work stays float32 (SSA-Seg's [B, n, n] relation matrices). One pass (a GPU's budget)."""
+    from benchmarks.measure import gemm_flops_by_dtype
+
+    ah.set_memory_budget(1 << 30, "cpu")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(ah.HEADS[name](64, 19)).train()
+        feat = torch.randn(2, 64, 16, 16, requires_grad=True)
+        target = torch.randint(0, 19, (2, 128, 128))
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16), ah.supervise(model, target) as sup:
+                model(feat)
+                loss = sup.loss(include_main=True)
+            loss.backward()
+
+        flops = gemm_flops_by_dtype(step)
+    finally:
+        ah.set_memory_budget(None, "cpu")
+    assert flops.get("float32", 0) <= 0.1 * sum(flops.values()), flops

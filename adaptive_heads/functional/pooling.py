@@ -49,8 +49,7 @@ class _SoftClassPool(torch.autograd.Function):
     ``[B, n, 1]`` correction, where autograd's chain through the division and the area takes a dozen ops)."""
 
     @staticmethod
-    def forward(ctx, probs: Tensor, x: Tensor, eps: float) -> Tensor:
-        dtype = compute_dtype(x)
+    def forward(ctx, probs: Tensor, x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
         wide = torch.float64 if probs.dtype == torch.float64 else torch.float32
         if dtype == torch.float16:  # a float16 sum over many pixels can overflow: the product in float32
             dtype = torch.float32
@@ -76,7 +75,7 @@ class _SoftClassPool(torch.autograd.Function):
                 grad_p = torch.baddbmm(correction, g_c, x.to(dtype), beta=-1).to(probs_dtype)
             if needs_x:
                 grad_x = torch.bmm(g_c.transpose(1, 2), p.to(dtype)).to(x_dtype)
-        return grad_p, grad_x, None
+        return grad_p, grad_x, None, None
 
 
 def class_sums(weights: Tensor, x: Tensor) -> Tensor:
@@ -141,8 +140,9 @@ def soft_class_pool(probs: Tensor, feat: Tensor, *, eps: float = 1e-12) -> Tenso
         tensor([[2., 3.]])
     """
     probs, feat = probs.flatten(2), feat.flatten(2)
+    dtype = compute_dtype(feat)  # asked before autocast is turned off for the float32 parts
     with float32_math(feat.device):
-        return _SoftClassPool.apply(probs, feat, float(eps))
+        return _SoftClassPool.apply(probs, feat, float(eps), dtype)
 
 
 def label_one_hot(labels: Tensor, num_classes: int, ignore_index: int | None, dtype: torch.dtype) -> Tensor:

@@ -88,7 +88,7 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
                 g.scatter_add_(2, arg[sl].long().unsqueeze(-1), grad_best[sl].unsqueeze(-1).to(g.dtype))
             if grad_own is not None:
                 g.scatter_add_(1, labels[sl].view(-1, 1, 1).expand(-1, 1, k), grad_own[sl].unsqueeze(1).to(g.dtype))
-            block = g.view(rows, -1) @ protos.to(g.dtype)
+            block = g.view(rows, -1).to(ctx.sim_dtype) @ protos.to(ctx.sim_dtype)  # in the forward's dtype
             if grad is None:
                 return block.to(emb.dtype), None, None, None, None
             grad[sl] = block
