@@ -356,7 +356,9 @@ def main(argv=None) -> list[dict]:
     )
     print(f"\n{meta}\n\n{report.heads_tables(rows)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:], "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps({"meta": meta, "commit": report.git_commit(), "args": sys.argv[1:], "rows": rows}, indent=1)
+    )
     print(f"\nwrote {out}")
     if args.plot and plot(rows, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")

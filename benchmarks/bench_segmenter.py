@@ -206,6 +206,7 @@ def main(argv=None) -> dict:
         "memory": CPU_MEMORY_METHOD if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "memory_budget_mib": ah.memory_budget(device) >> 20,
         "ops_only": args.ops_only,
+        "commit": report.git_commit(),
         "args": [a for a in (sys.argv[1:] if argv is None else argv) if a != "--update-readme"],
         "rows": rows,
     }

@@ -90,7 +90,12 @@ def main(argv=None) -> list[dict]:
         or ROOT / "benchmarks" / "results" / f"{args.device.split(':')[0]}-slide{'-quick' if args.quick else ''}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "args": sys.argv[1:] if argv is None else argv, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"meta": meta, "commit": report.git_commit(), "args": sys.argv[1:] if argv is None else argv, "rows": rows},
+            indent=1,
+        )
+    )
     if args.update_readme:
         report.update_block(f"bench:{out.stem}", report.bench_block(out.stem))
     return rows

@@ -143,6 +143,7 @@ def main(argv=None) -> dict:
         },
         "memory": CPU_MEMORY_METHOD if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "steps": args.steps,
+        "commit": report.git_commit(),
         "args": [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--out", str(args.out))],
         "rows": rows,
     }

@@ -50,6 +50,27 @@ def update_block(name: str, body: str) -> Path:
     raise SystemExit(f"no page holds a <!-- {name}:start --> ... <!-- {name}:end --> block")
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, short (``"1a2b3c4"``, ``"1a2b3c4+"`` with uncommitted changes to tracked files), for
+    a result's provenance; ``None`` outside a git checkout."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def provenance(data: dict) -> str:
+    """``" — commit X"`` and the result's ``note`` where its JSON records them (both optional)."""
+    text = f"; commit {data['commit']}" if data.get("commit") else ""
+    return text + (f". {data['note']}" if data.get("note") else "")
+
+
 def _command(script: str, args: list[str]) -> str:
     return f"python benchmarks/{script} " + " ".join(a for a in args if a != "--update-readme")
 
@@ -157,10 +178,16 @@ def slide_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- bench_train_step.py
+def _ms(seconds: float) -> str:
+    """Milliseconds with three significant digits at least (``12.3``, ``2345``)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms < 100 else f"{ms:.0f}"
+
+
 def train_step_table(rows: list[dict]) -> str:
     """Markdown: per size and head, the step's CPU time, wall time and peak, each against the conv with plain CE."""
     lines = [
-        "| size | head | CPU s | CPU × conv | wall s | wall × conv | train peak MiB | extra MiB over conv |",
+        "| size | head | CPU ms | CPU × conv | wall ms | wall × conv | train peak MiB | extra MiB over conv |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -170,7 +197,7 @@ def train_step_table(rows: list[dict]) -> str:
             extra += f" ({r['train_extra_pct']:+.0f} %)"
         label = "conv + `F.cross_entropy`" if r["head"] == "conv" else r["head"]
         lines.append(
-            f"| {r['size']} | {label} | {r['train_cpu_s']:.1f} | {r['train_cpu_ratio']:.2f} | {r['train_s']:.1f} "
+            f"| {r['size']} | {label} | {_ms(r['train_cpu_s'])} | {r['train_cpu_ratio']:.2f} | {_ms(r['train_s'])} "
             f"| {r['train_time_ratio']:.2f} | {peak} | {extra} |"
         )
     return "\n".join(lines)
@@ -236,6 +263,8 @@ def segmenter_table(rows: list[dict]) -> str:
 def segmenter_setting(data: dict) -> str:
     m = data["machine"]
     measured = "aten ops on the meta device only" if data["ops_only"] else f"memory: {data['memory']}"
+    if not data["ops_only"] and data.get("memory_budget_mib") is not None:
+        measured += f"; adaptive_heads.memory_budget {data['memory_budget_mib']} MiB"
     row = data["rows"][0]
     return (
         f"{m['device']}, {m['threads']} threads, torch {m['torch']}, torchvision `deeplabv3_resnet50` (weights none), "
@@ -246,9 +275,8 @@ def segmenter_setting(data: dict) -> str:
 
 
 def segmenter_block(data: dict) -> str:
-    return f"{segmenter_setting(data)}\n\n```bash\n{_command('bench_segmenter.py', data['args'])}\n```\n\n" + (
-        segmenter_table(data["rows"])
-    )
+    command = _command("bench_segmenter.py", data["args"])
+    return f"{segmenter_setting(data)}{provenance(data)}\n\n```bash\n{command}\n```\n\n{segmenter_table(data['rows'])}"
 
 
 # ----------------------------------------------------------------------------- any result
@@ -257,10 +285,16 @@ def bench_block(stem: str) -> str:
     data = json.loads((BENCH_RESULTS / f"{stem}.json").read_text())
     if "ops_only" in data:  # bench_segmenter.py
         return segmenter_block(data)
+    setting, command, table = _parts(data)
+    return f"{setting}{provenance(data)}\n\n```bash\n{command.strip()}\n```\n\n{table}"
+
+
+def _parts(data: dict) -> tuple[str, str, str]:
+    """A result's setting, command and table, by the script that wrote it."""
     if "machine" in data:  # bench_train_step.py
         setting, command, table = train_step_setting(data), train_step_command(data), train_step_table(data["rows"])
     elif data["rows"] and "mode" in data["rows"][0]:  # bench_slide.py
         setting, table, command = data["meta"], slide_table(data["rows"]), _command("bench_slide.py", data["args"])
     else:  # bench_heads.py
         setting, table, command = data["meta"], heads_tables(data["rows"]), _command("bench_heads.py", data["args"])
-    return f"{setting}\n\n```bash\n{command.strip()}\n```\n\n{table}"
+    return setting, command, table

@@ -188,3 +188,68 @@ def test_training_memory_below_the_plain_baseline(head_name):
     plain, ours = peak(baseline), peak(adaptive)
     print(f"{head_name}: training peak {ours / 2**20:.0f} MiB, conv + plain CE {plain / 2**20:.0f} MiB")
     assert ours < plain
+
+
+def _captured(fn, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """``fn`` warmed up on a side stream (lazy initialisations, cuDNN's algorithm search), then captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def test_eval_forward_captures_in_a_cuda_graph(head_name, no_tf32):
+    """Issue 41, item 7: every head's inference is one static graph (no host sync, no CPU-side branch on values):
+    captured once, replayed on new features, it gives the eager logits."""
+    torch.manual_seed(0)
+    head = make_head(head_name, 32, 7, **_options(head_name)).cuda().eval()
+    static = torch.randn(2, 32, 24, 20, device="cuda")
+    out = {}
+
+    def forward() -> None:
+        with torch.no_grad():
+            out["logits"] = head(static)
+
+    graph = _captured(forward)
+    fresh = torch.randn(2, 32, 24, 20, device="cuda")
+    static.copy_(fresh)
+    graph.replay()
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], head(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_training_step_captures_in_a_cuda_graph(head_name, no_tf32):
+    """A static-shape training step (forward inside supervise, the head's loss, backward, an SGD step) captured as
+    one CUDA graph: replays train as eager steps do (same loss on the same batch as an eager twin)."""
+    from adaptive_heads import supervise
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(make_head(head_name, 32, 7, **_options(head_name))).cuda().train()
+    twin = copy.deepcopy(model)
+    feat, target = (t.cuda() for t in _problem())
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, twin)]
+    out = {}
+
+    def step(module, optimizer) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=False)
+        with supervise(module, target) as sup:
+            module(feat)
+            loss = sup.loss(include_main=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    for m, opt in zip((model, twin), optimizers, strict=True):  # grads and momentum exist before the capture
+        step(m, opt)
+    graph = _captured(lambda: out.update(loss=step(model, optimizers[0])), warmup=1)
+    step(twin, optimizers[1])  # the twin takes the warm-up step too (the capture itself runs nothing)
+    for _ in range(2):
+        graph.replay()
+        eager = step(twin, optimizers[1])
+        torch.testing.assert_close(out["loss"], eager, rtol=1e-4, atol=1e-5)

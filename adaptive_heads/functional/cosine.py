@@ -5,7 +5,8 @@ image). Where those products run, and in which precision:
 
 - on CUDA (and any device but the CPU) they are convolutions (a grouped one for per-image classifiers), so that
   they follow the precision policy of the 1×1 conv the heads replace: ``torch.backends.cudnn.allow_tf32`` (on by
-  default) governs both, and ``adopt_classifier``'s coarse logits equal the original model's;
+  default) governs both, and ``adopt_classifier``'s coarse logits equal the original model's. ProtoSeg's
+  pixel–prototype similarities take the same path (:func:`pixel_products`);
 - on the CPU they are batched matmuls (oneDNN's 1×1 convolution costs layout conversions, ~1.4× slower at C = 512),
   as are channels-last features everywhere;
 - under autocast (or with half features) they run in the half dtype, accumulated in float32 by the GEMM libraries,
@@ -54,6 +55,22 @@ def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     weight = weight.expand(b, n, c) if weight.dim() == 2 else weight
     out = torch.bmm(weight, flat) if bias is None else torch.baddbmm(bias.view(1, n, 1), weight, flat)
     return out.view(b, n, h, w)
+
+
+def _rows_as_convolution(rows: Tensor) -> bool:
+    """:func:`pixel_products` as a convolution: off the CPU, for rows with contiguous channels."""
+    return rows.device.type != "cpu" and rows.stride(-1) == 1
+
+
+def pixel_products(rows: Tensor, weight: Tensor) -> Tensor:
+    """``rows @ weightᵀ`` for ``rows [N, k]`` (one row per pixel) and ``weight [m, k]``: ``[N, m]``, where
+    :func:`classify_pixels` runs its products (a 1×1 convolution of the rows as a channels-last ``[1, k, N, 1]`` map
+    off the CPU, a matmul on it), so that ProtoSeg's similarities follow the conv's precision policy too."""
+    if not _rows_as_convolution(rows):
+        return rows @ weight.t()
+    image = rows.t()[None, :, :, None].contiguous(memory_format=torch.channels_last)  # a view of the rows
+    out = F.conv2d(image, weight.contiguous()[:, :, None, None])  # [1, m, N, 1], channels last
+    return out[0, :, :, 0].t()
 
 
 def _classify_pixels_backward(

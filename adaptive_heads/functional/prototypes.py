@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .._budget import memory_budget
 from .._precision import upcast_half
+from .cosine import pixel_products
 
 __all__ = [
     "classwise_kmeans",
@@ -46,7 +47,7 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
         arg_dtype = torch.uint8 if k <= 256 else torch.long  # the argmax over K, kept for backward
         wide = torch.float64 if emb.dtype == torch.float64 else torch.float32
         if len(chunks) == 1:
-            sims = emb @ protos.t()  # the autocast dtype under autocast
+            sims = pixel_products(emb, protos)  # the autocast dtype under autocast
             best, arg = sims.view(n_pixels, num_classes, k).max(dim=-1)
             own = sims.view(n_pixels, num_classes, k).gather(1, index).squeeze(1)
             lse = torch.logsumexp(sims.to(wide), dim=1)
@@ -57,7 +58,7 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
             own = emb.new_empty(n_pixels, k)
             lse = emb.new_empty(n_pixels, dtype=wide)
             for sl in chunks:
-                sims = emb[sl] @ protos.t()
+                sims = pixel_products(emb[sl], protos)
                 grouped = sims.view(-1, num_classes, k)
                 best[sl], chunk_arg = grouped.max(dim=-1)
                 arg[sl] = chunk_arg
@@ -79,7 +80,7 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
         for sl in chunks:
             rows = sl.stop - sl.start
             if grad_lse is not None:  # softmax over all prototypes, recomputed as the forward computed it
-                sims = emb[sl].to(ctx.sim_dtype) @ protos.to(ctx.sim_dtype).t()
+                sims = pixel_products(emb[sl].to(ctx.sim_dtype), protos.to(ctx.sim_dtype))
                 g = sims.to(lse.dtype).sub_(lse[sl, None]).exp_().mul_(grad_lse[sl, None])
             else:
                 g = lse.new_zeros(rows, n * k)
@@ -88,7 +89,7 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
                 g.scatter_add_(2, arg[sl].long().unsqueeze(-1), grad_best[sl].unsqueeze(-1).to(g.dtype))
             if grad_own is not None:
                 g.scatter_add_(1, labels[sl].view(-1, 1, 1).expand(-1, 1, k), grad_own[sl].unsqueeze(1).to(g.dtype))
-            block = g.view(rows, -1).to(ctx.sim_dtype) @ protos.to(ctx.sim_dtype)  # in the forward's dtype
+            block = pixel_products(g.view(rows, -1).to(ctx.sim_dtype), protos.to(ctx.sim_dtype).t())  # forward's dtype
             if grad is None:
                 return block.to(emb.dtype), None, None, None, None
             grad[sl] = block
@@ -140,12 +141,12 @@ def prototype_best_similarity(emb: Tensor, protos: Tensor, num_classes: int, bud
     n_pixels, k = emb.shape[0], protos.shape[0] // num_classes
     chunks = _chunks(emb, protos.shape[0], budget)
     with torch.no_grad():
-        protos_t = protos.to(emb.dtype).t()
+        protos = protos.to(emb.dtype)
         if len(chunks) == 1:
-            return (emb @ protos_t).view(n_pixels, num_classes, k).amax(dim=-1)
+            return pixel_products(emb, protos).view(n_pixels, num_classes, k).amax(dim=-1)
         best = emb.new_empty(n_pixels, num_classes)
         for sl in chunks:
-            best[sl] = (emb[sl] @ protos_t).view(-1, num_classes, k).amax(dim=-1)
+            best[sl] = pixel_products(emb[sl], protos).view(-1, num_classes, k).amax(dim=-1)
     return best
 
 
@@ -157,7 +158,7 @@ class _PrototypeContrast(torch.autograd.Function):
         ppc = emb.new_zeros(())
         ppd = emb.new_zeros(())
         for sl in _chunks(emb, protos.shape[0], budget):
-            sims = emb[sl] @ protos.t()
+            sims = pixel_products(emb[sl], protos)
             picked = sims.gather(1, safe[sl].unsqueeze(1)).squeeze(1)
             keep = valid[sl].to(sims.dtype)
             # out of place: torch 2.11's inductor zeroes the gradient of an output updated in place
@@ -174,13 +175,13 @@ class _PrototypeContrast(torch.autograd.Function):
         t = ctx.temperature
         grad = torch.empty_like(emb)
         for sl in _chunks(emb, protos.shape[0], ctx.budget):
-            sims = emb[sl] @ protos.t()
+            sims = pixel_products(emb[sl], protos)
             index = safe[sl].unsqueeze(1)
             picked = sims.gather(1, index)
             g = torch.softmax(sims / t, dim=1).mul_(grad_ppc / t)
             g.scatter_add_(1, index, -grad_ppc / t - 2 * grad_ppd * (1 - picked))
             g.mul_(valid[sl].unsqueeze(1).to(g.dtype))
-            grad[sl] = g @ protos
+            grad[sl] = pixel_products(g, protos.t())
         return grad, None, None, None, None
 
 

@@ -143,39 +143,31 @@ def _add_upsample_adjoint_(grad: Tensor, g: Tensor, rows: Tensor, tile: RowTile,
     grad[:, lo:hi] += torch.matmul(rows.t(), g.reshape(b, t, w * n)).view(b, hi - lo, w, n)
 
 
-def _channels_last(logits: Tensor) -> Tensor:
-    """``[B, n, h, w]`` → contiguous ``[B, h, w, n]``."""
-    return logits.permute(0, 2, 3, 1).contiguous()
-
-
-def _channels_first(grad: Tensor) -> Tensor:
-    """Inverse of :func:`_channels_last`."""
-    return grad.permute(0, 3, 1, 2).contiguous()
-
-
 class _Plan:
-    """How one pass over a stack of logits ``[T·B, n, h, w]`` runs: whole (``tiles is None``) or in row tiles (the
-    output rows and source window of each, host integers), and whether it computes the gradient as it goes."""
+    """How one pass over ``T`` logits ``[B, n, h, w]`` runs: whole, the ``T`` stacked as ``[T·B, n, h, w]``
+    (``tiles is None``), or one term at a time in row tiles (the output rows and source window of each, host
+    integers); and whether it computes the gradient as it goes."""
 
-    def __init__(self, stacked: Tensor, size: Sequence[int], align_corners: bool, buffers: int, tile_elements):
+    def __init__(self, logits: Sequence[Tensor], size: Sequence[int], align_corners: bool, buffers: int, tile_elements):
+        first = logits[0]
         self.align_corners = align_corners
         self.size = (int(size[0]), int(size[1]))
-        self.with_grad = torch.is_grad_enabled() and stacked.requires_grad
-        rows, n = stacked.shape[0], stacked.shape[1]
+        self.with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in logits)
+        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        b, n, h = first.shape[:3]
         big_h, big_w = self.size
-        per_row = rows * n * big_w  # elements of one output row of the stack
         if tile_elements is None:
-            budget = memory_budget(stacked.device) // (buffers * stacked.element_size())
+            budget = memory_budget(first.device) // (buffers * (8 if self.dtype == torch.float64 else 4))
             whole = not torch.are_deterministic_algorithms_enabled()
         else:
             budget, whole = tile_elements, True
-        if whole and per_row * big_h <= budget:
+        if whole and len(logits) * b * n * big_w * big_h <= budget:
             self.tiles = None
             return
-        self.i0, self.i1, self.w1 = bilinear_source_rows(big_h, stacked.shape[2], align_corners, stacked.device)
-        step = max(1, budget // max(1, per_row))
+        self.i0, self.i1, self.w1 = bilinear_source_rows(big_h, h, align_corners, first.device)
+        step = max(1, budget // max(1, b * n * big_w))  # output rows of one term per tile
         self.tiles = tuple(
-            (s, min(s + step, big_h), *_source_window(s, min(s + step, big_h), big_h, stacked.shape[2], align_corners))
+            (s, min(s + step, big_h), *_source_window(s, min(s + step, big_h), big_h, h, align_corners))
             for s in range(0, big_h, step)
         )
 
@@ -193,6 +185,24 @@ def _stack(logits: Sequence[Tensor]) -> Tensor:
     return upcast_half(logits[0] if len(logits) == 1 else torch.cat(list(logits)))
 
 
+def _term_grads(
+    grads: Sequence[Tensor], dtypes: Sequence[torch.dtype], scale: Tensor, tiled: bool
+) -> tuple[Tensor, ...]:
+    """One gradient per logits, term ``t``'s scaled by ``scale[t]``, in its own dtype: from the whole pass's
+    ``[T·B, n, h, w]`` (one product, views of it where the dtypes agree), or from the tiles' ``T`` channels-last
+    ``[B, h, w, n]`` (one product each, channels-last strides)."""
+    if not tiled:
+        scaled = grads[0].view(len(dtypes), -1, *grads[0].shape[1:]) * scale.view(-1, 1, 1, 1, 1)
+        return tuple(g.to(dtype) for g, dtype in zip(scaled.unbind(0), dtypes, strict=True))
+    return tuple((g.permute(0, 3, 1, 2) * s).to(dtype) for g, s, dtype in zip(grads, scale, dtypes, strict=True))
+
+
+def _channels_last_float(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, n, h, w]`` → contiguous ``[B, h, w, n]`` in ``dtype``, one copy."""
+    b, n, h, w = logits.shape
+    return torch.empty(b, h, w, n, dtype=dtype, device=logits.device).copy_(logits.permute(0, 2, 3, 1))
+
+
 def _per_term(index: Tensor, terms: int) -> Tensor:
     """``[B, 1, ...]`` labels or weights as ``[T, B, 1, ...]`` (a broadcast view, no copy)."""
     return index.unsqueeze(0).expand(terms, *index.shape)
@@ -203,21 +213,24 @@ def _per_term(index: Tensor, terms: int) -> Tensor:
 
 
 class _UpsampledCE(torch.autograd.Function):
-    """``Σ_pixels weight · CE(upsample(logits_t), target)`` for each of the ``T`` logits stacked as ``[T·B, n, h, w]``
-    → ``[T]``. With ``plan.with_grad`` the same pass computes ``∂sum_t/∂logits_t`` (``(softmax − onehot) · weight``
-    through the adjoint of the upsampling); backward scales each by its incoming gradient."""
+    """``Σ_pixels weight · CE(upsample(logits_t), target)`` for each of ``T`` logits ``[B, n, h, w]`` → ``[T]``.
+    With ``plan.with_grad`` the same pass computes ``∂sum_t/∂logits_t`` (``(softmax − onehot) · weight`` through the
+    adjoint of the upsampling), kept as one ``[T·B, n, h, w]`` tensor; backward scales each term's by its incoming
+    gradient. The whole pass upsamples the ``T`` as one stack; the tiles take one term at a time (the smallest
+    temporaries: the budget is tight there)."""
 
     @staticmethod
-    def forward(ctx, stacked: Tensor, safe: Tensor, weight: Tensor, terms: int, plan: _Plan) -> Tensor:
+    def forward(ctx, safe: Tensor, weight: Tensor, plan: _Plan, *logits: Tensor) -> Tensor:
         run = _UpsampledCE._whole if plan.tiles is None else _UpsampledCE._tiled
-        sums, grad = run(stacked, safe, weight, terms, plan)
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        ctx.terms = terms
+        sums, grads = run(logits, safe, weight, plan)
+        ctx.save_for_backward(*grads)
+        ctx.dtypes, ctx.tiled = [t.dtype for t in logits], plan.tiles is not None
         return sums
 
     @staticmethod
-    def _whole(stacked, safe, weight, terms, plan):
+    def _whole(logits, safe, weight, plan):
+        terms = len(logits)
+        stacked = _stack(logits)
         up = plan.upsample(stacked)
         big = up.view(terms, -1, *up.shape[1:])  # [T, B, n, H, W]
         index = _per_term(safe.unsqueeze(1), terms)  # [T, B, 1, H, W]
@@ -229,39 +242,40 @@ class _UpsampledCE(torch.autograd.Function):
         per_pixel = mass.log().sub_(picked)  # [T, B, 1, H, W]
         sums = torch.mv(per_pixel.view(terms, -1), weight.reshape(-1))
         if not plan.with_grad:
-            return sums, None
+            return sums, ()
         big.div_(mass).scatter_(2, index, -1.0, reduce="add").mul_(w)  # (softmax − onehot)·weight, one label each
-        return sums, plan.adjoint(up, stacked.shape)
+        return sums, (plan.adjoint(up, stacked.shape),)
 
     @staticmethod
-    def _tiled(stacked, safe, weight, terms, plan):
-        src = _channels_last(stacked)
-        grad = torch.zeros_like(src) if plan.with_grad else None
-        sums = stacked.new_zeros(terms)
+    def _tiled(logits, safe, weight, plan):
+        grads, sums = [], []
         width = safe.shape[-1]
-        for tile in plan.tiles:
-            rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
-            up = _upsample_tile(src, rows, tile, width, plan.align_corners)  # [T·B, t, W, n]
-            big = up.view(terms, -1, *up.shape[1:])
-            index = _per_term(safe[:, tile[0] : tile[1], :, None], terms)
-            w = weight[:, tile[0] : tile[1], :, None]
-            big.sub_(big.amax(dim=-1, keepdim=True))
-            picked = big.gather(-1, index)
-            big.exp_()
-            mass = big.sum(dim=-1, keepdim=True)
-            per_pixel = mass.log().sub_(picked)  # [T, B, t, W, 1]
-            sums = sums + (per_pixel * w).flatten(1).sum(1)  # out of place (torch 2.11, see above)
+        for term in logits:
+            src = _channels_last_float(term, plan.dtype)
+            grad = torch.zeros_like(src) if plan.with_grad else None
+            total = src.new_zeros(())
+            for tile in plan.tiles:
+                rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
+                up = _upsample_tile(src, rows, tile, width, plan.align_corners)  # [B, t, W, n]
+                index = safe[:, tile[0] : tile[1], :, None]
+                w = weight[:, tile[0] : tile[1], :, None]
+                up.sub_(up.amax(dim=-1, keepdim=True))
+                picked = up.gather(-1, index)
+                up.exp_()
+                mass = up.sum(dim=-1, keepdim=True)
+                total = total + (mass.log().sub_(picked) * w).sum()  # out of place (torch 2.11, see above)
+                if grad is not None:
+                    up.div_(mass).mul_(w).scatter_add_(-1, index, -w)
+                    _add_upsample_adjoint_(grad, up, rows, tile, plan.align_corners)
+            sums.append(total)
             if grad is not None:
-                big.div_(mass).mul_(w).scatter_add_(-1, index, _per_term(-w, terms))
-                _add_upsample_adjoint_(grad, up, rows, tile, plan.align_corners)
-        return sums, None if grad is None else _channels_first(grad)
+                grads.append(grad)  # [B, h, w, n]: each term's own, channels last
+        return torch.stack(sums), tuple(grads)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
-        (grad,) = ctx.saved_tensors
-        scaled = grad.view(ctx.terms, -1, *grad.shape[1:]) * grad_sums.view(-1, 1, 1, 1, 1)
-        return scaled.view_as(grad), None, None, None, None
+        return None, None, None, *_term_grads(ctx.saved_tensors, ctx.dtypes, grad_sums, ctx.tiled)
 
 
 def upsampled_cross_entropy_sums(
@@ -296,11 +310,10 @@ def upsampled_cross_entropy_sums(
             f"{tuple(class_weight.shape)} on {class_weight.device} (a copy per call would synchronise the host)"
         )
     with float32_math(first.device):
-        stacked = _stack(logits)
+        plan = _Plan(logits, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
         safe, valid = valid_labels(target, n, ignore_index) if valid is None else (target, valid)
-        weight = valid.to(stacked.dtype) if class_weight is None else class_weight.to(stacked.dtype)[safe] * valid
-        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
-        return _UpsampledCE.apply(stacked, safe, weight, len(logits), plan), weight.sum()
+        weight = valid.to(plan.dtype) if class_weight is None else class_weight.to(plan.dtype)[safe] * valid
+        return _UpsampledCE.apply(safe, weight, plan, *logits), weight.sum()
 
 
 def upsampled_cross_entropy(
@@ -364,27 +377,31 @@ SigmoidReduction = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 class _UpsampledSigmoid(torch.autograd.Function):
-    """Per (image, class) sums of ``σ(upsample(logits_t))`` for the ``T`` logits stacked as ``[T·B, n, h, w]``: over
-    all pixels, and over the valid pixels of the class, ``(total [T·B, n], own [T·B, n])``.
+    """Per (image, class) sums of ``σ(upsample(logits_t))`` for ``T`` logits ``[B, n, h, w]``: over all pixels, and
+    over the valid pixels of the class, ``(total [T·B, n], own [T·B, n])``.
 
     Both are sums, so with ``plan.with_grad`` the pass also computes their Jacobians as logits-sized tensors
     (``upsampleᵀ σ'`` and ``upsampleᵀ (σ' · own-class mask)``); backward weights them by the incoming gradients.
     With a ``reduce`` (:data:`SigmoidReduction`) the Function returns ``reduce``'s ``[T]`` value instead, and the
     pass weights the slopes by ``reduce``'s partial derivatives before the adjoint of the upsampling: one
-    logits-sized gradient, kept for backward, and one adjoint (whole pass)."""
+    logits-sized gradient, kept for backward, and one adjoint (whole pass). The tiles take one term at a time.
+    The arguments after ``reduce``: how many of the tensors are ``reduce``'s extra inputs, then those, then the
+    logits."""
 
     @staticmethod
-    def forward(ctx, stacked: Tensor, safe: Tensor, valid: Tensor, terms: int, plan: _Plan, reduce, *extra: Tensor):
-        ctx.terms, ctx.reduced, ctx.extra = terms, reduce is not None, len(extra)
-        if plan.tiles is None:
-            total, own, grads = _UpsampledSigmoid._whole(stacked, safe, valid, terms, plan, reduce, extra)
-        else:
-            total, own, grads = _UpsampledSigmoid._tiled(stacked, safe, valid, terms, plan, reduce, extra)
+    def forward(ctx, safe: Tensor, valid: Tensor, plan: _Plan, reduce, extras: int, *tensors: Tensor):
+        extra, logits = tensors[:extras], tensors[extras:]
+        ctx.reduced, ctx.extras, ctx.dtypes = reduce is not None, extras, [t.dtype for t in logits]
+        ctx.tiled = plan.tiles is not None
+        run = _UpsampledSigmoid._whole if plan.tiles is None else _UpsampledSigmoid._tiled
+        total, own, grads = run(logits, safe, valid, plan, reduce, extra)
         ctx.save_for_backward(*grads)
         return (total, own) if reduce is None else total  # reduced: total holds the value
 
     @staticmethod
-    def _whole(stacked, safe, valid, terms, plan, reduce, extra):
+    def _whole(logits, safe, valid, plan, reduce, extra):
+        terms = len(logits)
+        stacked = _stack(logits)
         prob = plan.upsample(stacked).sigmoid_()  # [T·B, n, H, W]
         big = prob.view(terms, -1, *prob.shape[1:])
         index = _per_term(safe.unsqueeze(1), terms)  # [T, B, 1, H, W]
@@ -409,50 +426,60 @@ class _UpsampledSigmoid(torch.autograd.Function):
         return total, own.flatten(0, 1), (jac_total, plan.adjoint(prob, stacked.shape))
 
     @staticmethod
-    def _tiled(stacked, safe, valid, terms, plan, reduce, extra):
-        src = _channels_last(stacked)
-        rows_b, n = stacked.shape[:2]
+    def _tiled(logits, safe, valid, plan, reduce, extra):
+        b, n = logits[0].shape[:2]
         width = safe.shape[-1]
-        total = stacked.new_zeros(rows_b, n)
-        own = stacked.new_zeros(terms, rows_b // terms, n)
-        grad_total = torch.zeros_like(src) if plan.with_grad else None
-        grad_own = torch.zeros_like(src) if plan.with_grad else None
-        for tile in plan.tiles:
-            rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
-            prob = torch.sigmoid(_upsample_tile(src, rows, tile, width, plan.align_corners))  # [T·B, t, W, n]
-            big = prob.view(terms, -1, *prob.shape[1:])
-            index = _per_term(safe[:, tile[0] : tile[1], :, None], terms)
-            mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
-            total = total + prob.sum(dim=(1, 2))  # out of place (torch 2.11, see above)
-            picked = big.gather(-1, index) * mask
-            own = own.scatter_add(2, index.flatten(2), picked.flatten(2))
-            if grad_total is not None:
-                slope = prob.mul_(1 - prob)  # dσ/dz
-                own_slope = torch.zeros_like(big).scatter_(-1, index, big.gather(-1, index) * mask)
-                _add_upsample_adjoint_(grad_total, slope, rows, tile, plan.align_corners)
-                _add_upsample_adjoint_(grad_own, own_slope.flatten(0, 1), rows, tile, plan.align_corners)
-        if reduce is not None:  # the sums are complete only now: weight the two Jacobians at the logits' size
-            value, d_total, d_own = reduce(total.view_as(own), own, *extra)
-            if grad_total is None:
-                return value, None, ()
-            grad = grad_total.mul_(d_total.flatten(0, 1)[:, None, None]).addcmul_(
-                grad_own, d_own.flatten(0, 1)[:, None, None]
-            )
-            return value, None, (_channels_first(grad),)
-        if grad_total is None:
-            return total, own.flatten(0, 1), ()
-        return total, own.flatten(0, 1), (_channels_first(grad_total), _channels_first(grad_own))
+        grads, jacobians = [], []  # per term, channels last: the reduced gradient, or the two Jacobians
+        totals, owns, values = [], [], []
+        for term in logits:
+            src = _channels_last_float(term, plan.dtype)
+            total, own = src.new_zeros(b, n), src.new_zeros(b, n)
+            jac_total = torch.zeros_like(src) if plan.with_grad else None
+            jac_own = torch.zeros_like(src) if plan.with_grad else None
+            for tile in plan.tiles:
+                rows = _row_matrix(plan.i0, plan.i1, plan.w1, tile, src.dtype)
+                prob = torch.sigmoid(_upsample_tile(src, rows, tile, width, plan.align_corners))  # [B, t, W, n]
+                index = safe[:, tile[0] : tile[1], :, None]
+                mask = valid[:, tile[0] : tile[1], :, None].to(prob.dtype)
+                total = total + prob.sum(dim=(1, 2))  # out of place (torch 2.11, see above)
+                picked = prob.gather(-1, index) * mask
+                own = own.scatter_add(1, index.flatten(1), picked.flatten(1))
+                if jac_total is not None:
+                    slope = prob.mul_(1 - prob)  # dσ/dz
+                    own_slope = torch.zeros_like(prob).scatter_(-1, index, prob.gather(-1, index) * mask)
+                    _add_upsample_adjoint_(jac_total, slope, rows, tile, plan.align_corners)
+                    _add_upsample_adjoint_(jac_own, own_slope, rows, tile, plan.align_corners)
+            if reduce is not None:  # the sums of this term are complete: weight its Jacobians at the logits' size
+                value, d_total, d_own = reduce(total[None], own[None], *extra)
+                values.append(value[0])
+                if jac_total is not None:
+                    grads.append(jac_total.mul_(d_total[0, :, None, None]).addcmul_(jac_own, d_own[0, :, None, None]))
+            else:
+                totals.append(total)
+                owns.append(own)
+                if jac_total is not None:
+                    jacobians += [jac_total, jac_own]
+        if reduce is not None:
+            return torch.stack(values), None, tuple(grads)
+        return torch.cat(totals), torch.cat(owns), tuple(jacobians)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
+        skipped = (None,) * (5 + ctx.extras)
+        saved = ctx.saved_tensors
         if ctx.reduced:  # one gradient per term, scaled by that term's incoming gradient
-            (grad,) = ctx.saved_tensors
-            scaled = grad.view(ctx.terms, -1, *grad.shape[1:]) * grads[0].view(-1, 1, 1, 1, 1)
-            return scaled.view_as(grad), *(None,) * (5 + ctx.extra)
-        jac_total, jac_own = ctx.saved_tensors
-        grad = jac_total * grads[0][:, :, None, None]
-        return grad.addcmul_(jac_own, grads[1][:, :, None, None]), *(None,) * (5 + ctx.extra)
+            return *skipped, *_term_grads(saved, ctx.dtypes, grads[0], ctx.tiled)
+        if not ctx.tiled:  # the whole pass: [T·B, n, h, w] Jacobians
+            jac_total, jac_own = saved
+            grad = (jac_total * grads[0][:, :, None, None]).addcmul_(jac_own, grads[1][:, :, None, None])
+            return *skipped, *_term_grads((grad,), ctx.dtypes, grad.new_ones(len(ctx.dtypes)), tiled=False)
+        b = saved[0].shape[0]
+        per_term = []
+        for t, dtype in enumerate(ctx.dtypes):  # the tiles: channels-last Jacobians per term
+            g_total, g_own = (g[t * b : (t + 1) * b, None, None, :] for g in grads)
+            per_term.append((saved[2 * t] * g_total).addcmul_(saved[2 * t + 1], g_own).permute(0, 3, 1, 2).to(dtype))
+        return *skipped, *per_term
 
 
 def _per_pixel(per_class: Tensor, index: Tensor) -> Tensor:
@@ -490,9 +517,8 @@ def upsampled_sigmoid_loss(
         tensor([0.5000], grad_fn=<_UpsampledSigmoidBackward>)
     """
     with float32_math(logits[0].device):
-        stacked = _stack(logits)
-        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
-        return _UpsampledSigmoid.apply(stacked, target, valid, len(logits), plan, reduce, *extra)
+        plan = _Plan(logits, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
+        return _UpsampledSigmoid.apply(target, valid, plan, reduce, len(extra), *extra, *logits)
 
 
 def upsampled_sigmoid_stats(
@@ -522,6 +548,5 @@ def upsampled_sigmoid_stats(
         (tensor([[8., 8.]]), tensor([[8., 0.]]))
     """
     with float32_math(logits.device):
-        stacked = _stack([logits])
-        plan = _Plan(stacked, tuple(target.shape[-2:]), align_corners, 1, tile_elements)
-        return _UpsampledSigmoid.apply(stacked, target, valid, 1, plan, None)
+        plan = _Plan([logits], tuple(target.shape[-2:]), align_corners, 1, tile_elements)
+        return _UpsampledSigmoid.apply(target, valid, plan, None, 0, logits)

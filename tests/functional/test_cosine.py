@@ -152,3 +152,25 @@ def test_float16_cosine_logits_stay_finite_and_match_float32():
     for a, b in zip(got, want, strict=True):
         assert a.dtype == torch.float16 and torch.isfinite(a).all()
         torch.testing.assert_close(a.float(), b, atol=1e-3 + 0.02 * b.abs().max().item(), rtol=0.02)
+
+
+def test_pixel_products_as_a_convolution_equal_the_matmul(monkeypatch):
+    """ProtoSeg's pixel–prototype similarities as the 1×1 convolution they run as off the CPU (the conv's TF32
+    policy): the same values and gradients as the matmul, in a training step of the head."""
+    import adaptive_heads.functional.cosine as cosine
+    from adaptive_heads import PrototypeClassifier, PrototypeLoss
+
+    rows, weight = torch.randn(37, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    monkeypatch.setattr(cosine, "_rows_as_convolution", lambda r: r.stride(-1) == 1)
+    torch.testing.assert_close(cosine.pixel_products(rows, weight), rows @ weight.t())
+    results = []
+    for as_convolution in (False, True):
+        monkeypatch.setattr(cosine, "_rows_as_convolution", lambda r, c=as_convolution: c and r.stride(-1) == 1)
+        torch.manual_seed(0)
+        head = PrototypeClassifier(16, 4, num_prototypes=3, update_assignment="argmax")
+        feat = torch.randn(2, 16, 6, 5, requires_grad=True)
+        target = torch.randint(0, 4, (2, 12, 10))
+        loss = PrototypeLoss()(head(feat, target), target)["loss"]
+        results.append((loss, torch.autograd.grad(loss, feat)[0], head.prototypes.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
