@@ -15,7 +15,6 @@ image). Where those products run, and in which precision:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
@@ -215,8 +214,7 @@ class _CosineLogits(torch.autograd.Function):
         ctx.eps, ctx.scales, ctx.x_dtype, ctx.stacked = eps, (w_scale, x_scale), x.dtype, weights[0].dim() == 4
         if len(ctx.weights) == 1:
             return out
-        starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
-        return tuple(out[:, a:b] for a, b in itertools.pairwise(starts))
+        return out.split([size for size, _ in ctx.weights], dim=1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -226,16 +224,21 @@ class _CosineLogits(torch.autograd.Function):
             return (None,) * (3 + len(grads))
         parts = [g if g is not None else out.new_zeros(()).expand(out.shape[0], size, *out.shape[2:])
                  for g, (size, _) in zip(grads, ctx.weights, strict=True)]  # fmt: skip
-        grad = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        own = len(parts) > 1  # the concatenation is this backward's own tensor: divided in place below
+        grad = parts[0] if not own else torch.cat(parts, dim=1)
         needs_x = ctx.needs_input_grad[0]
         needs_w = any(ctx.needs_input_grad[3:])
+        w_scale, x_scale = ctx.scales
         with float32_math(x_c.device):
-            grad_z = (grad / x_div).to(x_c.dtype)  # through out = z / max(‖x‖, eps)
-            grad_x, grad_w_hat = _classify_pixels_backward(grad_z, x_c, w_hat, (needs_x, needs_w))
-            w_scale, x_scale = ctx.scales
-            if needs_x:  # through 1 / max(‖x‖, eps): −x · Σ_M (g · out) / ‖x‖², where ‖x‖ > eps
+            if needs_x:  # through 1 / max(‖x‖, eps): −x · Σ_M (g · out) / ‖x‖², where ‖x‖ > eps (before g is divided)
                 coef = (grad * out).sum(dim=1, keepdim=True).div_(x_div.square())
                 coef = coef.masked_fill_(x_norm <= ctx.eps, 0.0).to(x_c.dtype)
+            # through out = z / max(‖x‖, eps): one logits-sized gradient alive at a time
+            grad_z = (grad.div_(x_div) if own and grad.dtype == x_c.dtype else grad / x_div).to(x_c.dtype)
+            del grad
+            grad_x, grad_w_hat = _classify_pixels_backward(grad_z, x_c, w_hat, (needs_x, needs_w))
+            del grad_z
+            if needs_x:
                 grad_x = grad_x.addcmul_(x_c, coef, value=-1.0 / x_scale**2).to(ctx.x_dtype)
             grad_ws: list[Tensor | None] = [None] * len(grads)
             if needs_w:  # through ŵ = scale · w / max(‖w‖, eps): the part along ŵ drops where ‖w‖ > eps
@@ -247,8 +250,7 @@ class _CosineLogits(torch.autograd.Function):
                 if ctx.stacked:
                     size, dtype = ctx.weights[0]
                     return grad_x, None, None, grad_w.unflatten(1, (-1, size)).movedim(1, 0).to(dtype)
-                starts = [0, *itertools.accumulate(size for size, _ in ctx.weights)]
-                blocks = [grad_w[:, a:b] for a, b in itertools.pairwise(starts)]
+                blocks = grad_w.split([size for size, _ in ctx.weights], dim=1)
                 grad_ws = [
                     None if g is None else block.to(dtype)
                     for g, block, (_, dtype) in zip(grads, blocks, ctx.weights, strict=True)

@@ -54,8 +54,9 @@ class _SoftClassPool(torch.autograd.Function):
         if dtype == torch.float16:  # a float16 sum over many pixels can overflow: the product in float32
             dtype = torch.float32
         p, x_c = probs.to(dtype), x.to(dtype)
-        denom = probs.sum(dim=-1, keepdim=True, dtype=wide).add_(eps)  # [B, n, 1]
-        out = torch.bmm(p, x_c.transpose(1, 2)).to(wide).div_(denom)  # [B, n, C]
+        # out of place (small tensors): torch 2.4's export cannot trace in-place ops inside a Function's forward
+        denom = probs.sum(dim=-1, keepdim=True, dtype=wide) + eps  # [B, n, 1]
+        out = torch.bmm(p, x_c.transpose(1, 2)).to(wide) / denom  # [B, n, C]
         ctx.save_for_backward(probs, x, denom, out)  # the inputs, not their casts (alive in the graph anyway)
         ctx.dtypes = (probs.dtype, x.dtype, dtype)
         return out

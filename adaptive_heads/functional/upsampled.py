@@ -190,11 +190,21 @@ def _term_grads(
 ) -> tuple[Tensor, ...]:
     """One gradient per logits, term ``t``'s scaled by ``scale[t]``, in its own dtype: from the whole pass's
     ``[T·B, n, h, w]`` (one product, views of it where the dtypes agree), or from the tiles' ``T`` channels-last
-    ``[B, h, w, n]`` (one product each, channels-last strides)."""
+    ``[B, h, w, n]`` (one product each, written channels first: the layout of the logits, which the layer before
+    takes without a copy of its own)."""
     if not tiled:
         scaled = grads[0].view(len(dtypes), -1, *grads[0].shape[1:]) * scale.view(-1, 1, 1, 1, 1)
         return tuple(g.to(dtype) for g, dtype in zip(scaled.unbind(0), dtypes, strict=True))
-    return tuple((g.permute(0, 3, 1, 2) * s).to(dtype) for g, s, dtype in zip(grads, scale, dtypes, strict=True))
+    return tuple(_channels_first(g, dtype, s) for g, s, dtype in zip(grads, scale, dtypes, strict=True))
+
+
+def _channels_first(grad: Tensor, dtype: torch.dtype, scale: Tensor | None = None) -> Tensor:
+    """Channels-last ``grad [B, h, w, n]`` (times ``scale``) as a contiguous ``[B, n, h, w]`` in ``dtype``, one
+    write."""
+    b, h, w, n = grad.shape
+    out = torch.empty(b, n, h, w, dtype=dtype, device=grad.device)
+    source = grad.permute(0, 3, 1, 2)
+    return out.copy_(source) if scale is None else torch.mul(source, scale, out=out)
 
 
 def _channels_last_float(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -478,7 +488,7 @@ class _UpsampledSigmoid(torch.autograd.Function):
         per_term = []
         for t, dtype in enumerate(ctx.dtypes):  # the tiles: channels-last Jacobians per term
             g_total, g_own = (g[t * b : (t + 1) * b, None, None, :] for g in grads)
-            per_term.append((saved[2 * t] * g_total).addcmul_(saved[2 * t + 1], g_own).permute(0, 3, 1, 2).to(dtype))
+            per_term.append(_channels_first((saved[2 * t] * g_total).addcmul_(saved[2 * t + 1], g_own), dtype))
         return *skipped, *per_term
 
 

@@ -189,7 +189,7 @@ class HeadLoss(nn.Module, Generic[OutputT]):
                 f"got {type(out).__name__}"
             )
         logits = out.logits
-        given, ignore_index, checked, split = vars(out).get("_checked_target", (None,) * 4)  # head.CHECKED_TARGET
+        given, ignore_index, checked, split = getattr(out, "_checked_target", (None,) * 4)  # head.CHECKED_TARGET
         if given is not target or ignore_index != self.ignore_index:  # not what the head read
             checked, split = check_and_split_target(
                 target,

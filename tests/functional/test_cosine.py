@@ -109,7 +109,7 @@ def test_convolution_path_equals_the_matmul_path_value_and_gradients(layout, mon
 
     def run():
         outs = cosine.cosine_logits_of(feat, arg, 15.0)
-        grads = [torch.randn_like(o, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+        grads = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)).to(o) for i, o in enumerate(outs)]
         return outs, torch.autograd.grad(outs, [feat, *weights], grads)
 
     matmul = run()
