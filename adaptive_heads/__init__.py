@@ -14,6 +14,7 @@ from . import functional
 from ._budget import memory_budget, set_memory_budget
 from ._validation import set_debug
 from .cac import ContextAwareClassifier
+from .checkpoints import check_state_dict
 from .functional import context_aware_distillation
 from .head import AdaptiveHead
 from .losses import ContextAwareLoss, HeadLoss, PrototypeLoss, SSALoss
@@ -23,9 +24,9 @@ from .registry import HEADS, head_by_name
 from .replace import find_classifier, replace_classifier
 from .slide import slide_inference
 from .ssa import SSAClassifier
-from .supervise import Supervision, supervise
+from .supervise import Supervision, check_optimizer, supervise
 
-__version__ = "0.2.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "HEADS",
@@ -42,6 +43,8 @@ __all__ = [
     "SSALoss",
     "SSAOutput",
     "Supervision",
+    "check_optimizer",
+    "check_state_dict",
     "context_aware_distillation",
     "find_classifier",
     "functional",

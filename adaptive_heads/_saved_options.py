@@ -5,23 +5,12 @@ differently without a word, and never at the cost of a weight that fits.
 a uint8 tensor of fixed length :data:`SIZE` (PyTorch's per-module extra state, key ``<prefix>_extra_state``: a
 tensor, so ``torch.save`` of a bare state dict, ``weights_only`` loads, safetensors and Hugging Face
 ``save_pretrained`` keep it; one length for every head, so distributed checkpointing and shape-filtering recipes
-treat it as any other entry). Why an entry and not a config file: docs/checkpoints.md. On load, every tensor whose
-shape fits is copied first, as for any module; then the record is compared with the head:
-
-- the entry is optional: a state dict without it (saved by 0.1, filtered to parameters) loads, with a warning that
-  the options could not be checked;
-- a different class count or channel count (fine-tuning onto another dataset) says nothing more than PyTorch's
-  own report of the tensors whose shapes differ (a shape-filtered state dict loads without a word);
-- a different head class or *function option* (what the weights compute: ``tau``, ``eps``, ``kernel_size``,
-  ``projection_norm``...): a warning naming each option and both values, and the entry is reported as an
-  *unexpected key*, so ``load_state_dict(strict=True)`` raises on it (mmengine's ``load_checkpoint`` likewise: it
-  logs it with ``strict=False``) and ``strict=False`` loads (a module's ``_load_from_state_dict`` is always called
-  with ``strict=True``: the caller's ``strict`` acts on the missing and unexpected keys only);
-- a different *training option* (``dropout``, ``teacher_pooling``, ``gamma``...): a warning naming it; the head
-  keeps its own value (fine-tuning with another dropout is legitimate; resuming is then not exact);
-- options with no effect on the numbers (``init_std``, ``sync``, ``checkpoint_embedding``) are not compared;
-- a record that cannot be read (a newer format, corrupt bytes): the same, the warning naming the key, the format
-  and what to do.
+treat it as any other entry). Why an entry and not a config file, and why a difference is a warning:
+docs/checkpoints.md. On load, every tensor whose shape fits is copied first, as for any module; then the record is
+compared with the head (:func:`compare_saved_options`): another head class or another option (except the head's
+``free_options``, which change no number) is a warning naming each; the entry is optional (a state dict without it
+loads with a warning); a record of a newer format or corrupt bytes is a warning naming the key, the format and what
+to do. :func:`adaptive_heads.check_state_dict` raises on the same differences.
 """
 
 from __future__ import annotations
@@ -78,8 +67,8 @@ def decode_saved_options(saved: object, key: str = "_extra_state") -> dict[str, 
             this version reads or cannot be read at all.
     """
     remedy = (
-        f"load the weights without it by deleting {key!r} from the state dict (strict=False also loads them, with a "
-        "warning); the options are then not checked"
+        f"the weights load without it (with this warning; deleting {key!r} from the state dict silences it), and the "
+        "options are then not checked"
     )
     if not isinstance(saved, Tensor) or saved.dim() != 1 or saved.is_complex() or saved.is_meta:
         shape = tuple(saved.shape) if isinstance(saved, Tensor) else type(saved).__name__
@@ -118,54 +107,36 @@ class OptionChanges:
 
     saved_head: str
     head: str
-    shape: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    function: dict[str, tuple[Any, Any]] = field(default_factory=dict)
-    training: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    options: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     saved_options: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def computes_otherwise(self) -> bool:
-        """Another head class or function option: the saved weights compute other logits in this head."""
-        return self.saved_head != self.head or bool(self.function)
+    def differs(self) -> bool:
+        """Another head class or another compared option (shapes are the loader's own check)."""
+        return self.saved_head != self.head or bool(self.options)
 
     def describe(self, where: str) -> str:
-        """What differs in head class or function options, and how to load the weights as trained."""
+        """What differs in head class or options, and how to build the head the weights were trained in."""
         if self.saved_head != self.head:
             what = f"the checkpoint holds a {self.saved_head}'s weights, this is a {self.head}"
             rebuild = f"build a {self.saved_head} with the saved options {self.saved_options}"
         else:
-            listed = ", ".join(f"{k}={old!r} (this head: {new!r})" for k, (old, new) in self.function.items())
+            listed = ", ".join(f"{k}={old!r} (this head: {new!r})" for k, (old, new) in self.options.items())
             what = f"the checkpoint was saved from a {self.head} built with {listed}"
-            rebuild = "build the head with " + ", ".join(f"{k}={old!r}" for k, (old, _) in self.function.items())
+            rebuild = "build the head with " + ", ".join(f"{k}={old!r}" for k, (old, _) in self.options.items())
             rebuild += f" (as saved: {self.saved_options})"
-        return (
-            f"{where}: {what}; its weights compute other logits with this head's options. To use them as "
-            f"trained, {rebuild}"
-        )
-
-    def describe_training(self, where: str) -> str | None:
-        """The warning that only training options differ (the head keeps its own), else ``None``."""
-        if not self.training:
-            return None
-        listed = ", ".join(f"{k}={old!r} (kept: {new!r})" for k, (old, new) in self.training.items())
-        return (
-            f"{where}: the checkpoint was trained with {listed}; the weights load and this {self.head} keeps its own "
-            "values, so continued training differs from the saved run"
-        )
+        return f"{where}: {what}. To compute and train as the saved head did, {rebuild}"
 
 
 def compare_saved_options(head: AdaptiveHead, record: dict[str, Any]) -> OptionChanges:
-    """How the decoded ``record`` differs from ``head`` (options absent from either side are not compared)."""
+    """How the decoded ``record`` differs from ``head`` (options absent from either side, and the head's
+    ``free_options``, are not compared)."""
     changes = OptionChanges(saved_head=str(record["head"]), head=_family(head), saved_options=record["options"])
-    for name, value in (("in_channels", head.in_channels), ("num_classes", head.num_classes)):
-        if record[name] != value:
-            changes.shape[name] = (record[name], value)
     if changes.saved_head != changes.head:
         return changes  # other options mean other things: the class is the difference
     saved = record["options"]
     for name, value in head.options().items():
-        if name in head.free_options or name not in saved or saved[name] == value:
-            continue
-        kind = changes.training if name in head.training_options else changes.function
-        kind[name] = (saved[name], value)
+        skipped = name in head.free_options or name in head._uncompared_options
+        if not skipped and name in saved and saved[name] != value:
+            changes.options[name] = (saved[name], value)
     return changes

@@ -28,7 +28,6 @@ __all__ = [
     "check_features",
     "check_target",
     "check_unit_interval",
-    "is_debug",
     "is_tracing",
     "plain_option",
     "set_debug",
@@ -48,10 +47,6 @@ def set_debug(enabled: bool) -> None:
     """
     global _DEBUG
     _DEBUG = bool(enabled)
-
-
-def is_debug() -> bool:
-    return _DEBUG
 
 
 def is_tracing() -> bool:

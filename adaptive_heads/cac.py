@@ -56,7 +56,8 @@ class ContextAwareClassifier(CosineHead):
             rank's batch under ``torch.distributed``: the oracle of one process on the global batch; see
             :meth:`~adaptive_heads.cosine_head.CosineHead.label_class_statistics` for its cost).
         tau: cosine scale (official 15).
-        dropout: ``Dropout2d`` probability on the coarse classifier's input only (official 0.1; 0 disables).
+        dropout: ``Dropout2d`` probability on the coarse classifier's input only (0 disables); ``None``: the
+            official 0.1, or the rate of the host's dropout that :func:`~adaptive_heads.replace_classifier` absorbs.
         ignore_index: label the label-built branch ignores (and the default of the loss).
         eps: added to norms and soft areas (official 1e-12).
         init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
@@ -82,7 +83,7 @@ class ContextAwareClassifier(CosineHead):
         *,
         teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
-        dropout: float = 0.1,
+        dropout: float | None = None,
         ignore_index: int | None = 255,
         eps: float = 1e-12,
         init_std: float = 0.01,

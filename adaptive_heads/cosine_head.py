@@ -28,10 +28,9 @@ class CosineHead(AdaptiveHead):
     A k×k coarse classifier (smp's ``Unet``, ``PSPNet``, ``PAN``, ``MAnet`` end in a 3×3 conv) keeps the model's
     coarse logits exactly; the projectors need one ``[n, C]`` class direction ``W`` per class, taken from the
     kernel by ``class_direction``: ``"sum"`` over its taps (the classifier's response to a spatially constant
-    feature map) or its ``"centre"`` tap. For a 1×1 classifier both are its weight. ``"sum"`` is the default: on
-    CamVid with a Unet-style decoder (3×3 classifier, 2 seeds, 15 epochs) the two did not differ measurably (CAC
-    32.5 vs 32.9, SSA-Seg 35.7 vs 34.4 val mIoU, paired differences of both signs), and the sum is the direction
-    the classifier actually applies to a smooth feature map (docs: CamVid experiment).
+    feature map) or its ``"centre"`` tap. For a 1×1 classifier both are its weight. ``"sum"`` is the default: the
+    direction the classifier actually applies to a smooth feature map (how the two compared on CamVid: docs, CamVid
+    experiment).
 
     Args:
         in_channels: C, channels of the decoder feature map.
@@ -39,7 +38,8 @@ class CosineHead(AdaptiveHead):
         teacher_pooling: where the label-built (teacher) branch pools its class statistics: ``"batch"``
             (official), ``"image"`` or ``"global"`` (see :meth:`label_class_statistics`).
         tau: cosine scale (official 15).
-        dropout: ``Dropout2d`` probability before ``conv_seg`` (official 0.1; 0 disables).
+        dropout: ``Dropout2d`` probability before ``conv_seg`` (0 disables); ``None``: the official 0.1, or the rate
+            of the host's dropout that :func:`~adaptive_heads.replace_classifier` absorbs (:meth:`take_input_dropout`).
         ignore_index: label ignored by the label-built branch (and default of the loss).
         eps: added to norms and soft areas (official 1e-12).
         init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
@@ -55,7 +55,8 @@ class CosineHead(AdaptiveHead):
     """
 
     coarse_classifier = "conv_seg"
-    training_options = ("ignore_index", "dropout", "teacher_pooling")
+    #: heads unpickled from 0.2 keep their rate
+    _default_dropout = False
     free_options = ("init_std",)
 
     def __init__(
@@ -65,7 +66,7 @@ class CosineHead(AdaptiveHead):
         *,
         teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
-        dropout: float = 0.1,
+        dropout: float | None = None,
         ignore_index: int | None = 255,
         eps: float = 1e-12,
         init_std: float = 0.01,
@@ -84,7 +85,10 @@ class CosineHead(AdaptiveHead):
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.class_direction = class_direction
-        if not 0.0 <= dropout < 1.0:
+        #: the rate is the default one, which a host's dropout absorbed by replace_classifier replaces
+        self._default_dropout = dropout is None
+        dropout = 0.1 if dropout is None else dropout
+        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if tau <= 0:
             raise ValueError(f"tau must be positive, got {tau}")
@@ -105,10 +109,10 @@ class CosineHead(AdaptiveHead):
     def take_input_dropout(self, p: float) -> bool:
         """The host's dropout before the classifier becomes this head's ``Dropout2d(p)`` on the coarse path only
         (the official heads' place for it: the prototypes and the label-built branch see the undropped features);
-        ``p = 0`` removes it. A head built with an explicit ``dropout=`` keeps that rate. Returns ``True``."""
+        ``p = 0`` removes it. A head built with a ``dropout=`` rate keeps it. Returns ``True``."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {p}")
-        if not self.built_with("dropout"):
+        if self._default_dropout:
             self.dropout = nn.Dropout2d(p) if p > 0 else nn.Identity()
         return True
 

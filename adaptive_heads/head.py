@@ -3,10 +3,12 @@ and ``init_weights``, the ``supervise`` hook, saved options, stripping)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import sys
 import warnings
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -82,13 +84,6 @@ class AdaptiveHead(nn.Module):
     #: the submodule :meth:`init_weights` gives mmseg's ``N(0, init_std²)`` / zero init (CAC, SSA-Seg: ``conv_seg``)
     coarse_classifier: ClassVar[str | None] = None
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> AdaptiveHead:
-        # the names of the options the caller gave (built_with): a head built with an explicit dropout= keeps it
-        # when replace_classifier hands it the host's dropout
-        head = super().__new__(cls)
-        object.__setattr__(head, "_explicit_options", tuple(kwargs))
-        return head
-
     def __init__(self, in_channels: int, num_classes: int, ignore_index: int | None = 255) -> None:
         super().__init__()
         in_channels, num_classes, ignore_index = (plain_option(v) for v in (in_channels, num_classes, ignore_index))
@@ -118,7 +113,6 @@ class AdaptiveHead(nn.Module):
         self.stripped = False
         self._supervisor: Any = None
         self._context_collector: Any = None  # set by slide_inference(context="image") during its first pass
-        self._options_mismatch: str | None = None  # of the last load: how the saved options differ (see loading)
 
     @property
     def out_channels(self) -> int:
@@ -167,7 +161,7 @@ class AdaptiveHead(nn.Module):
             device=feat.device,
         )
         out = self.forward_train(feat, checked)
-        vars(out)[CHECKED_TARGET] = (target, self.ignore_index, checked, split)  # the loss need not read them again
+        setattr(out, CHECKED_TARGET, (target, self.ignore_index, checked, split))  # the loss need not read them again
         return out
 
     def output_dtype(self, feat: Tensor) -> torch.dtype:
@@ -198,10 +192,6 @@ class AdaptiveHead(nn.Module):
         The base implementation uses nothing of it (ProtoSeg: its prototypes replace the learned class weights, so
         a 1×1 and a k×k classifier are replaced alike); :class:`CosineHead` copies it into its coarse classifier.
         """
-
-    def built_with(self, option: str) -> bool:
-        """Whether the constructor was given ``option`` explicitly (``False`` for a default)."""
-        return option in self.__dict__.get("_explicit_options", ())
 
     def take_input_dropout(self, p: float) -> bool:
         """Take over the rate ``p`` of a dropout the host model applies right before this head's input
@@ -262,6 +252,39 @@ class AdaptiveHead(nn.Module):
         """
         self.reset_parameters()
 
+    def initialize_missing(self, keys: Iterable[str] = ()) -> None:
+        """Give the tensors at ``keys`` (state-dict keys relative to the head: what a loader reports as missing or
+        mismatched) this head's own initialisation, drawn anew, and every non-persistent buffer (ProtoSeg's
+        ``usage_counts``) its constructor's value; the other tensors keep what was loaded.
+
+        For loaders that initialise what they could not fill by their own rules (transformers' ``from_pretrained``
+        gives such a tensor its model's ``_init_weights``, which knows nothing of the heads, and leaves
+        non-persistent buffers as allocated): :meth:`AdaptiveSegmentationModel.from_pretrained
+        <adaptive_heads.integrations.hf.AdaptiveSegmentationModel.from_pretrained>` calls it. The draws come from
+        :meth:`reset_parameters` on a copy of the head (a subclass's ``reset_parameters`` must set its own
+        non-persistent buffers); plain tensors, not sharded ones (``DTensor``).
+
+        Example:
+            >>> from adaptive_heads import PrototypeClassifier
+            >>> head = PrototypeClassifier(16, 5)
+            >>> _ = head.prototypes.fill_(float("nan"))  # what a loader left uninitialised
+            >>> head.initialize_missing(["prototypes"])
+            >>> bool(torch.isfinite(head.prototypes).all()), round(float(head.prototypes.norm(dim=-1).mean()), 4)
+            (True, 1.0)
+        """
+        names = set(keys)
+        persistent = set(self.state_dict())
+        unknown = sorted(names - persistent)
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no state-dict keys {unknown}; its keys: {sorted(persistent)}")
+        fresh = copy.deepcopy(self)
+        fresh.reset_parameters()
+        drawn = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
+        with torch.no_grad():
+            for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+                if name in names or name not in persistent:
+                    tensor.copy_(drawn[name])
+
     def reset_coarse_classifier(self) -> None:
         """mmseg's init of the coarse classifier (see :meth:`init_weights`); heads without one: nothing."""
 
@@ -280,10 +303,11 @@ class AdaptiveHead(nn.Module):
         has the same architecture (its weights come from the state dict); used to save models with their heads."""
         return {"ignore_index": self.ignore_index}
 
-    #: options that change only how the head trains: a checkpoint saved with other values loads with a warning
-    training_options: ClassVar[tuple[str, ...]] = ("ignore_index",)
     #: options without effect on the numbers (init, memory, collectives): not compared when loading
     free_options: ClassVar[tuple[str, ...]] = ()
+    #: options a loader set on purpose for the load at hand (the ignore index of an HF config given to
+    #: ``from_pretrained``): not compared either
+    _uncompared_options: tuple[str, ...] = ()
 
     def get_extra_state(self) -> Tensor:
         """The head's class, shape and :meth:`options`, saved in its state dict (``<prefix>_extra_state``, ``[1024]``
@@ -292,28 +316,34 @@ class AdaptiveHead(nn.Module):
 
     def set_extra_state(self, state: Any) -> None:
         """Compare the saved options with this head's, for loaders that call this directly (transformers 5): a
-        ``ValueError`` for another head class, a function option or an unreadable record, a warning for a
-        training option; another class count is left to the loader's shape checks.
+        warning naming each option that differs (or another head class, or an unreadable record); the head keeps
+        its own. ``load_state_dict`` does not come here: it compares after loading every tensor that fits."""
+        self._warn_of_other_options(state, type(self).__name__, "_extra_state")
 
-        ``load_state_dict`` does not come here: it checks the record after loading every tensor that fits
-        (docs/checkpoints.md)."""
-        where = type(self).__name__
-        changes = compare_saved_options(self, decode_saved_options(state))
-        if changes.computes_otherwise:
-            raise ValueError(changes.describe(where))
-        warning = changes.describe_training(where)
-        if warning is not None:
-            warnings.warn(warning, UserWarning, stacklevel=_caller_level())
+    def _warn_of_other_options(self, saved: Any, where: str, key: str) -> None:
+        try:
+            changes = compare_saved_options(self, decode_saved_options(saved, key))
+        except ValueError as error:  # a newer format, corrupt bytes: the weights load all the same
+            warnings.warn(f"{where}: {error}", UserWarning, stacklevel=_caller_level())
+            return
+        if changes.differs:
+            warnings.warn(
+                f"{changes.describe(where)}. Every tensor whose shape fits was loaded and this head keeps its own "
+                "options (fine-tuning with other options is legitimate; check_state_dict(model, state_dict) raises "
+                "on this instead)",
+                UserWarning,
+                stacklevel=_caller_level(),
+            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         # every tensor whose shape fits loads (torch reports the others as size mismatches); the saved options are
-        # checked afterwards. torch calls this with strict=True whatever the caller's strict, which acts on the
-        # missing and unexpected keys only: a record that differs in what the weights compute is an unexpected key
+        # compared afterwards and a difference is a warning: the configuration that builds a head lives beside the
+        # weights (docs/checkpoints.md, "What a load checks"), and check_state_dict is the strict check
         key = prefix + "_extra_state"
         where = prefix.rstrip(".") or type(self).__name__
-        saved = state_dict.pop(key, None)  # checked here, not by torch's call of set_extra_state
+        saved = state_dict.pop(key, None)  # compared here, not by torch's call of set_extra_state
         # a plain model's checkpoint from before the swap holds the replaced conv's weight and bias at this path (for
         # CAC and SSA-Seg already moved to the coarse classifier's keys): no adaptive weights, so no options either
         plain = {f"{prefix}weight", f"{prefix}bias"}
@@ -326,33 +356,13 @@ class AdaptiveHead(nn.Module):
         )
         if key in missing_keys:  # optional: 0.1 state dicts, parameter-only filters
             missing_keys.remove(key)
-        self._options_mismatch = None
-        if saved is None:
-            if has_weights:
-                warnings.warn(
-                    f"{where}: the state dict has no saved options ({key!r}: saved by adaptive_heads 0.1, or "
-                    "filtered to parameters), so they could not be checked against this head's; the weights "
-                    "loaded as for any module",
-                    UserWarning,
-                    stacklevel=_caller_level(),
-                )
-            return
-        try:
-            changes = compare_saved_options(self, decode_saved_options(saved, key))
-        except ValueError as error:
-            self._options_mismatch = str(error)
-        else:
-            if changes.computes_otherwise:
-                self._options_mismatch = changes.describe(where)
-            training = changes.describe_training(where)
-            if training is not None:
-                warnings.warn(training, UserWarning, stacklevel=_caller_level())
-        if self._options_mismatch is not None:
-            unexpected_keys.append(key)
+        if saved is not None:
+            self._warn_of_other_options(saved, where, key)
+        elif has_weights:
             warnings.warn(
-                f"{self._options_mismatch}.\nEvery tensor whose shape fits was loaded; {key!r} is reported as an "
-                "unexpected key, so a strict load raises on it: load with strict=False to go on with this head's "
-                "options (fine-tuning)",
+                f"{where}: the state dict has no saved options ({key!r}: saved by adaptive_heads 0.1, or "
+                "filtered to parameters), so they could not be checked against this head's; the weights "
+                "loaded as for any module",
                 UserWarning,
                 stacklevel=_caller_level(),
             )
@@ -368,10 +378,11 @@ class AdaptiveHead(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # heads pickled by 0.2.0 carry (CPU generator state, args, kwargs) of their construction: keep the names
+        # heads pickled by 0.2.0 carry (CPU generator state, args, kwargs) of their construction, and 0.2's the
+        # names of the options given: the head keeps its options as they are
         construction = state.pop("_construction", None)
-        if construction is not None and "_explicit_options" not in state:
-            state["_explicit_options"] = tuple(construction[2])
+        state.pop("_explicit_options", None)
+        state.pop("_options_mismatch", None)
         super().__setstate__(state)
         parameter = inspect.signature(type(self).__init__).parameters.get("init_std")
         if "init_std" not in self.__dict__ and parameter is not None:  # 0.2.0's ProtoSeg: in the record only

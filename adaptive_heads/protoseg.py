@@ -93,10 +93,9 @@ class PrototypeClassifier(AdaptiveHead):
         ignore_index: ignored label.
         init_std: std of the (truncated at ±2) normal init of the prototypes before normalisation.
         checkpoint_embedding: recompute the embedding path in backward: two fewer feature-size tensors held
-            from forward to backward (worth it when a whole model's memory peaks at the end of its forward),
-            for about 20 % more head step time. Off by default: for the head alone the peak falls inside
-            backward, so it helps only at small sizes (222 vs 275 MiB at 512 px, equal at 1024 px; n = 150,
-            C = 512).
+            from forward to backward (worth it when a whole model's memory peaks at the end of its forward), for
+            the embedding's forward computed twice. Off by default: for the head alone the peak falls inside
+            backward, so it helps only at small sizes (docs: Performance).
 
     Example:
         >>> head = PrototypeClassifier(in_channels=16, num_classes=5, num_prototypes=3)
@@ -109,9 +108,6 @@ class PrototypeClassifier(AdaptiveHead):
     """
 
     loss_type = PrototypeLoss
-    training_options = (
-        "ignore_index", "gamma", "sinkhorn_iters", "sinkhorn_eps", "update_prototypes", "update_assignment",
-    )  # fmt: skip
     free_options = ("init_std", "sync", "checkpoint_embedding")
     prototypes: Tensor
     usage_counts: Tensor

@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import logging
 import warnings
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._dropout_flow import dropout_feeds_only
 from .head import AdaptiveHead
 from .registry import head_by_name
 
@@ -54,11 +53,33 @@ _SUMMED_CLASSIFIERS = {"torchvision.LRASPP": ("classifier.low_classifier", "clas
 # the auxiliary CE weight of the host library's own training recipe, where it is a constant
 _AUX_WEIGHTS = {"torchvision": 0.5}
 
-# the dropout a known model applies right before its main classifier outside the classifier's own module
-_MAIN_DROPOUTS = {
-    "segmentation_models_pytorch.FPN": "decoder.dropout",
-    "segmentation_models_pytorch.PSPNet": "decoder.dropout",
+# the dropout each known model applies right before a classifier, and nowhere else: "<library>.<model class>" ->
+# {classifier path: dropout path}, relative to the model, read from each library's source (torchvision 0.29,
+# transformers 5.24, smp 0.6): tests/integrations swap torchvision's FCN, HF Segformer and smp's FPN, PSPNet and DPT
+# in the real libraries. mmseg's decode heads: _mmseg_head_dropout, tested against mmseg's source head by head
+_KNOWN_DROPOUTS: dict[str, dict[str, str]] = {
+    "torchvision.FCN": {"classifier.4": "classifier.3", "aux_classifier.4": "aux_classifier.3"},
+    "torchvision.DeepLabV3": {"aux_classifier.4": "aux_classifier.3"},  # DeepLabHead has none
+    "transformers.SegformerForSemanticSegmentation": {"decode_head.classifier": "decode_head.dropout"},
+    "transformers.DPTForSemanticSegmentation": {
+        "head.head.4": "head.head.3",
+        "auxiliary_head.head.4": "auxiliary_head.head.3",
+    },
+    **{
+        f"transformers.{name}": {"segmentation_head.classifier.convolution": "segmentation_head.dropout"}
+        for name in (
+            "MobileViTForSemanticSegmentation",
+            "MobileViTV2ForSemanticSegmentation",
+            "MobileNetV2ForSemanticSegmentation",
+        )
+    },
+    "segmentation_models_pytorch.FPN": {"segmentation_head.0": "decoder.dropout"},  # the decoder's last layer
+    "segmentation_models_pytorch.PSPNet": {"segmentation_head.0": "decoder.dropout"},
+    "segmentation_models_pytorch.DPT": {"segmentation_head.head.4": "segmentation_head.head.3"},
 }
+
+# mmseg decode heads that also feed another layer with the dropout of their cls_seg (the rest use it in cls_seg only)
+_MMSEG_SHARED_DROPOUT = ("DAHead", "ANNHead")
 
 HeadFactory = Callable[[int, int], AdaptiveHead]
 
@@ -70,7 +91,6 @@ class _Classifiers:
     main: str
     aux: str | None = None
     aux_weight: float | None = None
-    main_dropout: str | None = None  # the host's dropout right before the main classifier, where not found by rule
     prefix: str = ""  # where the known model sits in the module tree
 
 
@@ -104,12 +124,14 @@ def _aux_weight(host: nn.Module, key: str, aux: str) -> float | None:
         value = getattr(getattr(host, "config", None), "auxiliary_loss_weight", None)
         return float(value) if isinstance(value, (int, float)) else None
     if library == "mmseg":
-        return _mmseg_ce_weight(getattr(_get(host, aux.rpartition(".")[0]), "loss_decode", None))
+        return mmseg_ce_weight(getattr(_get(host, aux.rpartition(".")[0]), "loss_decode", None))
     return None
 
 
-def _mmseg_ce_weight(loss_decode: nn.Module | None) -> float | None:
-    """The weight an mmseg decode head gives its cross-entropy, which the adaptive head's extra terms take too.
+def mmseg_ce_weight(loss_decode: nn.Module | None) -> float | None:
+    """The weight an mmseg decode head gives its cross-entropy, which the adaptive head's extra terms take too (here
+    for an auxiliary head replaced by :func:`replace_classifier`, in :mod:`adaptive_heads.integrations.mmseg` for
+    the ``Adaptive<Head>`` decode heads).
 
     ``loss_decode`` is one loss module or an ``nn.ModuleList`` of them (mmseg sums their outputs, in any order):
     the ``loss_weight`` of its ``CrossEntropyLoss`` (the one entry of that class or a subclass, wherever it is in
@@ -170,14 +192,12 @@ def _known_classifiers(model: nn.Module) -> _Classifiers | None:
             return _Classifiers(last, prefix=prefix)
         weight = _aux_weight(host, key, "auxiliary_head.conv_seg")
         return _Classifiers(last, _join(prefix, "auxiliary_head.conv_seg"), weight, prefix=prefix)
-    dropout = _MAIN_DROPOUTS.get(key)
-    dropout = _join(prefix, dropout) if dropout is not None and _get(host, dropout) is not None else None
     for main, aux in KNOWN_CLASSIFIER_PATHS[key]:
         if _get(host, main) is not None:
             if aux is None or _get(host, aux) is None:
-                return _Classifiers(_join(prefix, main), main_dropout=dropout, prefix=prefix)
+                return _Classifiers(_join(prefix, main), prefix=prefix)
             weight = _aux_weight(host, key, aux)
-            return _Classifiers(_join(prefix, main), _join(prefix, aux), weight, dropout, prefix)
+            return _Classifiers(_join(prefix, main), _join(prefix, aux), weight, prefix)
     return None
 
 
@@ -276,99 +296,116 @@ def _check_classifier_geometry(path: str, conv: nn.Conv2d) -> None:
         )
 
 
-def feeding_dropout(model: nn.Module, path: str) -> str | None:
-    """The path of the dropout that ``model`` applies right before its classifier at ``path`` and that feeds the
-    classifier alone, if any.
-
-    Recognised: the previous item of an ``nn.Sequential`` (torchvision's ``FCNHead`` and auxiliary heads, smp's
-    and HF's DPT heads), a ``dropout`` attribute beside a ``classifier`` or ``conv_seg`` (HF Segformer's decode head,
-    mmseg's ``BaseDecodeHead``), beside the ``classifier`` layer that holds a ``convolution`` (HF MobileViT,
-    MobileNetV2), and smp's FPN and PSPNet ``decoder.dropout`` (the decoder's last layer). A ``dropout`` attribute
-    counts only where the methods of its module, read from their source, pass its output to the classifier and to
-    nothing else (mmseg's ``DAHead`` and ``ANNHead`` also feed other layers with it: ``None``); a ``Sequential``
-    whose ``forward`` is overridden, or a dropout module registered at several paths, does not count either.
-
-    Example:
-        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Dropout(0.1), torch.nn.Conv2d(8, 4, 1))
-        >>> feeding_dropout(model, "2")
-        '1'
-    """
-    try:
-        known = _known_classifiers(model)
-    except ValueError:
-        known = None
-    found = _feeding_dropout(model, path, known)
-    return found.path if found is not None and found.alone else None
+def _mmseg_head_dropout(head_class: type) -> bool:
+    """Whether an mmseg decode head class applies its ``dropout`` in ``BaseDecodeHead.cls_seg`` only, right before
+    ``conv_seg``: a head that overrides ``cls_seg`` (PointHead) or also feeds another layer with it
+    (:data:`_MMSEG_SHARED_DROPOUT`) does not count."""
+    mro = head_class.__mro__
+    base = next((c for c in mro if c.__name__ == "BaseDecodeHead" and c.__module__.startswith("mmseg.")), None)
+    return (
+        base is not None
+        and getattr(head_class, "cls_seg", None) is getattr(base, "cls_seg", None)
+        and not any(c.__name__ in _MMSEG_SHARED_DROPOUT for c in mro)
+    )
 
 
-@dataclass(frozen=True)
-class _FeedingDropout:
-    """A dropout right before a classifier: its path, whether it is shown to feed the classifier alone, and if
-    not, why."""
+def _known_dropout(model: nn.Module, path: str, located: _Classifiers | None) -> str | None:
+    """The path of the dropout a known model applies right before its classifier at ``path`` and nowhere else."""
+    if located is None or path not in (located.main, located.aux):
+        return None
+    host = model.get_submodule(located.prefix) if located.prefix else model
+    key = _known_key(host, KNOWN_CLASSIFIER_PATHS)
+    relative = path[len(located.prefix) + 1 :] if located.prefix else path
+    if key == "mmseg.EncoderDecoder":
+        parent = relative.rpartition(".")[0]
+        found = f"{parent}.dropout" if _mmseg_head_dropout(type(_get(host, parent))) else None
+    else:
+        found = _KNOWN_DROPOUTS.get(key or "", {}).get(relative)
+    if found is None or not isinstance(_get(host, found), _DropoutNd):
+        return None
+    return _join(located.prefix, found)
 
-    path: str
-    alone: bool
-    reason: str = ""
 
-
-def _feeding_dropout(model: nn.Module, path: str, known: _Classifiers | None) -> _FeedingDropout | None:
-    """The dropout right before the classifier at ``path`` (:func:`feeding_dropout`'s rules), shown to feed it
-    alone or not, with the model's known classifiers (``None``: not a known model) already located."""
+def _dropout_before(model: nn.Module, path: str) -> str | None:
+    """A dropout that sits right before the classifier at ``path`` by the module tree's layout (an
+    ``nn.Sequential``'s previous item, a ``dropout`` beside it): what a warning points at. The layout cannot show
+    that it feeds the classifier alone (a loop may read its output again, an in-place dropout changes its input
+    for every other reader), so it is never moved without being named."""
     parent_path, _, leaf = path.rpartition(".")
     parent = _get(model, parent_path) if parent_path else model
-    grand_path, _, parent_leaf = parent_path.rpartition(".")
-    candidates: list[tuple[str, Callable[[], tuple[bool, str]]]] = []
+    candidates = []
     if isinstance(parent, nn.Sequential) and leaf.isdigit() and int(leaf) > 0:
-        sequential = type(parent).forward is nn.Sequential.forward
-        reason = f"{type(parent).__name__} overrides nn.Sequential.forward"
-        candidates.append((_join(parent_path, str(int(leaf) - 1)), lambda: (sequential, "" if sequential else reason)))
-    if leaf in ("classifier", "conv_seg") and parent is not None:
-        owner = parent
-        candidates.append((_join(parent_path, "dropout"), lambda: dropout_feeds_only(owner, "dropout", leaf)))
-    grand = _get(model, grand_path) if grand_path else model
-    if leaf == "convolution" and parent_leaf == "classifier" and grand is not None:
-        candidates.append((_join(grand_path, "dropout"), lambda: dropout_feeds_only(grand, "dropout", parent_leaf)))
-    if known is not None and known.main == path and known.main_dropout is not None:
-        candidates.append((known.main_dropout, lambda: (True, "")))  # the known model's decoder ends in it
-    for candidate, shown in candidates:
-        dropout = _get(model, candidate)
-        if isinstance(dropout, _DropoutNd):
-            alone, reason = shown()
-            places = sum(m is dropout for _, m in model.named_modules(remove_duplicate=False))
-            if alone and places > 1:
-                alone, reason = False, f"the same {type(dropout).__name__} is registered at {places} paths"
-            return _FeedingDropout(candidate, alone, reason)
-    return None
+        candidates.append(_join(parent_path, str(int(leaf) - 1)))
+    candidates.append(_join(parent_path, "dropout"))
+    return next((c for c in candidates if isinstance(_get(model, c), _DropoutNd)), None)
 
 
-def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, known: _Classifiers | None) -> None:
-    found = _feeding_dropout(model, path, known)
-    if found is None:
-        return
-    dropout_path = found.path
-    dropout = model.get_submodule(dropout_path)
-    p = float(getattr(dropout, "p", 0.0))
-    takes_dropout = type(head).take_input_dropout is not AdaptiveHead.take_input_dropout  # CAC, SSA-Seg
-    if not found.alone:
-        if p > 0 and takes_dropout:
-            warnings.warn(
-                f"replace_classifier: {dropout_path!r} ({dropout!r}) is applied before the classifier at {path!r} "
-                f"but is not shown to feed it alone ({found.reason}), so it stays in place and reaches every branch "
-                f"of {type(head).__name__} (the official head drops out its coarse path only). If it feeds the "
-                f"classifier alone, absorb it explicitly: build the head with dropout={p:g} (replace_classifier(..., "
-                f"dropout={p:g})) and replace the module at {dropout_path!r} with torch.nn.Identity(); "
-                "absorb_dropout=False leaves it without this warning",
-                UserWarning,
-                stacklevel=3,
+AbsorbDropout = bool | str | Mapping[str, str]
+
+
+def _dropout_to_absorb(
+    model: nn.Module, path: str, paths: list[str], located: _Classifiers | None, absorb_dropout: AbsorbDropout
+) -> tuple[str | None, bool]:
+    """The dropout to move into the head at ``path`` and whether the user named it."""
+    if absorb_dropout is False:
+        return None, False
+    if isinstance(absorb_dropout, str):
+        if len(paths) > 1:
+            raise ValueError(
+                f"absorb_dropout={absorb_dropout!r} names one dropout but {len(paths)} classifiers are replaced "
+                f"({paths}): pass a mapping {{classifier path: dropout path}}"
             )
+        return absorb_dropout, True
+    if isinstance(absorb_dropout, Mapping):
+        unknown = sorted(set(absorb_dropout) - set(paths))
+        if unknown:
+            raise ValueError(f"absorb_dropout names classifiers {unknown} that are not replaced here ({paths})")
+        return absorb_dropout.get(path), path in absorb_dropout
+    if absorb_dropout is not True:
+        raise TypeError(
+            "absorb_dropout must be True, False, a dropout's path or a mapping {classifier path: dropout path}, "
+            f"got {type(absorb_dropout).__name__}"
+        )
+    return _known_dropout(model, path, located), False
+
+
+def _absorb_dropout(model: nn.Module, path: str, head: AdaptiveHead, dropout_path: str, named: bool) -> None:
+    """Move the dropout at ``dropout_path`` into ``head`` (its coarse path only), where the head takes it."""
+    dropout = _get(model, dropout_path)
+    if not isinstance(dropout, _DropoutNd):
+        found = "nothing" if dropout is None else f"a {type(dropout).__name__}"
+        raise ValueError(f"absorb_dropout: {dropout_path!r} is {found}, expected the dropout before {path!r}")
+    places = sum(m is dropout for _, m in model.named_modules(remove_duplicate=False))
+    if places > 1:  # one module at several paths: replacing one path would leave the others
+        if named:
+            raise ValueError(f"absorb_dropout: the {type(dropout).__name__} at {dropout_path!r} is registered at "
+                             f"{places} paths; it also feeds other layers")  # fmt: skip
         return
-    if head.take_input_dropout(p):
+    if head.take_input_dropout(float(dropout.p)):
         _set(model, dropout_path, nn.Identity())
         logger.info(
             "replace_classifier: %r (%r) fed the classifier at %r; it is now nn.Identity and %s applies %r to its "
             "coarse logits only, as the official head (absorb_dropout=False keeps it)",
             dropout_path, dropout, path, type(head).__name__, getattr(head, "dropout", None),
         )  # fmt: skip
+
+
+def _warn_of_a_dropout_left_before(model: nn.Module, path: str, head: AdaptiveHead) -> None:
+    """An unknown model's dropout right before the classifier stays and reaches every branch of a CAC or SSA-Seg
+    head (the official heads drop out the coarse path only): say so, and how to move it."""
+    found = _dropout_before(model, path)
+    takes = type(head).take_input_dropout is not AdaptiveHead.take_input_dropout  # CAC, SSA-Seg
+    dropout = _get(model, found) if found is not None else None
+    if dropout is None or not takes or float(getattr(dropout, "p", 0.0)) == 0:
+        return
+    warnings.warn(
+        f"replace_classifier: {found!r} ({dropout!r}) sits right before the classifier at {path!r}. It stays and "
+        f"reaches every branch of {type(head).__name__} (the official head drops out its coarse path only): only a "
+        "known model's dropout (torchvision, HF transformers, smp, mmseg) moves by itself. If it feeds this "
+        f"classifier alone, pass absorb_dropout={found!r}; absorb_dropout=False keeps it without this warning",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_of_an_output_activation(model: nn.Module, located: _Classifiers | None) -> None:
@@ -406,7 +443,7 @@ def replace_classifier(
     num_classes: int | None = None,
     include_aux: bool = False,
     copy_weights: bool = True,
-    absorb_dropout: bool = True,
+    absorb_dropout: AbsorbDropout = True,
     **head_options: Any,
 ) -> nn.Module:
     """Swap the final classifier conv of ``model`` for the adaptive head ``head`` in place.
@@ -421,17 +458,19 @@ def replace_classifier(
         include_aux: also replace the known auxiliary classifier.
         copy_weights: copy the original conv's weight and bias (1×1 or k×k) into the new head's coarse classifier
             (:meth:`~adaptive_heads.head.AdaptiveHead.adopt_classifier`).
-        absorb_dropout: a dropout the model applies right before the classifier (:func:`feeding_dropout`:
-            torchvision's FCN heads, HF Segformer and DPT, mmseg's decode heads) would reach every branch of a CAC
-            or SSA-Seg head; the official heads apply dropout to the coarse logits' input only. With ``True``
-            (default) that dropout becomes ``nn.Identity`` and the head's own coarse-path dropout takes its rate
-            (unless the head was built with an explicit ``dropout=``)
-            (:meth:`~adaptive_heads.head.AdaptiveHead.take_input_dropout`; logged at INFO level by
-            ``logging.getLogger("adaptive_heads.replace")``). Only a dropout shown to feed the classifier alone
-            moves; one that also feeds another layer (an auxiliary branch), or whose module's source cannot be
-            read, stays, with a ``UserWarning`` naming the explicit way (the head built with ``dropout=p``, that
-            module replaced by ``nn.Identity()``). ProtoSeg keeps the host's dropout (the official ProtoSeg embeds
-            dropped-out features).
+        absorb_dropout: a dropout the model applies right before the classifier reaches every branch of a CAC or
+            SSA-Seg head; the official heads apply dropout to the coarse logits' input only. Such a dropout becomes
+            ``nn.Identity`` and the head's own coarse-path dropout takes its rate (unless the head was built with a
+            ``dropout=`` rate) (:meth:`~adaptive_heads.head.AdaptiveHead.take_input_dropout`; logged at INFO level
+            by ``logging.getLogger("adaptive_heads.replace")``). Which one: with ``True`` (default) that of a known
+            model (torchvision's FCN heads and every torchvision auxiliary head, HF Segformer, DPT, MobileViT and
+            MobileNetV2, smp's FPN, PSPNet and DPT, mmseg's decode heads that use it in ``cls_seg`` only), from a
+            table of facts about each library; elsewhere none moves, and a dropout found right before the
+            classifier (an ``nn.Sequential``'s previous item, a ``dropout`` attribute beside it) is named in a
+            ``UserWarning``. A path (``"decoder.dropout"``), or a mapping ``{classifier path: dropout path}`` when
+            several classifiers are replaced, names it explicitly: you know it feeds the classifier alone. ``False``
+            keeps every dropout. ProtoSeg keeps the host's dropout (the official ProtoSeg embeds dropped-out
+            features).
         **head_options: keyword options of the head (``tau=10.0``), given to it for every classifier replaced.
 
     Returns:
@@ -491,8 +530,11 @@ def replace_classifier(
         new.train(old.training)
         new._unsupervised_hint = _host_hint(_get(model, p.rpartition(".")[0]) if "." in p else model)
         _set(model, p, new)
-        if absorb_dropout:
-            _absorb_dropout(model, p, new, located)
+        dropout_path, named = _dropout_to_absorb(model, p, paths, located, absorb_dropout)
+        if dropout_path is not None:
+            _absorb_dropout(model, p, new, dropout_path, named)
+        elif absorb_dropout is True:
+            _warn_of_a_dropout_left_before(model, p, new)
         if located is not None and p == located.aux and located.aux_weight is not None:
             weights[p] = located.aux_weight
     _warn_of_an_output_activation(model, located)

@@ -312,8 +312,8 @@ def slide_inference(
         stride: step between tiles ``(h, w)`` or an int, at most ``crop_size`` (a longer step leaves pixels in
             no tile: ``ValueError``).
         context: ``"tile"`` (default: the official heads' behaviour under mmseg's slide inference) or
-            ``"image"``. On CamVid's val frames tile context scored higher (see the CamVid experiment): the
-            classifier built from a tile also adapts to the tile's own features, which tiling shifts.
+            ``"image"``. The classifier built from a tile also adapts to the tile's own features, which tiling
+            shifts (how the two compare on CamVid: docs, Large images).
         head: path of the adaptive head whose logits the model returns (default: the main head recorded by
             :func:`~adaptive_heads.replace_classifier`, the first of ``model.adaptive_head_paths``, also where it
             was recorded on a model inside a wrapper such as HF's ``AdaptiveSegmentationModel``, or the model's
@@ -324,8 +324,8 @@ def slide_inference(
         context_margin: ``(h, w)`` or an int: image pixels at the inner edges of each tile left out of the image
             statistics (``context="image"``). Default: half the overlap of neighbouring tiles,
             ``(crop − stride) // 2``, the most that leaves every pixel in some tile's core; 0 counts every tile
-            pixel with weight ``1/coverage``. Measured on CamVid (docs: CamVid experiment). Any margin gives
-            the exact image statistics for pixel-local features.
+            pixel with weight ``1/coverage``. Any margin gives the exact image statistics for pixel-local
+            features.
 
     Returns:
         ``[B, n, H, W]`` logits (float32 or wider).

@@ -69,7 +69,8 @@ class SSAClassifier(CosineHead):
             are per image in every mode.
         tau: cosine scale (official 15).
         dropout: ``Dropout2d`` probability on the coarse classifier's input only (official 0.1, 0 in the OCR
-            head; 0 disables).
+            head; 0 disables); ``None``: 0.1, or the rate of the host's dropout that
+            :func:`~adaptive_heads.replace_classifier` absorbs.
         ignore_index: label the label-built branch ignores (and the default of the loss).
         eps: added to norms and soft areas (official 1e-12).
         init_std: std of the normal init of ``conv_seg.weight`` (mmseg's 0.01); bias 0.
@@ -95,7 +96,7 @@ class SSAClassifier(CosineHead):
         *,
         teacher_pooling: LabelPooling = "batch",
         tau: float = 15.0,
-        dropout: float = 0.1,
+        dropout: float | None = None,
         ignore_index: int | None = 255,
         eps: float = 1e-12,
         init_std: float = 0.01,

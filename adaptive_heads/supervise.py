@@ -18,10 +18,7 @@ as the host library weighs its auxiliary CE (torchvision's recipe 0.5, HF's ``au
 
 from __future__ import annotations
 
-import warnings
-import weakref
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -33,7 +30,7 @@ from .head import AdaptiveHead
 from .losses import HeadLoss
 from .outputs import HeadOutput
 
-__all__ = ["Supervision", "supervise"]
+__all__ = ["Supervision", "check_optimizer", "supervise"]
 
 
 class Supervision:
@@ -53,6 +50,7 @@ class Supervision:
         target: Tensor,
         loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
         head_weights: Mapping[str, float] | None = None,
+        optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -88,13 +86,14 @@ class Supervision:
         self._terms: dict[str, list[dict[str, Tensor]]] = {name: [] for name in self.heads}  # per recorded output
         self._main: dict[str, list[str]] = {name: [] for name in self.heads}  # is its main term in: with a gradient?
         self._names = {id(h): name for name, h in self.heads.items()}
+        if optimizer is not None and not is_tracing():
+            check_optimizer(model, optimizer)
 
     def __enter__(self) -> Supervision:
         for head in self.heads.values():
             if head._supervisor is not None:
                 raise RuntimeError("supervise() blocks cannot be nested on the same head")
             head._supervisor = self
-        _check_the_optimizer_updates_the_heads(self.model, self.heads)
         return self
 
     def __exit__(
@@ -176,6 +175,8 @@ def supervise(
     target: Tensor,
     loss_fns: HeadLoss[Any] | Mapping[str, HeadLoss[Any]] | None = None,
     head_weights: Mapping[str, float] | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
 ) -> Supervision:
     """Give ``target [B, H, W]`` to every adaptive head of ``model`` inside a ``with`` block.
 
@@ -187,6 +188,10 @@ def supervise(
         head_weights: ``{head path: weight}`` of each head's share of ``sup.loss()``; default: the host
             library's auxiliary-loss weight for an auxiliary head replaced by
             :func:`~adaptive_heads.replace_classifier` (``model.adaptive_head_weights``), 1 otherwise.
+        optimizer: the optimizer (or optimizers) of the training step: :func:`check_optimizer` raises a
+            ``ValueError`` if they do not hold every head's trainable parameters (one built before
+            ``replace_classifier``), before anything runs. A set lookup per parameter, on the host; skipped while
+            ``torch.compile`` traces.
 
     Example:
         >>> from adaptive_heads import ContextAwareClassifier, replace_classifier
@@ -200,68 +205,70 @@ def supervise(
         >>> sorted(sup.losses())
         ['1.ce', '1.ce_coarse', '1.ce_teacher', '1.distill', 'adaptive_loss']
     """
-    return Supervision(model, target, loss_fns, head_weights)
+    return Supervision(model, target, loss_fns, head_weights, optimizer)
 
 
-@dataclass
-class _UpdateWatch:
-    """What :func:`_check_the_optimizer_updates_the_heads` knows of one head: a trainable parameter of the model
-    outside every head (``None``: none to compare with), the in-place version counts of both at the last
-    supervised step, and how many optimizer steps since changed the model but not the head."""
-
-    reference: weakref.ref[Tensor] | None
-    head_version: int
-    reference_version: int
-    skipped: int = 0
-    done: bool = False
-
-
-#: the heads being watched (a head drops out once it has been updated or warned about)
-_WATCHES: weakref.WeakKeyDictionary[AdaptiveHead, _UpdateWatch] = weakref.WeakKeyDictionary()
-
-#: optimizer steps that update the rest of the model but not a head before :func:`supervise` warns
-_SKIPPED_STEPS_BEFORE_WARNING = 2
+def _held_parameters(optimizer: object) -> set[int]:
+    """The ids of the parameters an optimizer updates: those of its ``param_groups``, or of the per-parameter
+    optimizers of HF's layer-wise optimizers (``optimizer_dict``, whose ``param_groups`` hold a placeholder)."""
+    per_parameter = getattr(optimizer, "optimizer_dict", None)
+    if isinstance(per_parameter, Mapping):
+        return {id(p) for p in per_parameter}
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, Sequence) or isinstance(groups, str):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (param_groups), got {type(optimizer).__name__}")
+    return {id(p) for group in groups for p in group["params"]}
 
 
-def _check_the_optimizer_updates_the_heads(model: nn.Module, heads: Mapping[str, AdaptiveHead]) -> None:
-    """Warn once per head whose trainable parameters stay untouched over optimizer steps that update the rest of the
-    model: the optimizer was built before :func:`~adaptive_heads.replace_classifier` (it holds the replaced conv's
-    parameters) and the head never trains. Reads only the parameters' in-place version counters (host integers: no
-    device work), until the head is seen updated once. Skipped while torch.compile or torch.export traces."""
-    if is_tracing():
-        return
-    for path, head in heads.items():
-        watch = _WATCHES.get(head)
-        if watch is not None and watch.done:
-            continue
-        params = [p for p in head.parameters() if p.requires_grad]
-        if not params or not head.training:
-            continue
-        head_version = sum(p._version for p in params)
-        if watch is None:
-            inside = {id(p) for h in heads.values() for p in h.parameters()}
-            reference = next((p for p in model.parameters() if p.requires_grad and id(p) not in inside), None)
-            _WATCHES[head] = _UpdateWatch(
-                None if reference is None else weakref.ref(reference),
-                head_version,
-                0 if reference is None else reference._version,
-                done=reference is None,
-            )
-            continue
-        compared = watch.reference() if watch.reference is not None else None
-        if compared is None or head_version != watch.head_version:
-            watch.done = True  # the head is updated (or there is nothing to compare with)
-            continue
-        if compared._version != watch.reference_version:  # an optimizer step changed the model, not the head
-            watch.reference_version = compared._version
-            watch.skipped += 1
-            if watch.skipped >= _SKIPPED_STEPS_BEFORE_WARNING:
-                watch.done = True
-                warnings.warn(
-                    f"supervise(): the parameters of the adaptive head at {path!r} stayed unchanged over "
-                    f"{watch.skipped} optimizer steps that changed the rest of the model: the optimizer does not hold "
-                    "them, so the head never trains. Build the optimizer after replace_classifier() (an optimizer "
-                    "built before holds the replaced conv's parameters), or add the head's parameters to it",
-                    UserWarning,
-                    stacklevel=3,
-                )
+def check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]) -> None:
+    """Raise if the optimizer(s) do not hold every trainable parameter of ``model``'s adaptive heads.
+
+    The trap it catches: an optimizer built before :func:`~adaptive_heads.replace_classifier` holds the replaced
+    conv's parameters, not the head's, and the model trains on without the head, unnoticed (a fused or foreach
+    optimizer as well as a plain one). It compares the parameters themselves with the optimizers'
+    ``param_groups`` (HF's layer-wise optimizers: their per-parameter optimizers). Frozen parameters
+    (``requires_grad=False``) need not be there. :func:`supervise` runs it when given ``optimizer=``;
+    :class:`~adaptive_heads.integrations.hf.AdaptiveTrainer` runs it on the optimizer it trains with. Under FSDP
+    with flattened parameters (``use_orig_params=False``) the heads hold no parameters of their own and there is
+    nothing to compare.
+
+    Args:
+        model: a model holding adaptive heads (or a head itself).
+        optimizer: a ``torch.optim.Optimizer`` (or an object with its ``param_groups``), or several (a head with
+            an optimizer of its own, Lightning's manual optimisation): every head's parameters must be in one of them.
+
+    Raises:
+        ValueError: naming each head path and how many of its trainable parameters the optimizers lack.
+        TypeError: an optimizer has no ``param_groups``.
+
+    Example:
+        >>> from adaptive_heads import replace_classifier
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 5, 1))
+        >>> early = torch.optim.SGD(model.parameters(), lr=0.1)  # holds the conv about to be replaced
+        >>> model = replace_classifier(model, "cac", num_classes=5)
+        >>> check_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1))  # built after: nothing to say
+        >>> check_optimizer(model, early)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: the optimizer does not hold the trainable parameters of the adaptive head(s) ['1' (0 of 8)]...
+    """
+    try:
+        optimizers = [optimizer] if hasattr(optimizer, "param_groups") else list(optimizer)
+    except TypeError:
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or several, got {type(optimizer).__name__}"
+        ) from None
+    held = set().union(*(_held_parameters(o) for o in optimizers))
+    lacking: list[str] = []
+    for path, head in model.named_modules():
+        if isinstance(head, AdaptiveHead):
+            params = [p for p in head.parameters() if p.requires_grad]
+            held_here = sum(id(p) in held for p in params)
+            if held_here < len(params):
+                lacking.append(f"{path or type(head).__name__!r} ({held_here} of {len(params)})")
+    if lacking:
+        raise ValueError(
+            f"the optimizer does not hold the trainable parameters of the adaptive head(s) [{', '.join(lacking)}]: "
+            "those heads would never train. An optimizer built before replace_classifier() holds the replaced "
+            "conv's parameters: build it after, or add the heads' parameters to it (optimizer.add_param_group)"
+        )

@@ -83,7 +83,8 @@ def main() -> None:
         gen = torch.Generator().manual_seed(0)
         model = make_model(args.classes)
         if head_cls is not None:
-            ah.replace_classifier(model, head_cls)
+            # the dropout before the classifier feeds it alone: CAC and SSA-Seg apply it to their coarse path
+            ah.replace_classifier(model, head_cls, absorb_dropout="classifier.3")
         model.to(args.device).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
         start = time.perf_counter()

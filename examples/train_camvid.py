@@ -67,6 +67,7 @@ from adaptive_heads.cosine_head import CosineHead  # noqa: E402
 #: the plain 1×1 conv, the static cosine classifier (no adaptation, plain CE), every registered head, and ProtoSeg
 #: with its prototypes initialised by class-wise k-means of the training set's features (for ``--finetune-from``)
 HEADS = {"conv": None, "cosine": None, **ah.HEADS, "proto-kmeans": ah.PrototypeClassifier}
+DROPOUT_PATH = "decoder.dropout"
 CLASSIFIER_PATH = "decoder.classifier"
 NUM_CLASSES = len(CLASSES)
 
@@ -175,7 +176,10 @@ def build_model(
         options.update(json.loads(args.head_options))
         if "context_pooling" in options:  # the robustness experiment's variants (context_pooling.py)
             head = pooled_head(head, options.pop("context_pooling"))
-        ah.replace_classifier(model, functools.partial(head, **options), path=CLASSIFIER_PATH)
+        # the decoder's dropout feeds its classifier alone: CAC and SSA-Seg apply it to their coarse path
+        ah.replace_classifier(
+            model, functools.partial(head, **options), path=CLASSIFIER_PATH, absorb_dropout=DROPOUT_PATH
+        )
     model.to(device)
     if name == "proto-kmeans" and fit is not None:
         fit_prototypes(model, *fit, args, seed)

@@ -74,7 +74,7 @@ def test_the_warning_points_at_the_users_call():
     assert record[0].filename == __file__ and inside[0].filename == __file__
 
 
-COSINE_OPTIONS = {"tau": 15.0, "dropout": 0.1, "ignore_index": 255, "eps": 1e-12, "init_std": 0.01, "kernel_size": 1,
+COSINE_OPTIONS = {"tau": 15.0, "dropout": None, "ignore_index": 255, "eps": 1e-12, "init_std": 0.01, "kernel_size": 1,
                   "dilation": 1, "class_direction": "sum"}  # fmt: skip
 LOSS_OPTIONS = {"ignore_index": 255, "weights": None, "reduction": "mean", "main_average": "valid"}
 SIGNATURES = {

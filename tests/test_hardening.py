@@ -74,6 +74,20 @@ def test_debug_mode_rejects_nan_features(head_name):
         ah.set_debug(False)
 
 
+def test_one_nan_feature_pixel_spreads_as_the_input_contract_says(head_name):
+    """CAC and SSA-Seg pool every pixel of an image into its class prototypes: one NaN pixel makes every logit of
+    that image NaN (the other images stay finite); ProtoSeg's logits are per pixel (docs/reliability.md)."""
+    head, _ = build(head_name)
+    feat = torch.randn(2, 6, 3, 3)
+    feat[0, 0, 1, 1] = float("nan")
+    logits = head.eval()(feat)
+    assert torch.isfinite(logits[1]).all()
+    if head_name == "proto":
+        assert logits[0, :, 1, 1].isnan().all() and torch.isfinite(logits[0]).sum() == logits[0].numel() - 4
+    else:
+        assert logits[0].isnan().all()
+
+
 def test_channels_last_and_non_contiguous_inputs(head_name):
     head, loss_fn = build(head_name, **({"update_prototypes": False} if head_name == "proto" else {"dropout": 0.0}))
     feat = torch.randn(2, 6, 5, 7)

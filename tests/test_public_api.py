@@ -2,7 +2,10 @@
 function, class and method, against ``tests/public_api.json``.
 
 A change here is a change of the API: update the file on purpose (and the CHANGELOG), with
-``python -m tests.test_public_api --update``.
+``python -m tests.test_public_api --update``. The file is frozen for the package's major version (``"frozen"``: 1
+for 1.x): the update adds names, parameters and methods but refuses to remove or change one while the major version
+is the frozen one (a breaking change waits for 2.0; ``--breaking`` overrides it, for the days before a major
+version is released).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def _signature(obj: object) -> str:
 
 def _class_api(cls: type) -> dict[str, object]:
     """The constructor and every public method and property the library defines (inherited ones included)."""
-    api: dict[str, object] = {"__init__": _signature(cls.__init__)}  # not cls: AdaptiveHead's __new__ is (*args)
-    for name in ("default_weights", "main_term", "options", "training_options", "free_options", "training_only"):
+    api: dict[str, object] = {"__init__": _signature(cls.__init__)}
+    for name in ("default_weights", "main_term", "options", "free_options", "training_only"):
         value = getattr(cls, name, None)
         if isinstance(value, (dict, tuple, str)):  # the vocabulary: loss-term names, option groups
             api[f"{name} (value)"] = value if isinstance(value, (dict, str)) else list(value)
@@ -86,6 +89,90 @@ def test_public_api_matches_the_pinned_snapshot(module_name):
     )
 
 
+def _parameters(signature: str) -> list[str] | None:
+    """The parameters of a pinned signature string ``"(a, b=1, *, c=None) -> 'T'"`` (top-level commas), or
+    ``None`` for a value that is not a signature."""
+    if not signature.startswith("("):
+        return None
+    depth, start, parts = 0, 1, []
+    for i, char in enumerate(signature):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if depth == 0:  # the closing parenthesis
+            parts.append(signature[start:i])
+            return [p.strip() for p in parts if p.strip()]
+        if char == "," and depth == 1:
+            parts.append(signature[start:i])
+            start = i + 1
+    return None
+
+
+def compatible(old: object, new: object) -> bool:
+    """Whether ``new`` keeps ``old``: equal, or a signature that only appends parameters with defaults (or ``*``)
+    and keeps the return annotation."""
+    if old == new:
+        return True
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    before, after = _parameters(old), _parameters(new)
+    if before is None or after is None or after[: len(before)] != before:
+        return False
+    if old.partition(") ->")[2] != new.partition(") ->")[2]:
+        return False
+    return all(p == "*" or "=" in p or p.startswith("**") for p in after[len(before) :])
+
+
+def breaking_changes(pinned: dict, current: dict) -> list[str]:
+    """What ``current`` removes or changes of ``pinned`` (module → entry, and a class's members); additions are
+    not breaking."""
+    found = []
+    for module, entries in pinned.items():
+        if module == "frozen":
+            continue
+        now = current.get(module, {})
+        for name, value in entries.items():
+            if name == "__all__":
+                found += [f"{module}.{n} removed from __all__" for n in value if n not in now.get("__all__", [])]
+            elif name not in now:
+                found.append(f"{module}.{name} removed")
+            elif isinstance(value, dict) and isinstance(now[name], dict):
+                found += [
+                    f"{module}.{name}.{k} changed" for k, v in value.items() if not compatible(v, now[name].get(k))
+                ]
+            elif not compatible(value, now[name]):
+                found.append(f"{module}.{name} changed")
+    return found
+
+
+def test_breaking_changes_are_removals_and_changes_not_additions():
+    pinned = {"frozen": 1, "m": {"__all__": ["f", "C"], "f": "(x)", "C": {"__init__": "(self)", "run": "(self)"}}}
+    grown = {"m": {"__all__": ["f", "C", "g"], "f": "(x)", "g": "()", "C": {"__init__": "(self)", "run": "(self)",
+                                                                          "new": "(self)"}}}  # fmt: skip
+    assert breaking_changes(pinned, grown) == []
+    keyword = {"m": {"__all__": ["f", "C"], "f": "(x, *, y=None)", "C": {"__init__": "(self, z=1)", "run": "(self)"}}}
+    assert breaking_changes(pinned, keyword) == []  # parameters with defaults, appended
+    assert not compatible("(x, y=1) -> 'T'", "(x, w, y=1) -> 'T'") and not compatible("(x) -> 'T'", "(x) -> 'U'")
+    assert compatible("(x, f: 'Callable[[int, int], T]' = None)", "(x, f: 'Callable[[int, int], T]' = None, g=2)")
+    shrunk = {"m": {"__all__": ["C"], "C": {"__init__": "(self, y)"}}}
+    assert breaking_changes(pinned, shrunk) == [
+        "m.f removed from __all__", "m.f removed", "m.C.__init__ changed", "m.C.run changed",
+    ]  # fmt: skip
+
+
+def test_the_frozen_api_is_the_packages_major_version():
+    import adaptive_heads
+
+    assert json.loads(SNAPSHOT.read_text())["frozen"] == int(adaptive_heads.__version__.split(".")[0])
+
+
 if __name__ == "__main__" and "--update" in sys.argv:
-    SNAPSHOT.write_text(json.dumps({m: describe(m) for m in MODULES}, indent=1, ensure_ascii=False) + "\n")
+    import adaptive_heads
+
+    major = int(adaptive_heads.__version__.split(".")[0])
+    pinned = json.loads(SNAPSHOT.read_text())
+    current = json.loads(json.dumps({m: describe(m) for m in MODULES}))
+    broken = breaking_changes(pinned, current) if pinned.get("frozen") == major else []
+    if broken and "--breaking" not in sys.argv:  # --breaking: before the major version's release only
+        sys.exit(f"the public API is frozen for {major}.x; these changes break it: {broken}")
+    SNAPSHOT.write_text(json.dumps({"frozen": major, **current}, indent=1, ensure_ascii=False) + "\n")
     print(f"wrote {SNAPSHOT}")

@@ -77,7 +77,7 @@ def test_no_import_cycles_inside_the_package():
 #: the package's layers, lowest first, one family per file: a module imports only from lower layers (and the
 #: functional modules from each other); where a reader looks for what
 LAYERS = [
-    ("helpers", {"_types", "_layout", "_precision", "_validation", "_distributed", "_dropout_flow", "_budget"}),
+    ("helpers", {"_types", "_layout", "_precision", "_validation", "_distributed", "_budget"}),
     ("math", {"functional"}),
     ("outputs, layers, checkpoints", {"outputs", "_layers", "_checkpoint", "_saved_options"}),
     ("losses", {"losses"}),
@@ -85,7 +85,7 @@ LAYERS = [
     ("the cosine base", {"cosine_head"}),
     ("heads", {"cac", "ssa", "protoseg"}),
     ("registry", {"registry"}),
-    ("model surgery and training", {"replace", "slide", "supervise"}),
+    ("model surgery, training and checkpoints", {"replace", "slide", "supervise", "checkpoints"}),
 ]
 
 

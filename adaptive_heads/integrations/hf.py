@@ -28,6 +28,7 @@ missing and the adaptive head's as unexpected): load such folders with
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,7 +43,7 @@ from ..head import AdaptiveHead
 from ..losses import HeadLoss
 from ..registry import head_by_name
 from ..replace import replace_classifier
-from ..supervise import supervise
+from ..supervise import check_optimizer, supervise
 
 __all__ = ["CONFIG_KEY", "AdaptiveSegmentationModel", "AdaptiveTrainer"]
 
@@ -84,6 +85,29 @@ def _submodule(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _takes_options(head: object) -> bool:
+    """Whether ``head`` (a name, a head class, a ``functools.partial`` of one, or another callable) takes the heads'
+    keyword options: another callable promises only ``(in_channels, num_classes)``."""
+    if isinstance(head, str):
+        return True
+    target = head.func if isinstance(head, functools.partial) else head
+    return isinstance(target, type) and issubclass(target, AdaptiveHead)
+
+
+def _default_ignore_index(head: AdaptiveHead) -> object:
+    parameter = inspect.signature(type(head)).parameters.get("ignore_index")
+    return inspect.Parameter.empty if parameter is None else parameter.default
+
+
+def _initialize_heads(model: nn.Module, keys: list[str]) -> None:
+    """Each head's own initialisation for its ``keys`` transformers could not load (it gave them the model's
+    ``_init_weights``, e.g. N(0, 0.02²), or left them as allocated) and for its non-persistent buffers."""
+    for path, head in model.named_modules():
+        if isinstance(head, AdaptiveHead):
+            prefix = f"{path}." if path else ""
+            head.initialize_missing([k[len(prefix) :] for k in keys if k.startswith(prefix)])
+
+
 class AdaptiveSegmentationModel(nn.Module):
     """Wrap an HF semantic-segmentation model so its loss includes the adaptive heads' terms.
 
@@ -95,21 +119,22 @@ class AdaptiveSegmentationModel(nn.Module):
         loss_fns: loss module(s) for :func:`~adaptive_heads.supervise` (default: each head's ``default_loss()``).
         **head_options: the head's keyword options (``tau=10.0``).
 
-    The heads take ``config.semantic_loss_ignore_index`` (UperNet: ``loss_ignore_index``) as their
-    ``ignore_index``, the label the model's own loss ignores (a head built with another ``ignore_index`` is
-    refused: set the config instead); an auxiliary head's extra terms are weighted by
-    ``config.auxiliary_loss_weight``, as the model weighs its auxiliary CE. The paths replaced are in
-    ``wrapper.model.adaptive_head_paths``.
+    The heads the wrapper builds take ``config.semantic_loss_ignore_index`` (UperNet: ``loss_ignore_index``) as
+    their ``ignore_index``, the label the model's own loss ignores; a head that ignores another label (built with
+    ``ignore_index=``, or already in the model) is refused: set the config's value instead. An auxiliary head's
+    extra terms are weighted by ``config.auxiliary_loss_weight``, as the model weighs its auxiliary CE. The paths
+    replaced are in ``wrapper.model.adaptive_head_paths``.
 
     ``forward(pixel_values, labels=None, **kwargs)`` returns the model's output; in training with labels its
     ``loss`` is the model's loss plus ``sup.loss()`` (the extra terms: the model's own CE already covers each
     head's main term), and :attr:`last_losses` holds every named term (detached) for logging.
 
     The loss is a mean over the batch's pixels: ``transformers.Trainer`` divides it by
-    ``gradient_accumulation_steps`` (:attr:`accepts_loss_kwargs` is ``False``), so 4 accumulated batches of 1 give
-    the update and the logged loss of one batch of 4 where the loss is a per-pixel mean (tested). Terms pooled over
-    the batch stay batch-level, as BatchNorm's statistics do: the teacher of CAC and SSA-Seg (official
-    ``teacher_pooling="batch"``) and CAC's class-wise average of its distillation.
+    ``gradient_accumulation_steps`` (:attr:`accepts_loss_kwargs` is ``False``). 4 accumulated batches of 1 give
+    exactly the update and the logged loss of one batch of 4 only when every micro-batch has the same number of
+    valid pixels and no term pools over the batch (tested with ``teacher_pooling="image"`` and without CAC's
+    distillation); terms pooled over the batch stay batch-level, as BatchNorm's statistics do: the teacher of CAC
+    and SSA-Seg (official ``teacher_pooling="batch"``) and CAC's class-wise average of its distillation.
     """
 
     def __init__(
@@ -123,26 +148,32 @@ class AdaptiveSegmentationModel(nn.Module):
     ) -> None:
         super().__init__()
         _warn_of_a_plain_load_of_adaptive_weights(model)
+        # the label the model's own loss ignores is the one the heads ignore (UperNet names it loss_ignore_index)
+        config = getattr(model, "config", None)
+        ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
+        built: list[AdaptiveHead] = []
         if head is not None:
+            chosen = {**getattr(head, "keywords", {}), **head_options}  # a functools.partial's too
+            if ignore_index is not None and "ignore_index" not in chosen and _takes_options(head):
+                head_options["ignore_index"] = ignore_index
+            before = {id(m) for m in model.modules()}
             replace_classifier(model, head, include_aux=include_aux, **head_options)
+            built = [m for m in model.modules() if isinstance(m, AdaptiveHead) and id(m) not in before]
         elif head_options:
             raise TypeError(f"head options {sorted(head_options)} given without a head")
         if not any(isinstance(m, AdaptiveHead) for m in model.modules()):
             raise ValueError('the model has no adaptive head; pass head= (e.g. "cac")')
-        # the label the model's own loss ignores is the one the heads ignore (UperNet names it loss_ignore_index)
-        config = getattr(model, "config", None)
-        ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
         if ignore_index is not None:
+            for module in built:  # another callable's heads: at their class's default, they take the config's
+                if module.ignore_index != ignore_index and module.ignore_index == _default_ignore_index(module):
+                    module.ignore_index = ignore_index
             for path, module in model.named_modules():
-                if not isinstance(module, AdaptiveHead) or module.ignore_index == ignore_index:
-                    continue
-                if module.built_with("ignore_index"):  # the user chose another one
+                if isinstance(module, AdaptiveHead) and module.ignore_index != ignore_index:
                     raise ValueError(
-                        f"the head at {path!r} was built with ignore_index={module.ignore_index} but the model's own "
-                        f"loss ignores {ignore_index} (config.semantic_loss_ignore_index / loss_ignore_index): set "
-                        "the config's value instead, so that both losses ignore the same label"
+                        f"the head at {path!r} ignores the label {module.ignore_index} but the model's own loss "
+                        f"ignores {ignore_index} (config.semantic_loss_ignore_index / loss_ignore_index): both losses "
+                        "must ignore the same label; set the config's value (the heads the wrapper builds take it)"
                     )
-                module.ignore_index = ignore_index
         self.model = model
         self.loss_fns = loss_fns
         self.last_losses: dict[str, Tensor] = {}
@@ -205,12 +236,15 @@ class AdaptiveSegmentationModel(nn.Module):
         the safetensors file(s).
 
         ``kwargs`` are those of the HF class's ``from_pretrained``: config attributes (``num_labels=7``,
-        ``id2label=...``) and loading options. Fine-tuning onto another class count is HF's own recipe,
-        ``from_pretrained(folder, num_labels=7, ignore_mismatched_sizes=True)``: the heads are built for 7 classes
-        and every tensor whose shape fits loads (transformers lists the others as mismatched and initialises them).
-        Any other key left unmatched is an error, and so are weights saved with other head options than
-        ``config.json``'s. Weights without the heads' saved options (a state dict filtered to parameters, or saved by
-        adaptive_heads 0.1) load with a warning that the options could not be checked.
+        ``id2label=...``, ``semantic_loss_ignore_index=0``: the heads take it) and loading options. Fine-tuning onto
+        another class count is HF's own recipe, ``from_pretrained(folder, num_labels=7,
+        ignore_mismatched_sizes=True)``: the heads are built for 7 classes, every tensor whose shape fits loads, and
+        each head tensor transformers could not load (the coarse classifier, SSA-Seg's ``center_pos``, ProtoSeg's
+        prototypes) gets the head's own initialisation (:meth:`~adaptive_heads.head.AdaptiveHead.initialize_missing`),
+        not the model's ``_init_weights``. Any other key left unmatched is an error. Weights saved with other head
+        options than ``config.json``'s load with a warning naming each (``config.json`` builds the heads); weights
+        without saved options (filtered to parameters, or saved by adaptive_heads 0.1) with a warning that the options
+        could not be checked.
         """
         hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
         config, model_kwargs = transformers.AutoConfig.from_pretrained(directory, return_unused_kwargs=True, **kwargs)
@@ -226,6 +260,7 @@ class AdaptiveSegmentationModel(nn.Module):
                 raise ValueError(f"{directory}/config.json names no architecture; pass model_class=")
             model_class = getattr(transformers, config.architectures[0])
         heads = spec["heads"]
+        ignore_index = next((v for a in _IGNORE_INDEX_ATTRS if isinstance(v := getattr(config, a, None), int)), None)
 
         class WithAdaptiveHeads(model_class):  # type: ignore[misc, valid-type]
             """The HF class with the saved heads in place before transformers loads the weights (so its key
@@ -234,8 +269,14 @@ class AdaptiveSegmentationModel(nn.Module):
             def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
                 super().__init__(config, *args, **kwargs)
                 for path, head in heads.items():
-                    factory = functools.partial(head_by_name(head["type"]), **head["options"])
+                    options = dict(head["options"])
+                    overridden = ignore_index is not None and options.get("ignore_index") != ignore_index
+                    if overridden:  # the config's, as the wrapper's heads take it (set for this load, on purpose)
+                        options["ignore_index"] = ignore_index
+                    factory = functools.partial(head_by_name(head["type"]), **options)
                     replace_classifier(self, factory, path=path, copy_weights=False)
+                    if overridden:
+                        self.get_submodule(path)._uncompared_options = ("ignore_index",)
 
         # the HF class's own name and module: transformers picks its checkpoint key conversions by them
         WithAdaptiveHeads.__name__ = WithAdaptiveHeads.__qualname__ = model_class.__name__
@@ -244,10 +285,15 @@ class AdaptiveSegmentationModel(nn.Module):
             directory, config=config, output_loading_info=True, **hub, **model_kwargs
         )
         unchecked = sorted(k for k in info.get("missing_keys", ()) if k.endswith(_EXTRA_STATE))
-        problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-        problems["missing_keys"] = [k for k in problems.get("missing_keys", ()) if not k.endswith(_EXTRA_STATE)]
-        if model_kwargs.get("ignore_mismatched_sizes"):  # fine-tuning: transformers lists them, as asked
-            problems.pop("mismatched_keys", None)
+        missing = [k for k in info.get("missing_keys", ()) if not k.endswith(_EXTRA_STATE)]
+        for module in model.modules():  # compared again at any later load
+            if isinstance(module, AdaptiveHead):
+                module._uncompared_options = ()
+        mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())]  # 4.x: tuples
+        _initialize_heads(model, [*missing, *mismatched])
+        problems = {"missing_keys": missing, "unexpected_keys": list(info.get("unexpected_keys", ()))}
+        if not model_kwargs.get("ignore_mismatched_sizes"):  # fine-tuning: transformers lists them, as asked
+            problems["mismatched_keys"] = mismatched
         problems = {k: v for k, v in problems.items() if v}
         if problems:
             raise RuntimeError(f"loading {directory} left keys unmatched: {problems}")
@@ -258,10 +304,6 @@ class AdaptiveSegmentationModel(nn.Module):
                 UserWarning,
                 stacklevel=2,
             )
-        for module in model.modules():  # transformers 4 loads through _load_from_state_dict, whose errors it drops
-            mismatch = getattr(module, "_options_mismatch", None) if isinstance(module, AdaptiveHead) else None
-            if mismatch is not None:
-                raise ValueError(f"loading {directory}: {mismatch}")
         return cls(model, loss_fns=loss_fns)
 
 
@@ -272,7 +314,8 @@ class AdaptiveTrainer(transformers.Trainer):
     (``decode_head.classifier.ce_teacher``, ``...distill``, and ``adaptive_loss``, the heads' extra total) is
     averaged over the training steps since the previous log and added to the same log
     record, so every reporter (console, TensorBoard, W&B, ``trainer.state.log_history``) shows it. The values
-    are read on the host only when a log is written. Under data parallelism each process logs its own
+    are read on the host only when a log is written. The optimizer it trains with is checked to hold every head's
+    parameters (:func:`~adaptive_heads.check_optimizer`). Under data parallelism each process logs its own
     averages (the ``loss`` Trainer logs is averaged over processes, the terms are not). Under ``nn.DataParallel``
     (several GPUs in one process) the terms live on the replicas and are not logged.
 
@@ -290,6 +333,15 @@ class AdaptiveTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = False
         self._term_sums: dict[str, Tensor] = {}
         self._term_steps = 0
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's optimizer (its own, or the one given as ``optimizers=``), checked to hold every head's
+        trainable parameters (:func:`~adaptive_heads.check_optimizer`: one built before the classifier was
+        replaced would train the model without its heads)."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if isinstance(self.model, nn.Module):
+            check_optimizer(self.model, optimizer)
+        return optimizer
 
     # **kwargs: transformers >= 4.46 passes num_items_in_batch, 4.45 does not
     def compute_loss(  # type: ignore[override]

@@ -56,7 +56,7 @@ import torch
 
 from ..cosine_head import CosineHead
 from ..registry import HEADS
-from ..replace import _mmseg_ce_weight
+from ..replace import mmseg_ce_weight
 from ..slide import slide_inference
 from ..supervise import supervise
 from . import PluginImportError
@@ -203,12 +203,12 @@ def make_adaptive_decode_head(base_cls: type) -> type:
 
 
 def _adaptive_loss_weight(loss_decode: torch.nn.Module, weight: float | None) -> float:
-    """The weight of ``loss_adaptive``: ``weight`` if given, else the head's CE weight (``_mmseg_ce_weight``)."""
+    """The weight of ``loss_adaptive``: ``weight`` if given, else the head's CE weight (``mmseg_ce_weight``)."""
     if weight is not None:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"adaptive_loss_weight must be a number >= 0 (or None), got {weight!r}")
         return float(weight)
-    found = _mmseg_ce_weight(loss_decode)
+    found = mmseg_ce_weight(loss_decode)
     if found is None:
         names = [type(m).__name__ for m in (loss_decode if isinstance(loss_decode, torch.nn.ModuleList) else [])]
         raise ValueError(

@@ -1,11 +1,13 @@
 """HF transformers integration (skips without transformers)."""
 
+import functools
 import json
+import warnings
 
 import pytest
 import torch
 
-from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, slide_inference
+from adaptive_heads import ContextAwareClassifier, ContextAwareLoss, SSAClassifier, slide_inference
 from adaptive_heads.registry import HEADS
 
 from ..conftest import assert_dropout_on_the_coarse_path_only
@@ -131,6 +133,24 @@ def test_trainer_trains_and_save_pretrained_round_trips(head_cls, tmp_path):
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
+def test_adaptive_trainer_refuses_an_optimizer_built_before_the_heads(tmp_path):
+    """A fused AdamW (the Trainer's default on torch >= 2.8) built on the plain model holds the replaced conv: the
+    Trainer would train without the head. Refused before the first step, exactly (its parameter groups)."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    base = _segformer()
+    fused = {"fused": True} if "fused" in torch.optim.AdamW.__init__.__code__.co_varnames else {}
+    early = torch.optim.AdamW(base.parameters(), lr=1e-3, **fused)
+    model = AdaptiveSegmentationModel(base, "cac")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = AdaptiveTrainer(model=model, args=args, train_dataset=_Scenes(), optimizers=(early, None))
+    with pytest.raises(ValueError, match=r"does not hold the trainable parameters of the adaptive head\(s\) \['model"):
+        trainer.train()
+    AdaptiveTrainer(model=model, args=args, train_dataset=_Scenes()).train()  # its own optimizer: built after
+
+
 def test_plain_transformers_load_of_a_saved_folder_reinitialises_the_classifier(tmp_path):
     model = AdaptiveSegmentationModel(_segformer(), ContextAwareClassifier)
     model.save_pretrained(tmp_path)
@@ -195,8 +215,17 @@ def test_wrapper_takes_a_head_name_with_options_and_refuses_a_mismatched_ignore_
     assert model.model.adaptive_head_paths == ["decode_head.classifier"]
     with pytest.raises(TypeError, match="given without a head"):
         AdaptiveSegmentationModel(model.model, tau=10.0)
-    with pytest.raises(ValueError, match=r"built with ignore_index=-1 but the model's own loss ignores 255"):
+    with pytest.raises(
+        ValueError, match=r"'decode_head.classifier' ignores the label -1 but the model's own loss ignores 255"
+    ):
         AdaptiveSegmentationModel(_segformer(), "cac", ignore_index=-1)
+    base = _segformer()
+    base.config.semantic_loss_ignore_index = 0
+    assert AdaptiveSegmentationModel(base, "cac").model.decode_head.classifier.ignore_index == 0  # the config's
+    for factory in (lambda c, n: ContextAwareClassifier(c, n), functools.partial(lambda c, n: SSAClassifier(c, n))):
+        base = _segformer()  # any (in_channels, num_classes) callable: built, then given the config's label
+        base.config.semantic_loss_ignore_index = 0
+        assert AdaptiveSegmentationModel(base, factory).model.decode_head.classifier.ignore_index == 0
 
 
 def test_adaptive_trainer_logs_every_term_averaged_since_the_last_log(tmp_path):
@@ -286,15 +315,28 @@ def test_image_context_slide_inference_through_the_wrapper_of_a_model_with_an_ad
     torch.testing.assert_close(slide_inference(reloaded.eval(), images, 32, 16, context="image"), tiled)
 
 
-def test_from_pretrained_refuses_weights_saved_with_other_head_options(tmp_path):
-    """The options in config.json build the head; the ones saved with the weights must agree (transformers 5 loads
-    through set_extra_state, 4.x through _load_from_state_dict: both check)."""
+def test_from_pretrained_warns_of_weights_saved_with_other_head_options(tmp_path):
+    """config.json's options build the head; the ones saved with the weights are compared with them (transformers 5
+    loads through set_extra_state, 4.x through _load_from_state_dict: both warn, naming the option)."""
     AdaptiveSegmentationModel(_segformer(), "cac", tau=10.0).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["adaptive_heads"]["heads"]["decode_head.classifier"]["options"]["tau"] = 15.0  # edited by hand
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises((ValueError, RuntimeError), match=r"tau=10\.0 \(this head: 15\.0\)"):
-        AdaptiveSegmentationModel.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"tau=10\.0 \(this head: 15\.0\)"):
+        model = AdaptiveSegmentationModel.from_pretrained(tmp_path)
+    assert model.model.decode_head.classifier.tau == 15.0
+
+
+def test_from_pretrained_takes_an_ignore_index_override_for_the_model_and_its_heads(tmp_path):
+    AdaptiveSegmentationModel(_segformer(), "ssa").save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AdaptiveSegmentationModel.from_pretrained(tmp_path, semantic_loss_ignore_index=0)
+    assert not [w for w in caught if "built with" in str(w.message)]  # the override is on purpose: no such warning
+    assert model.config.semantic_loss_ignore_index == 0 and model.model.decode_head.classifier.ignore_index == 0
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    labels[:, :8] = 0
+    assert torch.isfinite(model.train()(pixel_values=images, labels=labels).loss)
 
 
 # ----------------------------------------------------------------------------- checkpoints (issue 32)
@@ -322,6 +364,39 @@ def test_from_pretrained_fine_tunes_onto_another_class_count_as_transformers_doe
     assert tuned.eval()(pixel_values=images).logits.shape == (1, 7, 8, 8)
     with pytest.raises((RuntimeError, ValueError), match=r"mismatch|size"):  # without the flag: transformers refuses
         AdaptiveSegmentationModel.from_pretrained(tmp_path, num_labels=7)
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_fine_tuning_from_pretrained_gives_the_new_head_tensors_the_heads_own_init(name, tmp_path):
+    """transformers initialises what it could not load with the model's _init_weights (N(0, 0.02²)) or leaves it
+    as allocated (ProtoSeg's prototype buffer: NaN logits): each head tensor gets the head's own init instead."""
+    AdaptiveSegmentationModel(_segformer(), name, init_std=0.01).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    tuned = AdaptiveSegmentationModel.from_pretrained(tmp_path, num_labels=64, ignore_mismatched_sizes=True)
+    head = tuned.model.decode_head.classifier
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 32, 32))
+    out = tuned.train()(pixel_values=images, labels=labels)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+    if name == "proto":  # unit prototypes of a truncated normal draw
+        norms = head.prototypes.norm(dim=-1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))
+        assert head.prototypes.std(dim=(0, 1)).mean() > 0.1  # drawn, not one repeated value
+    else:  # mmseg's N(0, init_std²) weight and zero bias for the coarse classifier: 64 × 16 draws
+        weight = head.conv_seg.weight
+        assert 0.008 < float(weight.std()) < 0.012 and not head.conv_seg.bias.any()
+    if name == "ssa":  # nn.Embedding's N(0, 1), not transformers' N(0, 0.02²)
+        assert 0.9 < float(head.center_pos.weight.std()) < 1.1
+
+
+def test_from_pretrained_sets_protosegs_non_persistent_counts(tmp_path):
+    model = AdaptiveSegmentationModel(_segformer(), "proto")
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    model.train()(pixel_values=images, labels=labels)
+    assert model.model.decode_head.classifier.usage_counts.sum() > 0
+    model.save_pretrained(tmp_path)
+    for _ in range(2):  # also over memory a previous model left behind
+        loaded = AdaptiveSegmentationModel.from_pretrained(tmp_path)
+        assert torch.equal(loaded.model.decode_head.classifier.usage_counts, torch.zeros(5, 10))
 
 
 def test_from_pretrained_loads_weights_without_the_saved_options_with_a_warning(tmp_path):

@@ -192,15 +192,36 @@ def test_adaptive_decode_head_takes_the_dropout_ratio_and_weighs_an_auxiliary_he
     assert head.adaptive_loss_weight == 0.4 and "aux.loss_adaptive" in losses
 
 
-def test_dropout_shared_with_other_layers_stays_and_protoseg_keeps_the_decode_heads_dropout():
-    from mmseg.models.decode_heads import DAHead, FCNHead
+def test_the_mmseg_dropout_rule_agrees_with_every_decode_heads_source():
+    """replace_classifier moves an mmseg decode head's dropout by a rule about mmseg (BaseDecodeHead.cls_seg applies
+    it right before conv_seg; DAHead and ANNHead also feed other layers with it): checked here, head by head,
+    against the installed mmseg's source."""
+    import inspect
 
-    from adaptive_heads.replace import feeding_dropout
+    from mmseg.models import decode_heads
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 
-    da = DAHead(in_channels=16, channels=8, pam_channels=4, num_classes=5, dropout_ratio=0.1)
-    assert feeding_dropout(da, "conv_seg") is None  # DAHead's dropout also feeds pam_cls_seg and cam_cls_seg
-    fcn = FCNHead(in_channels=16, channels=8, num_classes=5, dropout_ratio=0.1)
-    assert feeding_dropout(fcn, "conv_seg") == "dropout"
+    from adaptive_heads.replace import _mmseg_head_dropout
+
+    checked = 0
+    for name in decode_heads.__all__:
+        cls = getattr(decode_heads, name)
+        if not (isinstance(cls, type) and issubclass(cls, BaseDecodeHead)):
+            continue
+        own = [c for c in cls.__mro__ if issubclass(c, BaseDecodeHead) and c is not BaseDecodeHead]
+        elsewhere = any("self.dropout" in inspect.getsource(c) for c in own)
+        alone = cls.cls_seg is BaseDecodeHead.cls_seg and not elsewhere
+        assert _mmseg_head_dropout(cls) == alone, name
+        checked += 1
+    assert checked > 20 and not _mmseg_head_dropout(decode_heads.DAHead) and _mmseg_head_dropout(decode_heads.FCNHead)
+
+
+def test_replace_classifier_moves_an_mmseg_decode_heads_dropout_and_protoseg_keeps_it():
+    from adaptive_heads import replace_classifier
+
+    model = replace_classifier(_model("FCNHead", {}, aux=True), "ssa", include_aux=True)
+    for head in (model.decode_head, model.auxiliary_head):
+        assert isinstance(head.dropout, torch.nn.Identity) and head.conv_seg.dropout.p == 0.1
 
     model = _model("AdaptiveFCNHead", dict(type="PrototypeClassifier"))
     head = model.decode_head.train()

@@ -249,11 +249,19 @@ def test_smp_built_with_an_activation_is_warned_of(activation):
             replace_classifier(model, "cac")
 
 
-@pytest.mark.parametrize("architecture", ["FPN", "PSPNet"])
+@pytest.mark.parametrize("architecture", ["FPN", "PSPNet", "DPT"])
 def test_smp_decoder_dropout_moves_to_the_coarse_path(architecture):
     smp = pytest.importorskip("segmentation_models_pytorch")
-    model = getattr(smp, architecture)(encoder_name="resnet18", encoder_weights=None, classes=4)
-    assert isinstance(model.decoder.dropout, torch.nn.Dropout2d)
+    if not hasattr(smp, architecture):
+        pytest.skip(f"this smp has no {architecture}")
+    if architecture == "DPT":  # a ViT encoder from timm, built without weights
+        model = smp.DPT(encoder_name="tu-vit_tiny_patch16_224", encoder_weights=None, classes=4)
+        dropout, head = "segmentation_head.head.3", "segmentation_head.head.4"
+    else:
+        model = getattr(smp, architecture)(encoder_name="resnet18", encoder_weights=None, classes=4)
+        dropout, head = "decoder.dropout", "segmentation_head.0"
+    assert isinstance(model.get_submodule(dropout), torch.nn.modules.dropout._DropoutNd)
+    rate = model.get_submodule(dropout).p
     replace_classifier(model, ContextAwareClassifier)
-    assert isinstance(model.decoder.dropout, torch.nn.Identity)
-    assert model.segmentation_head[0].dropout.p == 0.2  # smp's decoder_dropout default
+    assert isinstance(model.get_submodule(dropout), torch.nn.Identity)
+    assert model.get_submodule(head).dropout.p == rate  # smp's rate (decoder_dropout 0.2, DPT's head 0.1)
