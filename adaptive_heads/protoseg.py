@@ -32,6 +32,7 @@ from .functional import (
     unit_layer_norm,
     valid_labels,
 )
+from .functional.cosine import pixel_products
 from .head import AdaptiveHead
 from .losses import PrototypeLoss
 from .outputs import PrototypeOutput
@@ -226,9 +227,11 @@ class PrototypeClassifier(AdaptiveHead):
         emb = self.embed(feat)
         protos = self.unit_prototypes().to(emb.dtype)
         if is_tracing() or (torch.is_grad_enabled() and emb.requires_grad):
-            best = emb @ protos[:, 0].t()  # [B, h, w, n]; one K-slice at a time, no [N, n, K] tensor
+            rows = emb.reshape(-1, self.embed_dim)  # one K-slice at a time, no [N, n, K] tensor; the conv's policy
+            best = pixel_products(rows, protos[:, 0])
             for k in range(1, self.num_prototypes):
-                best = torch.maximum(best, emb @ protos[:, k].t())
+                best = torch.maximum(best, pixel_products(rows, protos[:, k]))
+            best = best.view(*emb.shape[:-1], self.num_classes)  # [B, h, w, n]
         else:  # the chunked pass training uses: one [chunk, n·K] matmul per pixel chunk
             flat = emb.reshape(-1, self.embed_dim)
             best = prototype_best_similarity(flat, protos.reshape(-1, self.embed_dim), self.num_classes)

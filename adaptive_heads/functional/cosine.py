@@ -29,7 +29,8 @@ __all__ = ["channel_norm", "cosine_logits", "pointwise_conv"]
 
 
 def _as_convolution(x: Tensor) -> bool:
-    """Run the products as convolutions (CUDA, and every device but the CPU) or as matmuls (the CPU)."""
+    """Run per-image products as grouped convolutions (CUDA, and every device but the CPU) or as matmuls (the CPU,
+    and channels-last features, whose ``[1, B·C, h, w]`` view would be a copy)."""
     return x.device.type != "cpu" and not is_channels_last(x)
 
 
@@ -38,9 +39,9 @@ def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     ``bias [n]`` → ``[B, n, h, w]`` (see the module docstring for where it runs)."""
     b, c, h, w = x.shape
     n = weight.shape[-2]
+    if x.device.type != "cpu" and weight.dim() == 2:  # one classifier: the conv it replaces, in any layout
+        return F.conv2d(x, weight[:, :, None, None], bias)
     if _as_convolution(x):
-        if weight.dim() == 2:
-            return F.conv2d(x, weight[:, :, None, None], bias)
         bias = None if bias is None else bias.repeat(b)
         out = F.conv2d(x.reshape(1, b * c, h, w), weight.reshape(b * n, c, 1, 1), bias, groups=b)
         return out.view(b, n, h, w)

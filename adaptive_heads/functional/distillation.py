@@ -110,7 +110,7 @@ class _ClasswiseDistillation(torch.autograd.Function):
         columns = torch.cat([weights * neg_loss, weights, counted.unsqueeze(0)]).flatten(1)  # [2G + 1, N]
         stats = neg_loss.new_zeros(2 * g + 1, num_classes).index_add_(1, slot, columns)  # [2G + 1, n]
         present = stats[-1] > 0
-        classes = present.sum() + eps if class_average == "present" else torch.full((), float(num_classes))
+        classes = present.sum() + eps if class_average == "present" else float(num_classes)
         # −1 / (G · (|K| + eps) · (Σ_i 1[t_i=k] w_gi + eps)) for the present classes, 0 elsewhere: ∂total/∂(w_gi ℓ_i)
         per_class = present / (stats[g : 2 * g] + eps).mul_(classes * -g)  # [G, n]
         total = torch.linalg.vecdot(stats[:g].flatten(), per_class.flatten())

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._budget import memory_budget
-from .._precision import upcast_half
+from .._precision import compute_dtype, upcast_half
 from .cosine import pixel_products
 
 __all__ = [
@@ -32,7 +32,9 @@ __all__ = [
 def _chunks(emb: Tensor, width: int, budget: int | None) -> list[slice]:
     """Pixel slices of ``[chunk, width]`` blocks: ``budget`` elements each, default the device's memory budget."""
     n_pixels = emb.shape[0]
-    elements = memory_budget(emb.device) // 4 if budget is None else budget  # float32 blocks
+    # a pass holds about 2.5 float32 blocks (the similarities, their float32 copy under autocast, log-sum-exp's
+    # temporary), and one block stays below 2³¹ elements (a larger convolution falls back to slow kernels)
+    elements = min(memory_budget(emb.device) * 2 // (5 * 4), 2**31 - 1) if budget is None else budget
     step = max(1, elements // max(1, width))
     return [slice(s, min(s + step, n_pixels)) for s in range(0, n_pixels, step)]
 
@@ -53,9 +55,10 @@ class _PrototypeSimilarityStats(torch.autograd.Function):
             lse = torch.logsumexp(sims.to(wide), dim=1)
             arg = arg.to(arg_dtype)
         else:
-            best = emb.new_empty(n_pixels, num_classes)
+            sim_dtype = emb.dtype if emb.dtype == torch.float64 else compute_dtype(emb)  # as the one pass's
+            best = emb.new_empty(n_pixels, num_classes, dtype=sim_dtype)
             arg = torch.empty(n_pixels, num_classes, dtype=arg_dtype, device=emb.device)
-            own = emb.new_empty(n_pixels, k)
+            own = emb.new_empty(n_pixels, k, dtype=sim_dtype)
             lse = emb.new_empty(n_pixels, dtype=wide)
             for sl in chunks:
                 sims = pixel_products(emb[sl], protos)

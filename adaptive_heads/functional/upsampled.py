@@ -158,9 +158,10 @@ class _Plan:
         big_h, big_w = self.size
         if tile_elements is None:
             budget = memory_budget(first.device) // (buffers * (8 if self.dtype == torch.float64 else 4))
-            whole = not torch.are_deterministic_algorithms_enabled()
         else:
-            budget, whole = tile_elements, True
+            budget = tile_elements
+        # the whole pass's upsample backward has no deterministic CUDA kernel: tiles in deterministic mode there
+        whole = not (first.device.type == "cuda" and torch.are_deterministic_algorithms_enabled())
         if whole and len(logits) * b * n * big_w * big_h <= budget:
             self.tiles = None
             return

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Container, Iterable, Mapping
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -189,7 +189,8 @@ class HeadLoss(nn.Module, Generic[OutputT]):
                 f"got {type(out).__name__}"
             )
         logits = out.logits
-        given, ignore_index, checked, split = getattr(out, "_checked_target", (None,) * 4)  # head.CHECKED_TARGET
+        recorded: tuple[Any, ...] = getattr(out, "_checked_target", (None,) * 4)  # head.CHECKED_TARGET
+        given, ignore_index, checked, split = recorded
         if given is not target or ignore_index != self.ignore_index:  # not what the head read
             checked, split = check_and_split_target(
                 target,

@@ -147,3 +147,17 @@ def test_contrast_from_stats_gradient():
     assert torch.autograd.gradcheck(
         lambda o, s: torch.stack(AF.prototype_contrast_from_stats(o, s, proto_target)), (own, lse)
     )
+
+
+def test_similarity_stats_keep_one_dtype_under_autocast_whatever_the_chunking():
+    """The one pass and the chunks give the same values in the same dtypes (bf16 autocast: the products' dtype)."""
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
+    protos = torch.nn.functional.normalize(torch.randn(3 * 4, 8), dim=1)
+    labels = torch.randint(0, 3, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = AF.prototype_similarity_stats(emb, protos, labels, 3)
+        chunked = AF.prototype_similarity_stats(emb, protos, labels, 3, budget=5 * 12)
+    assert [t.dtype for t in whole] == [t.dtype for t in chunked] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b)
