@@ -40,12 +40,7 @@ def upcast_half(x: Tensor) -> Tensor:
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype:
-    getter = getattr(torch, "get_autocast_dtype", None)
-    if getter is not None:
-        return getter(device_type)
-    if device_type == "cuda":  # pragma: no cover - torch < 2.4
-        return torch.get_autocast_gpu_dtype()
-    return torch.get_autocast_cpu_dtype()  # pragma: no cover - torch < 2.4
+    return torch.get_autocast_dtype(device_type)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

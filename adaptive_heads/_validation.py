@@ -26,7 +26,6 @@ __all__ = [
     "check_and_split_target",
     "check_choice",
     "check_features",
-    "check_target",
     "check_unit_interval",
     "is_tracing",
     "plain_option",
@@ -131,24 +130,6 @@ def split_labels(target: Tensor, num_classes: int, ignore_index: int | None) -> 
     return safe, valid
 
 
-def check_target(
-    target: Tensor,
-    *,
-    batch_size: int,
-    num_classes: int,
-    ignore_index: int | None,
-    device: torch.device | None = None,
-    name: str = "target",
-) -> Tensor:
-    """Validate a label map and return it as ``[B, H, W]`` (a ``[B, 1, H, W]`` map is squeezed).
-
-    Labels must be integers in ``[0, num_classes)`` or equal to ``ignore_index``.
-    """
-    return check_and_split_target(
-        target, batch_size=batch_size, num_classes=num_classes, ignore_index=ignore_index, device=device, name=name
-    )[0]
-
-
 def check_and_split_target(
     target: Tensor,
     *,
@@ -158,8 +139,9 @@ def check_and_split_target(
     device: torch.device | None = None,
     name: str = "target",
 ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-    """:func:`check_target`, and the :func:`split_labels` of the target that reading its values computed on the way
-    (``None`` where they were not read: while tracing, or on a device without asserts)."""
+    """Validate a label map: the map as ``[B, H, W]`` (a ``[B, 1, H, W]`` map is squeezed) and the
+    :func:`split_labels` of it that reading its values computed on the way (``None`` where they were not read: while
+    tracing, or on a device without asserts). Labels must be integers in ``[0, num_classes)`` or ``ignore_index``."""
     if not isinstance(target, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, H, W], got {type(target).__name__}")
     if target.dim() == 4 and target.shape[1] == 1:

@@ -22,7 +22,7 @@ from ._checkpoint import load_prefixed_state_dict
 from ._distributed import all_reduce_, is_distributed
 from ._layers import ProjectionHead
 from ._precision import HALF_DTYPES, upcast_half
-from ._validation import check_choice, check_features, check_target, is_tracing, plain_option
+from ._validation import check_and_split_target, check_choice, check_features, is_tracing, plain_option
 from .functional import (
     classwise_kmeans,
     classwise_sinkhorn,
@@ -331,7 +331,7 @@ class PrototypeClassifier(AdaptiveHead):
             (torch.Size([5]), True, torch.Size([5]))
         """
         check_features(feat, self.in_channels)
-        target = check_target(
+        target, _ = check_and_split_target(
             target, batch_size=feat.shape[0], num_classes=self.num_classes, ignore_index=self.ignore_index,
             device=feat.device,
         )  # fmt: skip
