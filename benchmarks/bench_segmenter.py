@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +44,7 @@ from benchmarks.measure import (  # noqa: E402
     count_aten_ops,
     count_cuda_kernels,
     interleaved_median_times,
+    machine,
     memory_mode,
     peak_memory,
 )
@@ -195,14 +194,7 @@ def main(argv=None) -> dict:
         ah.set_memory_budget(args.memory_budget_mib << 20, device.type)
     rows = measure(args)
     data = {
-        "machine": {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"{platform.processor() or platform.machine()} CPU",
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(device),
         "memory": CPU_MEMORY_METHOD if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "memory_budget_mib": ah.memory_budget(device) >> 20,
         "ops_only": args.ops_only,

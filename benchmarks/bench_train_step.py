@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks import report  # noqa: E402
 from benchmarks.bench_heads import HEADS, _model_runners  # noqa: E402
-from benchmarks.measure import CPU_MEMORY_METHOD, memory_mode, peak_memory  # noqa: E402
+from benchmarks.measure import CPU_MEMORY_METHOD, machine, memory_mode, peak_memory  # noqa: E402
 
 MIB = report.MIB
 WARMUP_SIZE = report.WARMUP_SIZE
@@ -133,14 +132,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     rows = measure(args)
     data = {
-        "machine": {
-            "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else f"{platform.processor() or platform.machine()} CPU",
-            "threads": torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(device),
         "memory": CPU_MEMORY_METHOD if device.type == "cpu" else "torch.cuda.max_memory_allocated",
         "steps": args.steps,
         "commit": report.git_commit(),

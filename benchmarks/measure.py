@@ -14,6 +14,8 @@ Peak memory:
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 import statistics
 import sys
 import time
@@ -296,3 +298,15 @@ def gemm_flops_by_dtype(fn: Callable[[], object]) -> dict[str, int]:
     with counter:
         fn()
     return counter.flops
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    """What a result file records of the machine: the device's name, torch's threads, the CPUs, torch's version."""
+    return {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU",
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+    }

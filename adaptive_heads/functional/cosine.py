@@ -28,10 +28,16 @@ from .._validation import is_tracing
 __all__ = ["channel_norm", "cosine_logits", "pointwise_conv"]
 
 
+def _convolution_device(x: Tensor) -> bool:
+    """Whether the per-pixel products of ``x`` run as convolutions: off the CPU (CUDA: the conv's precision policy);
+    the one place that decides (the tests take the convolution path on the CPU through it)."""
+    return x.device.type != "cpu"
+
+
 def _as_convolution(x: Tensor) -> bool:
-    """Run per-image products as grouped convolutions (CUDA, and every device but the CPU) or as matmuls (the CPU,
-    and channels-last features, whose ``[1, B·C, h, w]`` view would be a copy)."""
-    return x.device.type != "cpu" and not is_channels_last(x)
+    """Run per-image products as grouped convolutions (off the CPU) or as matmuls (the CPU, and channels-last
+    features, whose ``[1, B·C, h, w]`` view would be a copy)."""
+    return _convolution_device(x) and not is_channels_last(x)
 
 
 def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -39,7 +45,7 @@ def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     ``bias [n]`` → ``[B, n, h, w]`` (see the module docstring for where it runs)."""
     b, c, h, w = x.shape
     n = weight.shape[-2]
-    if x.device.type != "cpu" and weight.dim() == 2:  # one classifier: the conv it replaces, in any layout
+    if _convolution_device(x) and weight.dim() == 2:  # one classifier: the conv it replaces, in any layout
         return F.conv2d(x, weight[:, :, None, None], bias)
     if _as_convolution(x):
         bias = None if bias is None else bias.repeat(b)
@@ -59,7 +65,7 @@ def classify_pixels(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
 
 def _rows_as_convolution(rows: Tensor) -> bool:
     """:func:`pixel_products` as a convolution: off the CPU, for rows with contiguous channels."""
-    return rows.device.type != "cpu" and rows.stride(-1) == 1
+    return _convolution_device(rows) and rows.stride(-1) == 1
 
 
 def pixel_products(rows: Tensor, weight: Tensor) -> Tensor:

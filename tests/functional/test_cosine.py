@@ -48,21 +48,6 @@ def test_channel_norm_value_gradient_and_zero_vectors():
     assert torch.equal(grad[0, :, 7], torch.zeros(5, dtype=torch.float64))
 
 
-def test_pointwise_conv_channel_dropout_equals_dropout2d_with_same_seed():
-    conv = torch.nn.Conv2d(6, 4, 1)
-    x = torch.randn(3, 6, 5, 5, requires_grad=True)
-    torch.manual_seed(1)
-    ours = AF.pointwise_conv(x, conv.weight, conv.bias, 0.3)
-    torch.manual_seed(1)
-    ref = conv(F.dropout2d(x, 0.3))
-    torch.testing.assert_close(ours, ref)
-    g = torch.randn_like(ours)
-    torch.testing.assert_close(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
-    torch.manual_seed(1)
-    strided = AF.pointwise_conv(x.contiguous(memory_format=torch.channels_last), conv.weight, conv.bias, 0.3)
-    torch.testing.assert_close(strided, ref)
-
-
 def test_pointwise_conv_takes_one_matmul_path_for_every_layout():
     """No convolution kernel for channels-last or strided inputs (TF32 settings and rounding then cannot depend on
     the memory format)."""
@@ -92,7 +77,7 @@ def convolution_path(monkeypatch):
     """The per-pixel products as convolutions (the path every device but the CPU takes), here on the CPU."""
     import adaptive_heads.functional.cosine as cosine
 
-    monkeypatch.setattr(cosine, "_as_convolution", lambda x: not cosine.is_channels_last(x))
+    monkeypatch.setattr(cosine, "_convolution_device", lambda x: True)
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_image", "stacked"])
@@ -113,7 +98,7 @@ def test_convolution_path_equals_the_matmul_path_value_and_gradients(layout, mon
         return outs, torch.autograd.grad(outs, [feat, *weights], grads)
 
     matmul = run()
-    monkeypatch.setattr(cosine, "_as_convolution", lambda x: True)
+    monkeypatch.setattr(cosine, "_convolution_device", lambda x: True)
     conv = run()
     for a, b in zip([*matmul[0], *matmul[1]], [*conv[0], *conv[1]], strict=True):
         torch.testing.assert_close(a, b)
@@ -121,7 +106,11 @@ def test_convolution_path_equals_the_matmul_path_value_and_gradients(layout, mon
                                                                           15.0), (feat, *weights))  # fmt: skip
 
 
-def test_convolution_path_pointwise_conv_with_channel_dropout(convolution_path):
+@pytest.mark.parametrize("path", ["matmul", "convolution"])
+def test_pointwise_conv_channel_dropout_equals_dropout2d_with_same_seed(path, request):
+    """Values and every gradient, on the CPU's matmul path and on the convolution path of the other devices."""
+    if path == "convolution":
+        request.getfixturevalue("convolution_path")
     conv = torch.nn.Conv2d(6, 4, 1)
     x = torch.randn(3, 6, 5, 5, requires_grad=True)
     torch.manual_seed(1)
@@ -161,11 +150,11 @@ def test_pixel_products_as_a_convolution_equal_the_matmul(monkeypatch):
     from adaptive_heads import PrototypeClassifier, PrototypeLoss
 
     rows, weight = torch.randn(37, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
-    monkeypatch.setattr(cosine, "_rows_as_convolution", lambda r: r.stride(-1) == 1)
+    monkeypatch.setattr(cosine, "_convolution_device", lambda x: True)
     torch.testing.assert_close(cosine.pixel_products(rows, weight), rows @ weight.t())
     results = []
     for as_convolution in (False, True):
-        monkeypatch.setattr(cosine, "_rows_as_convolution", lambda r, c=as_convolution: c and r.stride(-1) == 1)
+        monkeypatch.setattr(cosine, "_convolution_device", lambda x, c=as_convolution: c)
         torch.manual_seed(0)
         head = PrototypeClassifier(16, 4, num_prototypes=3, update_assignment="argmax")
         feat = torch.randn(2, 16, 6, 5, requires_grad=True)
